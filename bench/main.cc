@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: MIT
+// File: bench/main.cc
+//
+// roomkeeper-bench: runs the workloads of shared/bench/WORKLOAD.md on
+// roomkeeper and on its in-process peers, one JSON line per (workload,
+// system), roomkeeper first.
+//
+//   roomkeeper-bench [--workload rooms|timers|dispatch|all] [--sessions N]
+//                    [--dispatch-sessions N] [--timers N] [--restarts K]
+//                    [--quick]
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench_util.h"
+#include "peer_asio.h"
+#include "peer_handwritten.h"
+#include "roomkeeper_workloads.h"
+
+namespace {
+
+constexpr std::size_t kQuickSessions = 2000;
+constexpr std::size_t kQuickTimers = 20000;
+constexpr std::size_t kQuickDispatchSessions = 2000;
+
+// The W3 scaling run (not with --quick): roomkeeper alone at these sizes and
+// thread counts, to show that per-session costs do not grow with S.
+constexpr std::size_t kScalingSessions[] = {20000, 200000};
+constexpr int kScalingThreads[] = {1, 2};
+
+void printUsage(std::FILE* out) {
+  std::fprintf(
+      out,
+      "usage: roomkeeper-bench [--workload rooms|timers|dispatch|all]\n"
+      "                        [--sessions N] [--dispatch-sessions N]\n"
+      "                        [--timers N] [--restarts K] [--quick]\n"
+      "\n"
+      "  --workload W          which workload to run (default: all)\n"
+      "  --sessions N          W1 rooms sessions (default 200000)\n"
+      "  --dispatch-sessions N W3 dispatch sessions (default 20000)\n"
+      "  --timers N            W2 timers (default 1000000)\n"
+      "  --restarts K          W2/W3 restart rounds (default 10)\n"
+      "  --quick               small sizes: sessions 2000, timers 20000,\n"
+      "                        dispatch 2000; no W3 scaling run\n"
+      "\n"
+      "Prints one JSON line per (workload, system).\n");
+}
+
+bool parseSize(const char* text, std::size_t* out) {
+  if (text == nullptr || *text == '\0') return false;
+  char* end = nullptr;
+  unsigned long long value = std::strtoull(text, &end, 10);
+  if (*end != '\0' || value == 0 || text[0] == '-') return false;
+  *out = static_cast<std::size_t>(value);
+  return true;
+}
+
+void runRooms(const BenchConfig& cfg) {
+  runRoomsRoomkeeper(cfg);
+  runRoomsHandwritten(cfg);
+}
+
+void runTimers(const BenchConfig& cfg) {
+  runTimersRoomkeeper(cfg);
+  runTimersAsio(cfg);
+}
+
+void runDispatch(const BenchConfig& cfg) {
+  runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 1);
+  runDispatchHandwritten(cfg, cfg.dispatchSessions);
+  if (cfg.quick) return;
+  for (std::size_t sessions : kScalingSessions) {
+    for (int threads : kScalingThreads) {
+      if (sessions == cfg.dispatchSessions && threads == 1) continue;  // done
+      runDispatchRoomkeeper(cfg, sessions, threads);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string workload = "all";
+  bool quick = false;
+  // Explicit sizes win over --quick, whatever the order of the flags.
+  std::vector<std::pair<std::string, std::size_t>> sizes;
+
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (arg == "--help" || arg == "-h") {
+      printUsage(stdout);
+      return 0;
+    } else if (arg == "--quick") {
+      quick = true;
+    } else if (arg == "--workload") {
+      if (value == nullptr) {
+        std::fprintf(stderr, "roomkeeper-bench: --workload needs a value\n");
+        return 2;
+      }
+      workload = value;
+      ++i;
+    } else if (arg == "--sessions" || arg == "--dispatch-sessions" ||
+               arg == "--timers" || arg == "--restarts") {
+      std::size_t n = 0;
+      if (!parseSize(value, &n)) {
+        std::fprintf(stderr, "roomkeeper-bench: %s needs a positive number\n",
+                     arg.c_str());
+        return 2;
+      }
+      sizes.emplace_back(arg, n);
+      ++i;
+    } else {
+      std::fprintf(stderr, "roomkeeper-bench: unknown argument '%s'\n",
+                   arg.c_str());
+      printUsage(stderr);
+      return 2;
+    }
+  }
+
+  const bool runAll = workload == "all";
+  if (!runAll && workload != "rooms" && workload != "timers" &&
+      workload != "dispatch") {
+    std::fprintf(stderr, "roomkeeper-bench: unknown workload '%s'\n",
+                 workload.c_str());
+    printUsage(stderr);
+    return 2;
+  }
+
+  BenchConfig cfg;
+  cfg.quick = quick;
+  if (quick) {
+    cfg.sessions = kQuickSessions;
+    cfg.timers = kQuickTimers;
+    cfg.dispatchSessions = kQuickDispatchSessions;
+  }
+  for (const auto& size : sizes) {
+    if (size.first == "--sessions") cfg.sessions = size.second;
+    if (size.first == "--dispatch-sessions") cfg.dispatchSessions = size.second;
+    if (size.first == "--timers") cfg.timers = size.second;
+    if (size.first == "--restarts") cfg.restarts = size.second;
+  }
+
+  if (runAll || workload == "rooms") runRooms(cfg);
+  if (runAll || workload == "timers") runTimers(cfg);
+  if (runAll || workload == "dispatch") runDispatch(cfg);
+  return 0;
+}

@@ -1,0 +1,191 @@
+// SPDX-License-Identifier: MIT
+// File: roomkeeper/timer_service.h
+//
+// TimerService: a hierarchical timing wheel for millions of short one-shot
+// timers that are nearly always restarted or cancelled before they fire
+// (typing indicators, auth deadlines).
+//
+// Time is an input. The service never reads the wall clock and starts no
+// thread: it reads a Clock you give it (SteadyClock by default, a
+// ManualClock in tests) when a timer is armed, and fires what is due when
+// your loop calls advance(). Sleep until nextDeadline(), then advance():
+//
+//   roomkeeper::TimerService timers;                    // steady clock
+//   auto h = timers.addHandler([](roomkeeper::TimerHandle, std::uint32_t id) {
+//     std::printf("timer for %u fired\n", id);
+//   });
+//   roomkeeper::TimerHandle t = timers.arm(std::chrono::seconds(5), h, 42);
+//   timers.restart(t, std::chrono::seconds(5));   // a keystroke: push back
+//   ...
+//   timers.advance();                              // in the host loop
+//
+// Resolution and lateness: 1 ms ticks. A deadline is rounded up to the next
+// tick, so a timer NEVER fires early: it fires in the first advance(now)
+// with now >= its deadline. It fires at most 1 ms after its deadline plus
+// however late the host calls advance(); with a host that advances at
+// nextDeadline(), that is within 1 ms.
+//
+// Order: due timers fire in deadline order (by tick; within one tick, in the
+// order they were armed or restarted). All due timers are detached from the
+// wheel before the first callback runs.
+//
+// Re-entrancy: a callback may arm, restart or cancel any timer, its own
+// included, or call anything else in roomkeeper. Cancelling a timer that is
+// due in the same batch and has not run yet stops it from running. A timer
+// armed or restarted by a callback never fires in the same advance() call,
+// even with a zero delay: it fires in the next advance() (so a zero-delay
+// re-arm cannot busy-loop inside one call). A callback that throws is caught,
+// counted (callbackErrors()) and the batch goes on.
+//
+// Time that goes backwards is clamped (the wheel's time never decreases).
+// After a stall the backlog fires in deadline order; advance(now, maxFire)
+// bounds the callbacks run per call, the rest stay due for the next call.
+//
+// Memory: each timer is one 28-byte node in a paged slab (no allocation per
+// timer once a page exists). Freed nodes are reused; pages are kept until
+// shrinkToFit() (or destruction). TimerHandle carries the node's generation,
+// so a stale handle (its timer fired or was cancelled, the node maybe
+// reused) is a harmless no-op everywhere.
+//
+// Thread safety: thread-compatible. Use it from one thread, or under the
+// host's lock (TimerThread and SyncKeeper do the locking for you).
+//
+// Complexity: arm, restart, cancel O(1); nextDeadline O(levels) = O(1);
+// advance O(timers fired + cascaded + levels).
+#ifndef ROOMKEEPER_TIMER_SERVICE_H_
+#define ROOMKEEPER_TIMER_SERVICE_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <optional>
+
+#include "roomkeeper/callbacks.h"
+
+namespace roomkeeper {
+
+using SteadyTime = std::chrono::steady_clock::time_point;
+using Millis = std::chrono::milliseconds;
+
+/// Where "now" comes from. Never the wall clock.
+class Clock {
+ public:
+  virtual ~Clock() = default;
+  virtual SteadyTime now() const noexcept = 0;
+};
+
+/// std::chrono::steady_clock.
+class SteadyClock final : public Clock {
+ public:
+  SteadyTime now() const noexcept override {
+    return std::chrono::steady_clock::now();
+  }
+  /// A process-wide instance (the default of every component).
+  static SteadyClock& instance() noexcept;
+};
+
+/// A clock that moves only when told to: tests, simulations, benchmarks.
+class ManualClock final : public Clock {
+ public:
+  explicit ManualClock(SteadyTime start = SteadyTime{}) noexcept : now_(start) {}
+  SteadyTime now() const noexcept override { return now_; }
+  void set(SteadyTime t) noexcept { now_ = t; }
+  void advanceBy(std::chrono::nanoseconds d) noexcept { now_ += d; }
+
+ private:
+  SteadyTime now_;
+};
+
+struct TimerHandle {
+  std::uint32_t index = 0;
+  std::uint32_t generation = 0;  // 0 = the null handle
+  constexpr bool valid() const noexcept { return generation != 0; }
+  friend constexpr bool operator==(TimerHandle a, TimerHandle b) noexcept {
+    return a.index == b.index && a.generation == b.generation;
+  }
+  friend constexpr bool operator!=(TimerHandle a, TimerHandle b) noexcept {
+    return !(a == b);
+  }
+};
+
+/// What kind of callback a timer runs; registered once, shared by every
+/// timer of that kind, so a timer carries 4 bytes of context instead of a
+/// std::function.
+using TimerHandlerId = std::uint16_t;
+
+class TimerService {
+ public:
+  using Handler = std::function<void(TimerHandle, std::uint32_t data)>;
+
+  /// `clock` must outlive the service; nullptr means SteadyClock.
+  explicit TimerService(const Clock* clock = nullptr);
+  ~TimerService();
+  TimerService(const TimerService&) = delete;
+  TimerService& operator=(const TimerService&) = delete;
+
+  /// Registers a callback kind. Up to 65535 kinds.
+  TimerHandlerId addHandler(Handler handler);
+
+  /// Arms a one-shot timer `delay` from clock.now(). A delay <= 0 makes it
+  /// due at once: it fires in the next advance(). Delays beyond ~8,900
+  /// years wait in an overflow list and are re-placed as time reaches them.
+  /// Returns the handle; the null handle only if `handler` is unknown.
+  TimerHandle arm(std::chrono::nanoseconds delay, TimerHandlerId handler,
+                  std::uint32_t data);
+
+  /// Moves a pending (or due, not yet run) timer to `delay` from now, later
+  /// or earlier. Returns false, doing nothing, for a stale handle (fired,
+  /// cancelled, or never armed). O(1).
+  bool restart(TimerHandle timer, std::chrono::nanoseconds delay);
+
+  /// Cancels a pending or due-not-yet-run timer; it will not fire. Returns
+  /// true if it was pending ("cancelled"), false for a stale handle
+  /// (it had fired, was cancelled already, or never existed). O(1).
+  bool cancel(TimerHandle timer) noexcept;
+
+  /// True while the timer is armed and has not run or been cancelled.
+  bool isPending(TimerHandle timer) const noexcept;
+  /// The context a pending timer was armed with.
+  std::optional<std::uint32_t> dataOf(TimerHandle timer) const noexcept;
+
+  /// Cancels every timer; none fires. Returns how many were pending.
+  std::size_t cancelAll() noexcept;
+
+  /// The earliest deadline of a pending timer (exact, rounded up to the
+  /// tick), or nullopt if none. A timer due now reports a time <= now.
+  std::optional<SteadyTime> nextDeadline() const noexcept;
+
+  /// Fires every timer due at `now` (at most `maxFire` callbacks; the rest
+  /// stay due for the next call). `now` earlier than a previous call is
+  /// clamped. Returns the number of callbacks run.
+  std::size_t advance(SteadyTime now,
+                      std::size_t maxFire = std::numeric_limits<std::size_t>::max());
+  /// advance(clock.now()).
+  std::size_t advance();
+
+  /// Timers due but not yet run (left by a bounded advance).
+  std::size_t dueCount() const noexcept;
+  /// Pending timers (armed, not fired, not cancelled), due ones included.
+  std::size_t size() const noexcept;
+  /// Heap bytes held: slab pages, free list, handler table.
+  std::size_t bytes() const noexcept;
+  std::uint64_t callbackErrors() const noexcept;
+  /// Returns empty slab pages at the end to the allocator.
+  void shrinkToFit();
+
+  const Clock& clock() const noexcept;
+
+  /// Set the log sink for caught callback exceptions.
+  void setLog(LogFn log);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_TIMER_SERVICE_H_

@@ -1,0 +1,11 @@
+// SPDX-License-Identifier: MIT
+// File: roomkeeper/version.h
+#ifndef ROOMKEEPER_VERSION_H_
+#define ROOMKEEPER_VERSION_H_
+
+#define ROOMKEEPER_VERSION_MAJOR 0
+#define ROOMKEEPER_VERSION_MINOR 1
+#define ROOMKEEPER_VERSION_PATCH 0
+#define ROOMKEEPER_VERSION_STRING "0.1.0"
+
+#endif  // ROOMKEEPER_VERSION_H_

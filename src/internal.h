@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: MIT
+// File: src/internal.h -- private building blocks shared by the components:
+// compact interned names, 8-byte entry lists, a paged slab, a counting
+// allocator for the hash sets, and the deferred event queue.
+#ifndef ROOMKEEPER_SRC_INTERNAL_H_
+#define ROOMKEEPER_SRC_INTERNAL_H_
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <new>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/hash/hash.h"
+#include "absl/strings/string_view.h"
+#include "roomkeeper/callbacks.h"
+
+namespace roomkeeper::detail {
+
+inline constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
+
+/// A 16-byte string: up to 15 bytes inline, longer ones on the heap.
+/// Byte 15 holds the inline length, or 0xFF for a heap name.
+class Name {
+ public:
+  Name() noexcept { clearInline(); }
+  ~Name() { reset(nullptr); }
+  Name(const Name&) = delete;
+  Name& operator=(const Name&) = delete;
+
+  /// Assigns; returns the heap bytes now held. Throws std::bad_alloc with
+  /// the name unchanged.
+  std::size_t assign(std::string_view s, std::size_t* bytes) {
+    if (s.size() <= kInline) {
+      reset(bytes);
+      std::memcpy(rep_, s.data(), s.size());
+      rep_[kInline] = static_cast<char>(s.size());
+      return 0;
+    }
+    char* p = static_cast<char*>(std::malloc(s.size()));
+    if (p == nullptr) throw std::bad_alloc();
+    std::memcpy(p, s.data(), s.size());
+    reset(bytes);
+    std::memcpy(rep_, &p, sizeof p);
+    const std::uint32_t len = static_cast<std::uint32_t>(s.size());
+    std::memcpy(rep_ + sizeof p, &len, sizeof len);
+    rep_[kInline] = static_cast<char>(0xFF);
+    if (bytes) *bytes += s.size();
+    return s.size();
+  }
+  /// Frees the heap part, if any, and makes the name empty.
+  void reset(std::size_t* bytes) noexcept {
+    if (isHeap()) {
+      char* p;
+      std::memcpy(&p, rep_, sizeof p);
+      if (bytes) *bytes -= size();
+      std::free(p);
+    }
+    clearInline();
+  }
+  std::string_view view() const noexcept {
+    if (!isHeap()) return {rep_, static_cast<std::size_t>(rep_[kInline])};
+    const char* p;
+    std::memcpy(&p, rep_, sizeof p);
+    return {p, size()};
+  }
+
+ private:
+  static constexpr std::size_t kInline = 15;
+  bool isHeap() const noexcept {
+    return static_cast<unsigned char>(rep_[kInline]) == 0xFF;
+  }
+  std::size_t size() const noexcept {
+    std::uint32_t len;
+    std::memcpy(&len, rep_ + sizeof(char*), sizeof len);
+    return len;
+  }
+  void clearInline() noexcept { rep_[kInline] = 0; }
+  char rep_[16];
+};
+static_assert(sizeof(Name) == 16);
+
+/// One side of a membership: the other side's slot and the position of the
+/// mirror entry in the other side's list.
+struct Entry {
+  std::uint32_t slot;
+  std::uint32_t pos;
+};
+
+/// A list of Entry in 16 bytes: one entry inline, more on the heap,
+/// growing by doubling and shrinking when a quarter full. Allocation goes
+/// through malloc/realloc (Entry is trivially copyable).
+class EntryList {
+ public:
+  EntryList() noexcept : size_(0), cap_(1) {}
+  ~EntryList() { release(nullptr); }
+  EntryList(const EntryList&) = delete;
+  EntryList& operator=(const EntryList&) = delete;
+
+  std::uint32_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+  Entry* data() noexcept { return cap_ == 1 ? &u_.one : u_.heap; }
+  const Entry* data() const noexcept { return cap_ == 1 ? &u_.one : u_.heap; }
+  Entry& operator[](std::uint32_t i) noexcept { return data()[i]; }
+  const Entry& operator[](std::uint32_t i) const noexcept { return data()[i]; }
+  Entry& back() noexcept { return data()[size_ - 1]; }
+
+  /// Ensures room for one more; false (nothing changed) if out of memory.
+  bool reserveOneMore(std::size_t* bytes) noexcept {
+    if (size_ < cap_) return true;
+    const std::uint32_t ncap = cap_ * 2;
+    return reallocTo(ncap, bytes);
+  }
+  /// Requires reserveOneMore() first.
+  std::uint32_t push(Entry e) noexcept {
+    data()[size_] = e;
+    return size_++;
+  }
+  void pop(std::size_t* bytes) noexcept {
+    --size_;
+    if (cap_ > 4 && size_ <= cap_ / 4) reallocTo(cap_ / 2, bytes);
+    if (size_ == 0 && cap_ > 1) release(bytes);
+  }
+  void release(std::size_t* bytes) noexcept {
+    if (cap_ > 1) {
+      std::free(u_.heap);
+      if (bytes) *bytes -= cap_ * sizeof(Entry);
+    }
+    cap_ = 1;
+    size_ = 0;
+  }
+
+ private:
+  bool reallocTo(std::uint32_t ncap, std::size_t* bytes) noexcept {
+    Entry* fresh = static_cast<Entry*>(std::malloc(ncap * sizeof(Entry)));
+    if (fresh == nullptr) return false;
+    std::memcpy(fresh, data(), size_ * sizeof(Entry));
+    if (cap_ > 1) {
+      std::free(u_.heap);
+      if (bytes) *bytes -= cap_ * sizeof(Entry);
+    }
+    u_.heap = fresh;
+    cap_ = ncap;
+    if (bytes) *bytes += ncap * sizeof(Entry);
+    return true;
+  }
+  std::uint32_t size_;
+  std::uint32_t cap_;
+  union U {
+    Entry one;
+    Entry* heap;
+  } u_;
+};
+static_assert(sizeof(EntryList) == 16);
+
+/// Paged slab of T: indices stay valid while the slot is live, pages never
+/// move. All pages are returned once every slot is free.
+template <typename T, std::size_t kPageBits = 10>
+class Slab {
+ public:
+  static constexpr std::size_t kPage = std::size_t{1} << kPageBits;
+  explicit Slab(std::size_t* bytes) : bytes_(bytes) {}
+  ~Slab() { releaseAll(); }
+  Slab(const Slab&) = delete;
+  Slab& operator=(const Slab&) = delete;
+
+  T& operator[](std::uint32_t i) noexcept {
+    return pages_[i >> kPageBits][i & (kPage - 1)];
+  }
+  const T& operator[](std::uint32_t i) const noexcept {
+    return pages_[i >> kPageBits][i & (kPage - 1)];
+  }
+  /// Throws std::bad_alloc with nothing changed.
+  std::uint32_t alloc() {
+    if (free_.empty()) {
+      if (next_ == pages_.size() * kPage) addPage();
+      ++live_;
+      return static_cast<std::uint32_t>(next_++);
+    }
+    const std::uint32_t i = free_.back();
+    free_.pop_back();
+    ++live_;
+    return i;
+  }
+  /// The slot must be reset by the caller first. Never throws: the free
+  /// list has room for every slot of every page (reserved in addPage).
+  void release(std::uint32_t i) noexcept {
+    free_.push_back(i);
+    if (--live_ == 0) releaseAll();
+  }
+  std::size_t live() const noexcept { return live_; }
+  std::size_t highWater() const noexcept { return next_; }
+
+ private:
+  void addPage() {
+    const std::size_t before = free_.capacity();
+    free_.reserve((pages_.size() + 1) * kPage);
+    *bytes_ += (free_.capacity() - before) * sizeof(std::uint32_t);
+    const std::size_t pbefore = pages_.capacity();
+    pages_.reserve(pages_.size() + 1);
+    *bytes_ += (pages_.capacity() - pbefore) * sizeof(void*);
+    pages_.push_back(std::unique_ptr<T[]>(new T[kPage]));
+    *bytes_ += kPage * sizeof(T);
+  }
+  void releaseAll() noexcept {
+    *bytes_ -= pages_.size() * kPage * sizeof(T);
+    *bytes_ -= pages_.capacity() * sizeof(void*);
+    *bytes_ -= free_.capacity() * sizeof(std::uint32_t);
+    std::vector<std::unique_ptr<T[]>>().swap(pages_);
+    std::vector<std::uint32_t>().swap(free_);
+    next_ = 0;
+    live_ = 0;
+  }
+  std::vector<std::unique_ptr<T[]>> pages_;
+  std::vector<std::uint32_t> free_;
+  std::size_t next_ = 0;
+  std::size_t live_ = 0;
+  std::size_t* bytes_;
+};
+
+/// Counts the bytes a container allocates into *counter.
+template <typename T>
+struct CountingAllocator {
+  using value_type = T;
+  std::size_t* counter;
+  explicit CountingAllocator(std::size_t* c) noexcept : counter(c) {}
+  template <typename U>
+  CountingAllocator(const CountingAllocator<U>& o) noexcept  // NOLINT
+      : counter(o.counter) {}
+  T* allocate(std::size_t n) {
+    T* p = std::allocator<T>().allocate(n);
+    *counter += n * sizeof(T);
+    return p;
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    std::allocator<T>().deallocate(p, n);
+    *counter -= n * sizeof(T);
+  }
+  template <typename U>
+  bool operator==(const CountingAllocator<U>& o) const noexcept {
+    return counter == o.counter;
+  }
+  template <typename U>
+  bool operator!=(const CountingAllocator<U>& o) const noexcept {
+    return counter != o.counter;
+  }
+};
+
+inline std::size_t hashName(std::string_view s) noexcept {
+  return absl::Hash<absl::string_view>{}(absl::string_view(s.data(), s.size()));
+}
+
+/// Hash and equality for a hash set of slot numbers looked up by name:
+/// the set stores 4 bytes per entry, the names live in the slab.
+template <typename SlabT>
+struct SlotHash {
+  using is_transparent = void;
+  const SlabT* slab;
+  std::size_t operator()(std::uint32_t i) const noexcept {
+    return hashName((*slab)[i].name.view());
+  }
+  std::size_t operator()(std::string_view s) const noexcept { return hashName(s); }
+};
+template <typename SlabT>
+struct SlotEq {
+  using is_transparent = void;
+  const SlabT* slab;
+  bool operator()(std::uint32_t a, std::uint32_t b) const noexcept { return a == b; }
+  bool operator()(std::uint32_t a, std::string_view b) const noexcept {
+    return (*slab)[a].name.view() == b;
+  }
+  bool operator()(std::string_view a, std::uint32_t b) const noexcept {
+    return a == (*slab)[b].name.view();
+  }
+};
+
+/// Work deferred until the state is consistent and no container is being
+/// iterated: callbacks are queued by a mutating call and run when the
+/// outermost call finishes (or, under SyncKeeper, after the lock is
+/// released). Strings are owned copies, so a callback may change anything.
+struct Event {
+  std::uint8_t kind = 0;
+  std::string a;
+  std::string b;
+  std::function<void()> fn;  // for kinds that carry their own work
+};
+
+class EventQueue {
+ public:
+  using Deliver = std::function<void(Event&)>;
+  /// Runs every queued event, including those queued while running, unless
+  /// already running further up the stack or delivery is deferred.
+  template <typename F>
+  void drain(F&& deliver) {
+    if (running_ || deferred_ > 0) return;
+    running_ = true;
+    for (std::size_t i = 0; i < events_.size(); ++i) {
+      Event ev = std::move(events_[i]);
+      deliver(ev);  // must not throw
+    }
+    events_.clear();
+    if (events_.capacity() > 1024) events_.shrink_to_fit();
+    running_ = false;
+  }
+  Event& push() { return events_.emplace_back(); }
+  bool empty() const noexcept { return events_.empty(); }
+  std::vector<Event> take() {
+    std::vector<Event> out;
+    out.swap(events_);
+    return out;
+  }
+  int deferred_ = 0;  // >0: SyncKeeper collects and delivers after unlock
+
+ private:
+  std::vector<Event> events_;
+  bool running_ = false;
+};
+
+}  // namespace roomkeeper::detail
+
+#endif  // ROOMKEEPER_SRC_INTERNAL_H_

@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: MIT
+// File: src/registry_impl.h -- SessionRegistry's private state, shared with
+// Keeper (which drives the same event queue).
+#ifndef ROOMKEEPER_SRC_REGISTRY_IMPL_H_
+#define ROOMKEEPER_SRC_REGISTRY_IMPL_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string_view>
+
+#include "absl/container/flat_hash_set.h"
+#include "internal.h"
+#include "roomkeeper/session_registry.h"
+
+namespace roomkeeper {
+
+enum class SessionState : std::uint8_t { kFree, kLive, kClosing };
+
+enum class EventKind : std::uint8_t {
+  kMembershipEnded,  // host leave, then roomLeft observer
+  kRoomCreated,
+  kRoomJoined,
+  kRoomDeleted,
+  kUserOnline,
+  kUserOffline,
+  kCustom,  // Event::fn
+};
+
+struct SessionSlot {
+  detail::Name name;
+  detail::EntryList rooms;  // {room slot, position in room's members}
+  std::uint32_t user = detail::kNone;
+  std::uint32_t userPos = 0;
+  std::uint32_t generation = 0;  // 0 while free
+  std::uint32_t mark = 0;        // broadcast de-duplication stamp
+  SessionState state = SessionState::kFree;
+};
+struct RoomSlot {
+  detail::Name name;
+  detail::EntryList members;  // {session slot, position in session's rooms}
+};
+struct UserSlot {
+  detail::Name name;
+  detail::EntryList sessions;  // {session slot, unused}
+};
+
+struct SessionRegistry::Impl {
+  using SessionSlab = detail::Slab<SessionSlot>;
+  using RoomSlab = detail::Slab<RoomSlot>;
+  using UserSlab = detail::Slab<UserSlot>;
+  using SessionHash = detail::SlotHash<SessionSlab>;
+  using SessionEq = detail::SlotEq<SessionSlab>;
+  using RoomHash = detail::SlotHash<RoomSlab>;
+  using RoomEq = detail::SlotEq<RoomSlab>;
+  using UserHash = detail::SlotHash<UserSlab>;
+  using UserEq = detail::SlotEq<UserSlab>;
+  using SessionIndex = absl::flat_hash_set<std::uint32_t, SessionHash, SessionEq,
+                                           detail::CountingAllocator<std::uint32_t>>;
+  using RoomIndex = absl::flat_hash_set<std::uint32_t, RoomHash, RoomEq,
+                                        detail::CountingAllocator<std::uint32_t>>;
+  using UserIndex = absl::flat_hash_set<std::uint32_t, UserHash, UserEq,
+                                        detail::CountingAllocator<std::uint32_t>>;
+
+  Impl(RegistryCallbacks c, Limits l);
+  ~Impl();
+
+  std::uint32_t findSession(std::string_view id) const;
+  std::uint32_t findRoom(std::string_view id) const;
+  std::uint32_t findUser(std::string_view id) const;
+  std::uint32_t fromHandle(SessionHandle h) const;
+  bool isMember(std::uint32_t s, std::uint32_t r) const;
+
+  Result connect(std::string_view session, std::string_view user,
+                 SessionHandle* handle);
+  Result bindUser(std::string_view session, std::string_view user);
+  Result linkUser(std::uint32_t s, std::string_view user, bool* newUser);
+  void unlinkUser(std::uint32_t s);
+  Result track(std::uint32_t s, std::string_view room);
+  Result untrack(std::uint32_t s, std::string_view room);
+  void removeMembership(std::uint32_t s, std::uint32_t pos);
+  std::size_t clearRooms(std::uint32_t s);
+  Result disconnect(std::uint32_t s);
+  void finishDisconnect(std::uint32_t s);
+  std::size_t clearAll();
+  std::size_t forEachTarget(const BroadcastTargets& targets,
+                            detail::FunctionRef<void(std::string_view)> visit);
+
+  void pushEvent(EventKind kind, std::string_view a, std::string_view b);
+  void deliver(detail::Event& ev) noexcept;
+  void flush() noexcept;
+  /// Counts and logs the exception being handled; call inside catch.
+  void reportError(std::string_view where) noexcept;
+
+  RegistryCallbacks cb;
+  Limits limits;
+  bool wantMembershipEvents = false;
+  std::size_t bytes = 0;  // declared before the containers that count into it
+  SessionSlab sessionSlots;
+  RoomSlab roomSlots;
+  UserSlab userSlots;
+  SessionIndex sessionIndex;
+  RoomIndex roomIndex;
+  UserIndex userIndex;
+  std::size_t memberships = 0;
+  std::size_t sessionsWithRooms = 0;
+  std::uint64_t callbackErrors = 0;
+  std::uint32_t generationCounter = 0;
+  std::uint32_t markCounter = 0;
+  mutable std::atomic<int> iterating{0};
+  detail::EventQueue events;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_SRC_REGISTRY_IMPL_H_

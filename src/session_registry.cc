@@ -1,0 +1,749 @@
+// SPDX-License-Identifier: MIT
+#include "roomkeeper/session_registry.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <new>
+#include <utility>
+
+#include "absl/container/flat_hash_set.h"
+#include "fmt/format.h"
+#include "registry_impl.h"
+
+namespace roomkeeper {
+
+using detail::Entry;
+using detail::Event;
+using detail::kNone;
+
+namespace {
+
+bool validId(std::string_view id, const Limits& limits) noexcept {
+  return !id.empty() && id.size() <= limits.maxIdLength;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- Impl ---
+
+SessionRegistry::Impl::Impl(RegistryCallbacks c, Limits l)
+    : cb(std::move(c)),
+      limits(l),
+      sessionSlots(&bytes),
+      roomSlots(&bytes),
+      userSlots(&bytes),
+      sessionIndex(0, SessionHash{&sessionSlots}, SessionEq{&sessionSlots},
+                   detail::CountingAllocator<std::uint32_t>(&bytes)),
+      roomIndex(0, RoomHash{&roomSlots}, RoomEq{&roomSlots},
+                detail::CountingAllocator<std::uint32_t>(&bytes)),
+      userIndex(0, UserHash{&userSlots}, UserEq{&userSlots},
+                detail::CountingAllocator<std::uint32_t>(&bytes)) {
+  wantMembershipEvents = static_cast<bool>(cb.leave) || static_cast<bool>(cb.roomLeft);
+}
+
+SessionRegistry::Impl::~Impl() = default;
+
+std::uint32_t SessionRegistry::Impl::findSession(std::string_view id) const {
+  auto it = sessionIndex.find(id);
+  return it == sessionIndex.end() ? kNone : *it;
+}
+std::uint32_t SessionRegistry::Impl::findRoom(std::string_view id) const {
+  auto it = roomIndex.find(id);
+  return it == roomIndex.end() ? kNone : *it;
+}
+std::uint32_t SessionRegistry::Impl::findUser(std::string_view id) const {
+  auto it = userIndex.find(id);
+  return it == userIndex.end() ? kNone : *it;
+}
+
+std::uint32_t SessionRegistry::Impl::fromHandle(SessionHandle h) const {
+  if (!h.valid() || h.index >= sessionSlots.highWater()) return kNone;
+  const SessionSlot& s = sessionSlots[h.index];
+  if (s.generation != h.generation) return kNone;
+  return h.index;
+}
+
+void SessionRegistry::Impl::reportError(std::string_view where) noexcept {
+  ++callbackErrors;
+  if (!cb.log) return;
+  std::string msg;
+  try {
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      msg = fmt::format("roomkeeper: {} callback threw: {}", where, e.what());
+    } catch (...) {
+      msg = fmt::format("roomkeeper: {} callback threw a non-exception", where);
+    }
+    cb.log(LogLevel::kError, msg);
+  } catch (...) {
+    // A log callback that throws while reporting is counted once more.
+    ++callbackErrors;
+  }
+}
+
+void SessionRegistry::Impl::deliver(Event& ev) noexcept {
+  try {
+    switch (static_cast<EventKind>(ev.kind)) {
+      case EventKind::kMembershipEnded:
+        if (cb.leave) {
+          try {
+            cb.leave(ev.a, ev.b);
+          } catch (...) {
+            reportError("leave");
+          }
+        }
+        if (cb.roomLeft) cb.roomLeft(ev.b, ev.a);
+        break;
+      case EventKind::kRoomCreated:
+        if (cb.roomCreated) cb.roomCreated(ev.b);
+        break;
+      case EventKind::kRoomJoined:
+        if (cb.roomJoined) cb.roomJoined(ev.b, ev.a);
+        break;
+      case EventKind::kRoomDeleted:
+        if (cb.roomDeleted) cb.roomDeleted(ev.b);
+        break;
+      case EventKind::kUserOnline:
+        if (cb.userOnline) cb.userOnline(ev.a);
+        break;
+      case EventKind::kUserOffline:
+        if (cb.userOffline) cb.userOffline(ev.a);
+        break;
+      case EventKind::kCustom:
+        if (ev.fn) ev.fn();
+        break;
+    }
+  } catch (...) {
+    reportError(ev.kind == static_cast<std::uint8_t>(EventKind::kCustom)
+                    ? std::string_view("host")
+                    : std::string_view("observer"));
+  }
+}
+
+void SessionRegistry::Impl::flush() noexcept {
+  events.drain([this](Event& ev) { deliver(ev); });
+}
+
+void SessionRegistry::Impl::pushEvent(EventKind kind, std::string_view a,
+                                      std::string_view b) {
+  Event& ev = events.push();
+  ev.kind = static_cast<std::uint8_t>(kind);
+  ev.a.assign(a.data(), a.size());
+  ev.b.assign(b.data(), b.size());
+}
+
+bool SessionRegistry::Impl::isMember(std::uint32_t s, std::uint32_t r) const {
+  const detail::EntryList& rooms = sessionSlots[s].rooms;
+  const detail::EntryList& members = roomSlots[r].members;
+  if (rooms.size() <= members.size()) {
+    for (std::uint32_t i = 0; i < rooms.size(); ++i)
+      if (rooms[i].slot == r) return true;
+  } else {
+    for (std::uint32_t i = 0; i < members.size(); ++i)
+      if (members[i].slot == s) return true;
+  }
+  return false;
+}
+
+Result SessionRegistry::Impl::connect(std::string_view session,
+                                      std::string_view user,
+                                      SessionHandle* handle) {
+  if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  if (!validId(session, limits)) return Result::kInvalidId;
+  if (!user.empty() && user.size() > limits.maxIdLength) return Result::kInvalidId;
+  if (findSession(session) != kNone) return Result::kAlreadyConnected;
+  std::uint32_t u = user.empty() ? kNone : findUser(user);
+  if (u != kNone && limits.maxSessionsPerUser != 0 &&
+      userSlots[u].sessions.size() >= limits.maxSessionsPerUser)
+    return Result::kTooManySessions;
+
+  // Allocate everything first; on failure undo and report, state unchanged.
+  std::uint32_t s = kNone;
+  bool newUser = false;
+  try {
+    s = sessionSlots.alloc();
+    SessionSlot& slot = sessionSlots[s];
+    slot.name.assign(session, &bytes);
+    sessionIndex.insert(s);
+  } catch (const std::bad_alloc&) {
+    if (s != kNone) {
+      sessionSlots[s].name.reset(&bytes);
+      sessionSlots.release(s);
+    }
+    return Result::kOutOfMemory;
+  }
+  SessionSlot& slot = sessionSlots[s];
+  if (++generationCounter == 0) generationCounter = 1;
+  slot.generation = generationCounter;
+  slot.state = SessionState::kLive;
+  slot.user = kNone;
+  if (!user.empty()) {
+    Result r = linkUser(s, user, &newUser);
+    if (r != Result::kOk) {
+      sessionIndex.erase(s);
+      slot.name.reset(&bytes);
+      slot.generation = 0;
+      slot.state = SessionState::kFree;
+      sessionSlots.release(s);
+      return r;
+    }
+  }
+  (void)u;
+  if (handle) *handle = SessionHandle{s, slot.generation};
+  if (newUser && cb.userOnline) pushEvent(EventKind::kUserOnline, user, {});
+  return Result::kOk;
+}
+
+Result SessionRegistry::Impl::linkUser(std::uint32_t s, std::string_view user,
+                                       bool* newUser) {
+  std::uint32_t u = findUser(user);
+  *newUser = false;
+  if (u == kNone) {
+    try {
+      u = userSlots.alloc();
+      userSlots[u].name.assign(user, &bytes);
+      userIndex.insert(u);
+    } catch (const std::bad_alloc&) {
+      if (u != kNone) {
+        userSlots[u].name.reset(&bytes);
+        userSlots.release(u);
+      }
+      return Result::kOutOfMemory;
+    }
+    *newUser = true;
+  } else if (limits.maxSessionsPerUser != 0 &&
+             userSlots[u].sessions.size() >= limits.maxSessionsPerUser) {
+    return Result::kTooManySessions;
+  }
+  UserSlot& us = userSlots[u];
+  if (!us.sessions.reserveOneMore(&bytes)) {
+    if (*newUser) {
+      userIndex.erase(u);
+      us.name.reset(&bytes);
+      userSlots.release(u);
+    }
+    return Result::kOutOfMemory;
+  }
+  const std::uint32_t pos = us.sessions.push(Entry{s, 0});
+  sessionSlots[s].user = u;
+  sessionSlots[s].userPos = pos;
+  return Result::kOk;
+}
+
+void SessionRegistry::Impl::unlinkUser(std::uint32_t s) {
+  SessionSlot& slot = sessionSlots[s];
+  const std::uint32_t u = slot.user;
+  if (u == kNone) return;
+  UserSlot& us = userSlots[u];
+  const std::uint32_t pos = slot.userPos;
+  const std::uint32_t last = us.sessions.size() - 1;
+  if (pos != last) {
+    us.sessions[pos] = us.sessions[last];
+    sessionSlots[us.sessions[pos].slot].userPos = pos;
+  }
+  us.sessions.pop(&bytes);
+  slot.user = kNone;
+  if (us.sessions.empty()) {
+    if (cb.userOffline) pushEvent(EventKind::kUserOffline, us.name.view(), {});
+    userIndex.erase(u);
+    us.name.reset(&bytes);
+    us.sessions.release(&bytes);
+    userSlots.release(u);
+  }
+}
+
+Result SessionRegistry::Impl::bindUser(std::string_view session,
+                                       std::string_view user) {
+  if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  const std::uint32_t s = findSession(session);
+  if (s == kNone) return Result::kNotConnected;
+  if (!validId(user, limits)) return Result::kInvalidId;
+  SessionSlot& slot = sessionSlots[s];
+  if (slot.state == SessionState::kClosing) return Result::kClosing;
+  if (slot.user != kNone) {
+    return userSlots[slot.user].name.view() == user ? Result::kAlreadyDone
+                                                    : Result::kUserMismatch;
+  }
+  bool newUser = false;
+  const Result r = linkUser(s, user, &newUser);
+  if (r != Result::kOk) return r;
+  if (newUser && cb.userOnline) pushEvent(EventKind::kUserOnline, user, {});
+  return Result::kOk;
+}
+
+Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
+  if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  if (s == kNone) return Result::kNotConnected;
+  if (sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
+  if (!validId(room, limits)) return Result::kInvalidId;
+  const std::uint32_t gen = sessionSlots[s].generation;
+
+  bool asked = false;
+  for (;;) {
+    std::uint32_t r = findRoom(room);
+    if (r != kNone && isMember(s, r)) return Result::kAlreadyDone;
+    SessionSlot& ss = sessionSlots[s];
+    if (ss.rooms.size() >= limits.maxRoomsPerSession) return Result::kTooManyRooms;
+    if (r != kNone && limits.maxMembersPerRoom != 0 &&
+        roomSlots[r].members.size() >= limits.maxMembersPerRoom)
+      return Result::kRoomFull;
+    if (cb.canJoin && !asked) {
+      asked = true;
+      bool allowed = false;
+      try {
+        allowed = cb.canJoin(ss.name.view(), room);
+      } catch (...) {
+        reportError("canJoin");
+        allowed = false;
+      }
+      if (!allowed) return Result::kDenied;
+      // The hook may have called back in: check everything again.
+      if (s >= sessionSlots.highWater() || sessionSlots[s].generation != gen)
+        return Result::kNotConnected;
+      if (sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
+      continue;
+    }
+
+    // Allocate first; nothing is visible until every allocation succeeded.
+    if (!ss.rooms.reserveOneMore(&bytes)) return Result::kOutOfMemory;
+    bool created = false;
+    if (r == kNone) {
+      try {
+        r = roomSlots.alloc();
+        roomSlots[r].name.assign(room, &bytes);
+        roomIndex.insert(r);
+        created = true;
+      } catch (const std::bad_alloc&) {
+        if (r != kNone) {
+          roomSlots[r].name.reset(&bytes);
+          roomSlots.release(r);
+        }
+        return Result::kOutOfMemory;
+      }
+    }
+    RoomSlot& rs = roomSlots[r];
+    if (!rs.members.reserveOneMore(&bytes)) {
+      if (created) {
+        roomIndex.erase(r);
+        rs.name.reset(&bytes);
+        roomSlots.release(r);
+      }
+      return Result::kOutOfMemory;
+    }
+    const std::uint32_t posInSession = ss.rooms.size();
+    const std::uint32_t posInRoom = rs.members.push(Entry{s, posInSession});
+    ss.rooms.push(Entry{r, posInRoom});
+    ++memberships;
+    if (posInSession == 0) ++sessionsWithRooms;
+    if (created && cb.roomCreated) pushEvent(EventKind::kRoomCreated, {}, room);
+    if (cb.roomJoined) pushEvent(EventKind::kRoomJoined, ss.name.view(), room);
+    return Result::kOk;
+  }
+}
+
+void SessionRegistry::Impl::removeMembership(std::uint32_t s, std::uint32_t pos) {
+  SessionSlot& ss = sessionSlots[s];
+  const Entry e = ss.rooms[pos];
+  const std::uint32_t r = e.slot;
+  RoomSlot& rs = roomSlots[r];
+  if (wantMembershipEvents)
+    pushEvent(EventKind::kMembershipEnded, ss.name.view(), rs.name.view());
+
+  // Swap-remove from the room's member list, fixing the mirror entry.
+  const std::uint32_t lastR = rs.members.size() - 1;
+  if (e.pos != lastR) {
+    const Entry moved = rs.members[lastR];
+    rs.members[e.pos] = moved;
+    sessionSlots[moved.slot].rooms[moved.pos].pos = e.pos;
+  }
+  rs.members.pop(&bytes);
+  // Swap-remove from the session's room list.
+  const std::uint32_t lastS = ss.rooms.size() - 1;
+  if (pos != lastS) {
+    const Entry moved = ss.rooms[lastS];
+    ss.rooms[pos] = moved;
+    roomSlots[moved.slot].members[moved.pos].pos = pos;
+  }
+  ss.rooms.pop(&bytes);
+  --memberships;
+  if (ss.rooms.empty()) --sessionsWithRooms;
+
+  if (rs.members.empty()) {
+    if (cb.roomDeleted) pushEvent(EventKind::kRoomDeleted, {}, rs.name.view());
+    roomIndex.erase(r);
+    rs.name.reset(&bytes);
+    rs.members.release(&bytes);
+    roomSlots.release(r);
+    if (roomIndex.empty()) {
+      RoomIndex fresh(0, RoomHash{&roomSlots}, RoomEq{&roomSlots},
+                      detail::CountingAllocator<std::uint32_t>(&bytes));
+      roomIndex.swap(fresh);
+    }
+  }
+}
+
+Result SessionRegistry::Impl::untrack(std::uint32_t s, std::string_view room) {
+  if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  if (s == kNone) return Result::kNotConnected;
+  if (!validId(room, limits)) return Result::kInvalidId;
+  const std::uint32_t r = findRoom(room);
+  if (r == kNone) return Result::kAlreadyDone;
+  const detail::EntryList& rooms = sessionSlots[s].rooms;
+  for (std::uint32_t i = 0; i < rooms.size(); ++i) {
+    if (rooms[i].slot == r) {
+      removeMembership(s, i);
+      return Result::kOk;
+    }
+  }
+  return Result::kAlreadyDone;
+}
+
+std::size_t SessionRegistry::Impl::clearRooms(std::uint32_t s) {
+  std::size_t n = 0;
+  while (!sessionSlots[s].rooms.empty()) {
+    removeMembership(s, sessionSlots[s].rooms.size() - 1);
+    ++n;
+  }
+  return n;
+}
+
+Result SessionRegistry::Impl::disconnect(std::uint32_t s) {
+  if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  if (s == kNone) return Result::kNotConnected;
+  if (sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
+  sessionSlots[s].state = SessionState::kClosing;
+  if (cb.disconnecting) {
+    // Synchronous: the host sees the rooms before they go. Anything already
+    // queued is delivered first, so the host sees events in order.
+    flush();
+    const std::string name(sessionSlots[s].name.view());
+    try {
+      cb.disconnecting(name);
+    } catch (...) {
+      reportError("disconnecting");
+    }
+  }
+  finishDisconnect(s);
+  return Result::kOk;
+}
+
+void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
+  clearRooms(s);
+  unlinkUser(s);
+  SessionSlot& slot = sessionSlots[s];
+  sessionIndex.erase(s);
+  slot.name.reset(&bytes);
+  slot.rooms.release(&bytes);
+  slot.generation = 0;
+  slot.state = SessionState::kFree;
+  sessionSlots.release(s);
+  if (sessionIndex.empty()) {
+    SessionIndex fresh(0, SessionHash{&sessionSlots}, SessionEq{&sessionSlots},
+                       detail::CountingAllocator<std::uint32_t>(&bytes));
+    sessionIndex.swap(fresh);
+  }
+  if (userIndex.empty() && userIndex.capacity() > 0) {
+    UserIndex fresh(0, UserHash{&userSlots}, UserEq{&userSlots},
+                    detail::CountingAllocator<std::uint32_t>(&bytes));
+    userIndex.swap(fresh);
+  }
+}
+
+std::size_t SessionRegistry::Impl::forEachTarget(
+    const BroadcastTargets& targets,
+    detail::FunctionRef<void(std::string_view)> visit) {
+  // Two fresh stamps: one marks excluded sessions, one marks targets taken.
+  markCounter += 2;
+  if (markCounter < 2) {  // wrapped: reset every mark
+    for (std::size_t i = 0; i < sessionSlots.highWater(); ++i)
+      sessionSlots[static_cast<std::uint32_t>(i)].mark = 0;
+    markCounter = 2;
+  }
+  const std::uint32_t excluded = markCounter - 1;
+  const std::uint32_t taken = markCounter;
+  for (std::string_view room : targets.except) {
+    const std::uint32_t r = findRoom(room);
+    if (r == kNone) continue;
+    const detail::EntryList& m = roomSlots[r].members;
+    for (std::uint32_t i = 0; i < m.size(); ++i) sessionSlots[m[i].slot].mark = excluded;
+  }
+  if (!targets.sender.empty()) {
+    const std::uint32_t s = findSession(targets.sender);
+    if (s != kNone) sessionSlots[s].mark = excluded;
+  }
+  std::vector<SessionHandle> chosen;
+  for (std::string_view room : targets.rooms) {
+    const std::uint32_t r = findRoom(room);
+    if (r == kNone) continue;
+    const detail::EntryList& m = roomSlots[r].members;
+    for (std::uint32_t i = 0; i < m.size(); ++i) {
+      SessionSlot& ss = sessionSlots[m[i].slot];
+      if (ss.mark == excluded || ss.mark == taken) continue;
+      ss.mark = taken;
+      chosen.push_back(SessionHandle{m[i].slot, ss.generation});
+    }
+  }
+  std::size_t n = 0;
+  std::string name;
+  for (SessionHandle h : chosen) {
+    if (fromHandle(h) == kNone) continue;  // gone while we were visiting
+    name.assign(sessionSlots[h.index].name.view());
+    visit(name);
+    ++n;
+  }
+  return n;
+}
+
+std::size_t SessionRegistry::Impl::clearAll() {
+  std::size_t n = 0;
+  // Collect first: disconnecting mutates the index we would iterate.
+  std::vector<SessionHandle> all;
+  all.reserve(sessionIndex.size());
+  for (std::uint32_t s : sessionIndex)
+    if (sessionSlots[s].state == SessionState::kLive)
+      all.push_back(SessionHandle{s, sessionSlots[s].generation});
+  for (SessionHandle h : all) {
+    const std::uint32_t s = fromHandle(h);
+    if (s == kNone || sessionSlots[s].state != SessionState::kLive) continue;
+    sessionSlots[s].state = SessionState::kClosing;
+    finishDisconnect(s);
+    ++n;
+  }
+  return n;
+}
+
+// ------------------------------------------------------------- Public ---
+
+namespace {
+struct IterGuard {
+  std::atomic<int>& n;
+  explicit IterGuard(std::atomic<int>& c) : n(c) { n.fetch_add(1, std::memory_order_relaxed); }
+  ~IterGuard() { n.fetch_sub(1, std::memory_order_relaxed); }
+};
+}  // namespace
+
+SessionRegistry::SessionRegistry() : SessionRegistry(RegistryCallbacks{}) {}
+SessionRegistry::SessionRegistry(RegistryCallbacks callbacks, Limits limits)
+    : impl_(std::make_unique<Impl>(std::move(callbacks), limits)) {}
+SessionRegistry::~SessionRegistry() = default;
+SessionRegistry::SessionRegistry(SessionRegistry&&) noexcept = default;
+SessionRegistry& SessionRegistry::operator=(SessionRegistry&&) noexcept = default;
+
+Result SessionRegistry::connect(std::string_view session, std::string_view user) {
+  const Result r = impl_->connect(session, user, nullptr);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::connect(std::string_view session, std::string_view user,
+                                SessionHandle* handle) {
+  const Result r = impl_->connect(session, user, handle);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::bindUser(std::string_view session, std::string_view user) {
+  const Result r = impl_->bindUser(session, user);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::disconnect(std::string_view session) {
+  if (impl_->iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  const Result r = impl_->disconnect(impl_->findSession(session));
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::disconnect(SessionHandle session) {
+  if (impl_->iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
+  const std::uint32_t s = impl_->fromHandle(session);
+  if (s == kNone) return Result::kStaleHandle;
+  const Result r = impl_->disconnect(s);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::trackRoom(std::string_view session, std::string_view room) {
+  const Result r = impl_->track(impl_->findSession(session), room);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::trackRoom(SessionHandle session, std::string_view room) {
+  const std::uint32_t s = impl_->fromHandle(session);
+  if (s == kNone) return Result::kStaleHandle;
+  const Result r = impl_->track(s, room);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::untrackRoom(std::string_view session, std::string_view room) {
+  const Result r = impl_->untrack(impl_->findSession(session), room);
+  impl_->flush();
+  return r;
+}
+Result SessionRegistry::untrackRoom(SessionHandle session, std::string_view room) {
+  const std::uint32_t s = impl_->fromHandle(session);
+  if (s == kNone) return Result::kStaleHandle;
+  const Result r = impl_->untrack(s, room);
+  impl_->flush();
+  return r;
+}
+std::size_t SessionRegistry::clearRoomTracking(std::string_view session) {
+  if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
+  const std::uint32_t s = impl_->findSession(session);
+  if (s == kNone) return 0;
+  const std::size_t n = impl_->clearRooms(s);
+  impl_->flush();
+  return n;
+}
+std::size_t SessionRegistry::clearRoomTracking(SessionHandle session) {
+  if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
+  const std::uint32_t s = impl_->fromHandle(session);
+  if (s == kNone) return 0;
+  const std::size_t n = impl_->clearRooms(s);
+  impl_->flush();
+  return n;
+}
+std::size_t SessionRegistry::clear() {
+  if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
+  const std::size_t n = impl_->clearAll();
+  impl_->flush();
+  return n;
+}
+
+bool SessionRegistry::isConnected(std::string_view session) const {
+  return impl_->findSession(session) != kNone;
+}
+bool SessionRegistry::isConnected(SessionHandle session) const {
+  return impl_->fromHandle(session) != kNone;
+}
+SessionHandle SessionRegistry::handleOf(std::string_view session) const {
+  const std::uint32_t s = impl_->findSession(session);
+  if (s == kNone) return {};
+  return SessionHandle{s, impl_->sessionSlots[s].generation};
+}
+std::string_view SessionRegistry::idOf(SessionHandle session) const {
+  const std::uint32_t s = impl_->fromHandle(session);
+  return s == kNone ? std::string_view() : impl_->sessionSlots[s].name.view();
+}
+std::string_view SessionRegistry::userOf(std::string_view session) const {
+  const std::uint32_t s = impl_->findSession(session);
+  if (s == kNone) return {};
+  const std::uint32_t u = impl_->sessionSlots[s].user;
+  return u == kNone ? std::string_view() : impl_->userSlots[u].name.view();
+}
+bool SessionRegistry::isMember(std::string_view session, std::string_view room) const {
+  const std::uint32_t s = impl_->findSession(session);
+  if (s == kNone) return false;
+  const std::uint32_t r = impl_->findRoom(room);
+  return r != kNone && impl_->isMember(s, r);
+}
+std::size_t SessionRegistry::roomSize(std::string_view room) const {
+  const std::uint32_t r = impl_->findRoom(room);
+  return r == kNone ? 0 : impl_->roomSlots[r].members.size();
+}
+std::size_t SessionRegistry::roomCount(std::string_view session) const {
+  const std::uint32_t s = impl_->findSession(session);
+  return s == kNone ? 0 : impl_->sessionSlots[s].rooms.size();
+}
+bool SessionRegistry::roomExists(std::string_view room) const {
+  return impl_->findRoom(room) != kNone;
+}
+
+std::size_t SessionRegistry::forEachMemberImpl(
+    std::string_view room, detail::FunctionRef<void(std::string_view)> visit) const {
+  const std::uint32_t r = impl_->findRoom(room);
+  if (r == kNone) return 0;
+  IterGuard guard(impl_->iterating);
+  const detail::EntryList& m = impl_->roomSlots[r].members;
+  const std::uint32_t n = m.size();
+  for (std::uint32_t i = 0; i < n; ++i)
+    visit(impl_->sessionSlots[m[i].slot].name.view());
+  return n;
+}
+std::size_t SessionRegistry::forEachRoomOfImpl(
+    std::string_view session, detail::FunctionRef<void(std::string_view)> visit) const {
+  const std::uint32_t s = impl_->findSession(session);
+  if (s == kNone) return 0;
+  IterGuard guard(impl_->iterating);
+  const detail::EntryList& rooms = impl_->sessionSlots[s].rooms;
+  const std::uint32_t n = rooms.size();
+  for (std::uint32_t i = 0; i < n; ++i)
+    visit(impl_->roomSlots[rooms[i].slot].name.view());
+  return n;
+}
+std::size_t SessionRegistry::forEachSessionOfUserImpl(
+    std::string_view user, detail::FunctionRef<void(std::string_view)> visit) const {
+  const std::uint32_t u = impl_->findUser(user);
+  if (u == kNone) return 0;
+  IterGuard guard(impl_->iterating);
+  const detail::EntryList& ss = impl_->userSlots[u].sessions;
+  const std::uint32_t n = ss.size();
+  for (std::uint32_t i = 0; i < n; ++i)
+    visit(impl_->sessionSlots[ss[i].slot].name.view());
+  return n;
+}
+std::size_t SessionRegistry::forEachSessionImpl(
+    detail::FunctionRef<void(std::string_view)> visit) const {
+  IterGuard guard(impl_->iterating);
+  std::size_t n = 0;
+  for (std::uint32_t s : impl_->sessionIndex) {
+    visit(impl_->sessionSlots[s].name.view());
+    ++n;
+  }
+  return n;
+}
+std::size_t SessionRegistry::forEachTargetImpl(
+    const BroadcastTargets& targets, detail::FunctionRef<void(std::string_view)> visit) {
+  const std::size_t n = impl_->forEachTarget(targets, visit);
+  impl_->flush();
+  return n;
+}
+
+std::vector<std::string> SessionRegistry::roomsOf(std::string_view session) const {
+  std::vector<std::string> out;
+  forEachRoomOf(session, [&](std::string_view r) { out.emplace_back(r); });
+  return out;
+}
+std::vector<std::string> SessionRegistry::membersOf(std::string_view room) const {
+  std::vector<std::string> out;
+  forEachMember(room, [&](std::string_view s) { out.emplace_back(s); });
+  return out;
+}
+std::vector<std::string> SessionRegistry::sessionsOfUser(std::string_view user) const {
+  std::vector<std::string> out;
+  forEachSessionOfUser(user, [&](std::string_view s) { out.emplace_back(s); });
+  return out;
+}
+std::size_t SessionRegistry::sessionCountOfUser(std::string_view user) const {
+  const std::uint32_t u = impl_->findUser(user);
+  return u == kNone ? 0 : impl_->userSlots[u].sessions.size();
+}
+
+std::size_t SessionRegistry::broadcast(const BroadcastTargets& targets,
+                                       std::string_view event,
+                                       std::string_view payload) {
+  if (!impl_->cb.emit) return 0;
+  Impl& im = *impl_;
+  const std::size_t n = im.forEachTarget(targets, [&](std::string_view s) {
+    try {
+      im.cb.emit(s, event, payload);
+    } catch (...) {
+      im.reportError("emit");
+    }
+  });
+  im.flush();
+  return n;
+}
+
+RegistryStats SessionRegistry::getMemoryStats() const noexcept {
+  RegistryStats st;
+  st.sessions = impl_->sessionIndex.size();
+  st.users = impl_->userIndex.size();
+  st.rooms = impl_->roomIndex.size();
+  st.memberships = impl_->memberships;
+  st.sessionsWithRooms = impl_->sessionsWithRooms;
+  st.bytes = impl_->bytes;
+  st.callbackErrors = impl_->callbackErrors;
+  return st;
+}
+const Limits& SessionRegistry::limits() const noexcept { return impl_->limits; }
+
+}  // namespace roomkeeper

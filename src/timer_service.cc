@@ -1,0 +1,466 @@
+// SPDX-License-Identifier: MIT
+//
+// A hierarchical timing wheel with 1 ms ticks: 8 levels of 64 slots, each
+// level 64 times coarser than the one below (level k slot = 64^k ms), which
+// covers every delay a std::chrono::nanoseconds can hold. A timer sits in the
+// level of the highest 6-bit group in which its deadline differs from the
+// wheel's time; when the wheel's time enters that slot's range, the slot's
+// timers move down ("cascade"). Level 0 slots hold timers of one exact tick,
+// so firing is exact. A 64-bit occupancy mask per level lets advance() jump
+// straight to the next tick where something happens, so a long stall costs
+// O(levels) per occupied slot, not one step per millisecond.
+#include "roomkeeper/timer_service.h"
+
+#include <algorithm>
+#include <exception>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fmt/format.h"
+
+namespace roomkeeper {
+
+SteadyClock& SteadyClock::instance() noexcept {
+  static SteadyClock clock;
+  return clock;
+}
+
+namespace {
+
+constexpr std::uint32_t kNil = 0xFFFFFFFFu;
+constexpr int kLevels = 8;
+constexpr int kBits = 6;
+constexpr int kSlots = 1 << kBits;
+constexpr std::uint32_t kPageBits = 12;
+constexpr std::uint32_t kPage = 1u << kPageBits;
+
+enum class NodeState : std::uint8_t { kFree, kWheel, kDue, kNextDue, kFiring };
+
+// 28 bytes: no 8-byte member, so no padding to 32.
+struct Node {
+  std::uint32_t prev;
+  std::uint32_t next;  // also the free-list link
+  std::uint32_t generation;
+  std::uint32_t data;
+  std::uint32_t deadlineLo;
+  std::uint32_t deadlineHi;
+  TimerHandlerId handler;
+  NodeState state;
+  std::uint8_t level;
+  std::uint64_t deadline() const noexcept {
+    return (std::uint64_t{deadlineHi} << 32) | deadlineLo;
+  }
+  void setDeadline(std::uint64_t d) noexcept {
+    deadlineLo = static_cast<std::uint32_t>(d);
+    deadlineHi = static_cast<std::uint32_t>(d >> 32);
+  }
+};
+static_assert(sizeof(Node) == 28, "a timer node is 28 bytes");
+
+struct List {
+  std::uint32_t head = kNil;
+  std::uint32_t tail = kNil;
+  bool empty() const noexcept { return head == kNil; }
+};
+
+// Bits of `mask` strictly above position `pos`.
+inline std::uint64_t above(std::uint64_t mask, unsigned pos) noexcept {
+  return pos >= 63 ? 0 : mask & (~std::uint64_t{0} << (pos + 1));
+}
+
+}  // namespace
+
+struct TimerService::Impl {
+  explicit Impl(const Clock* c)
+      : clock(c ? c : &SteadyClock::instance()), epoch(clock->now()) {}
+
+  Node& node(std::uint32_t i) noexcept { return pages[i >> kPageBits][i & (kPage - 1)]; }
+  const Node& node(std::uint32_t i) const noexcept {
+    return pages[i >> kPageBits][i & (kPage - 1)];
+  }
+  std::uint32_t resolve(TimerHandle h) const noexcept {
+    if (!h.valid() || h.index >= highWater) return kNil;
+    const Node& n = node(h.index);
+    if (n.generation != h.generation || n.state == NodeState::kFree) return kNil;
+    return h.index;
+  }
+
+  // ---- time ----
+  std::uint64_t floorTick(SteadyTime t) const noexcept {
+    if (t <= epoch) return 0;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    return static_cast<std::uint64_t>(ns) / 1000000u;
+  }
+  std::uint64_t deadlineTick(std::chrono::nanoseconds delay) const noexcept {
+    const SteadyTime t = clock->now();
+    std::int64_t base = 0;
+    if (t > epoch)
+      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    const std::int64_t d = delay.count();
+    if (d <= 0) {
+      // Due at once; never before the wheel's own time.
+      return std::min<std::uint64_t>(now, static_cast<std::uint64_t>(base) / 1000000u);
+    }
+    // ceil((base + d) / 1 ms) without overflowing.
+    const std::uint64_t sum = static_cast<std::uint64_t>(base) + static_cast<std::uint64_t>(d);
+    return (sum + 999999u) / 1000000u;
+  }
+  SteadyTime tickTime(std::uint64_t tick) const noexcept {
+    return epoch + std::chrono::milliseconds(static_cast<std::int64_t>(tick));
+  }
+
+  // ---- lists ----
+  void pushBack(List& l, std::uint32_t i) noexcept {
+    Node& n = node(i);
+    n.next = kNil;
+    n.prev = l.tail;
+    if (l.tail == kNil) l.head = i; else node(l.tail).next = i;
+    l.tail = i;
+  }
+  void unlink(List& l, std::uint32_t i) noexcept {
+    Node& n = node(i);
+    if (n.prev == kNil) l.head = n.next; else node(n.prev).next = n.next;
+    if (n.next == kNil) l.tail = n.prev; else node(n.next).prev = n.prev;
+  }
+  List& wheelList(const Node& n) noexcept {
+    const int level = n.level;
+    const unsigned slot = static_cast<unsigned>((n.deadline() >> (kBits * level)) & (kSlots - 1));
+    return wheel[level][slot];
+  }
+  // Removes a node from whatever list holds it (not kFiring/kFree).
+  void detach(std::uint32_t i) noexcept {
+    Node& n = node(i);
+    switch (n.state) {
+      case NodeState::kWheel: {
+        const int level = n.level;
+        const unsigned slot =
+            static_cast<unsigned>((n.deadline() >> (kBits * level)) & (kSlots - 1));
+        List& l = wheel[level][slot];
+        unlink(l, i);
+        if (l.empty()) masks[level] &= ~(std::uint64_t{1} << slot);
+        break;
+      }
+      case NodeState::kDue:
+        unlink(due, i);
+        --dueCount;
+        break;
+      case NodeState::kNextDue:
+        unlink(nextDue, i);
+        break;
+      default:
+        break;
+    }
+  }
+  // Puts a node with its deadline set where it belongs relative to `now`.
+  void place(std::uint32_t i) noexcept {
+    Node& n = node(i);
+    const std::uint64_t d = n.deadline();
+    if (d <= now) {
+      if (firing) {
+        n.state = NodeState::kNextDue;
+        pushBack(nextDue, i);
+      } else {
+        n.state = NodeState::kDue;
+        pushBack(due, i);
+        ++dueCount;
+      }
+      return;
+    }
+    const std::uint64_t diff = d ^ now;
+    int level = (63 - __builtin_clzll(diff)) / kBits;
+    if (level >= kLevels) level = kLevels - 1;
+    const unsigned slot = static_cast<unsigned>((d >> (kBits * level)) & (kSlots - 1));
+    n.state = NodeState::kWheel;
+    n.level = static_cast<std::uint8_t>(level);
+    pushBack(wheel[level][slot], i);
+    masks[level] |= std::uint64_t{1} << slot;
+  }
+
+  // ---- slab ----
+  std::uint32_t allocNode() {
+    if (freeHead != kNil) {
+      const std::uint32_t i = freeHead;
+      freeHead = node(i).next;
+      return i;
+    }
+    if (highWater == pages.size() * kPage) {
+      pages.reserve(pages.size() + 1);
+      std::unique_ptr<Node[]> page(new Node[kPage]);
+      for (std::uint32_t k = 0; k < kPage; ++k) {
+        page[k].generation = generationBase;
+        page[k].state = NodeState::kFree;
+      }
+      pages.push_back(std::move(page));
+    }
+    return highWater++;
+  }
+  void freeNode(std::uint32_t i) noexcept {
+    Node& n = node(i);
+    n.state = NodeState::kFree;
+    n.next = freeHead;
+    freeHead = i;
+    --pending;
+  }
+
+  // ---- advancing ----
+  // The next tick > now at which a slot must be cascaded or fired.
+  bool nextEventTick(std::uint64_t* out) const noexcept {
+    for (int k = 0; k < kLevels; ++k) {
+      if (masks[k] == 0) continue;
+      const unsigned cur = static_cast<unsigned>((now >> (kBits * k)) & (kSlots - 1));
+      const std::uint64_t m = above(masks[k], cur);
+      if (m == 0) continue;  // only slots behind: reached after a wrap above
+      const unsigned j = static_cast<unsigned>(__builtin_ctzll(m));
+      const int shift = kBits * (k + 1);
+      const std::uint64_t base = shift >= 64 ? 0 : (now >> shift) << shift;
+      *out = base + (std::uint64_t{j} << (kBits * k));
+      return true;  // lower levels always hold earlier deadlines
+    }
+    // Every occupied slot is behind the current position of its level: the
+    // next event is where the lowest such level wraps into a later epoch.
+    for (int k = 0; k < kLevels; ++k) {
+      if (masks[k] == 0) continue;
+      const unsigned j = static_cast<unsigned>(__builtin_ctzll(masks[k]));
+      const int shift = kBits * (k + 1);
+      const std::uint64_t base = shift >= 64 ? 0 : ((now >> shift) + 1) << shift;
+      *out = base + (std::uint64_t{j} << (kBits * k));
+      return true;
+    }
+    return false;
+  }
+  void cascade(int level, unsigned slot) noexcept {
+    List l = wheel[level][slot];
+    wheel[level][slot] = List{};
+    masks[level] &= ~(std::uint64_t{1} << slot);
+    for (std::uint32_t i = l.head; i != kNil;) {
+      const std::uint32_t nx = node(i).next;
+      place(i);
+      i = nx;
+    }
+  }
+  void processTick(std::uint64_t t) noexcept {
+    for (int k = kLevels - 1; k >= 1; --k) {
+      const std::uint64_t low = (std::uint64_t{1} << (kBits * k)) - 1;
+      if ((t & low) != 0) continue;
+      const unsigned slot = static_cast<unsigned>((t >> (kBits * k)) & (kSlots - 1));
+      if (masks[k] & (std::uint64_t{1} << slot)) cascade(k, slot);
+    }
+    const unsigned slot0 = static_cast<unsigned>(t & (kSlots - 1));
+    if (masks[0] & (std::uint64_t{1} << slot0)) cascade(0, slot0);  // d == t: due
+  }
+  void moveTo(std::uint64_t target) noexcept {
+    while (now < target) {
+      std::uint64_t t;
+      if (!nextEventTick(&t) || t > target) {
+        now = target;
+        return;
+      }
+      now = t;
+      processTick(t);
+    }
+  }
+
+  void reportError() noexcept {
+    ++errors;
+    if (!log) return;
+    try {
+      std::string msg;
+      try {
+        throw;
+      } catch (const std::exception& e) {
+        msg = fmt::format("roomkeeper: timer callback threw: {}", e.what());
+      } catch (...) {
+        msg = "roomkeeper: timer callback threw a non-exception";
+      }
+      log(LogLevel::kError, msg);
+    } catch (...) {
+      ++errors;
+    }
+  }
+
+  std::size_t fire(std::size_t maxFire) {
+    std::size_t fired = 0;
+    const bool outer = !firing;
+    firing = true;
+    while (fired < maxFire && due.head != kNil) {
+      const std::uint32_t i = due.head;
+      unlink(due, i);
+      --dueCount;
+      Node& n = node(i);
+      n.state = NodeState::kFiring;
+      const TimerHandle h{i, n.generation};
+      const std::uint32_t data = n.data;
+      const TimerHandlerId hid = n.handler;
+      ++fired;
+      try {
+        handlers[hid](h, data);
+      } catch (...) {
+        reportError();
+      }
+      Node& after = node(i);  // pages never move, but be explicit
+      if (after.state == NodeState::kFiring && after.generation == h.generation)
+        freeNode(i);
+    }
+    if (outer) {
+      firing = false;
+      // Timers made due by callbacks wait for the next advance().
+      while (nextDue.head != kNil) {
+        const std::uint32_t i = nextDue.head;
+        unlink(nextDue, i);
+        node(i).state = NodeState::kDue;
+        pushBack(due, i);
+        ++dueCount;
+      }
+    }
+    return fired;
+  }
+
+  const Clock* clock;
+  SteadyTime epoch;
+  std::uint64_t now = 0;  // wheel time, in ticks since epoch
+  List wheel[kLevels][kSlots];
+  std::uint64_t masks[kLevels] = {};
+  List due;
+  List nextDue;
+  std::size_t dueCount = 0;
+  std::size_t pending = 0;
+  std::vector<std::unique_ptr<Node[]>> pages;
+  std::uint32_t highWater = 0;
+  std::uint32_t freeHead = kNil;
+  std::uint32_t generationBase = 0;
+  std::uint32_t maxGeneration = 0;
+  std::vector<Handler> handlers;
+  std::uint64_t errors = 0;
+  bool firing = false;
+  LogFn log;
+};
+
+TimerService::TimerService(const Clock* clock) : impl_(std::make_unique<Impl>(clock)) {}
+TimerService::~TimerService() = default;
+
+TimerHandlerId TimerService::addHandler(Handler handler) {
+  impl_->handlers.push_back(std::move(handler));
+  return static_cast<TimerHandlerId>(impl_->handlers.size() - 1);
+}
+
+TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId handler,
+                              std::uint32_t data) {
+  Impl& im = *impl_;
+  if (handler >= im.handlers.size()) return {};
+  const std::uint32_t i = im.allocNode();
+  Node& n = im.node(i);
+  if (++n.generation == 0) n.generation = 1;
+  if (n.generation > im.maxGeneration) im.maxGeneration = n.generation;
+  n.data = data;
+  n.handler = handler;
+  n.setDeadline(im.deadlineTick(delay));
+  ++im.pending;
+  im.place(i);
+  return TimerHandle{i, n.generation};
+}
+
+bool TimerService::restart(TimerHandle timer, std::chrono::nanoseconds delay) {
+  Impl& im = *impl_;
+  const std::uint32_t i = im.resolve(timer);
+  if (i == kNil) return false;
+  Node& n = im.node(i);
+  if (n.state == NodeState::kFiring) {
+    ++im.pending;  // re-armed from its own callback: it lives on
+  } else {
+    im.detach(i);
+  }
+  n.setDeadline(im.deadlineTick(delay));
+  im.place(i);
+  return true;
+}
+
+bool TimerService::cancel(TimerHandle timer) noexcept {
+  Impl& im = *impl_;
+  const std::uint32_t i = im.resolve(timer);
+  if (i == kNil) return false;
+  Node& n = im.node(i);
+  if (n.state == NodeState::kFiring) return false;  // it is running: not pending
+  im.detach(i);
+  im.freeNode(i);
+  return true;
+}
+
+bool TimerService::isPending(TimerHandle timer) const noexcept {
+  const std::uint32_t i = impl_->resolve(timer);
+  return i != kNil && impl_->node(i).state != NodeState::kFiring;
+}
+
+std::optional<std::uint32_t> TimerService::dataOf(TimerHandle timer) const noexcept {
+  const std::uint32_t i = impl_->resolve(timer);
+  if (i == kNil) return std::nullopt;
+  return impl_->node(i).data;
+}
+
+std::size_t TimerService::cancelAll() noexcept {
+  Impl& im = *impl_;
+  std::size_t n = 0;
+  auto drop = [&](List& l, bool isDue) {
+    for (std::uint32_t i = l.head; i != kNil;) {
+      const std::uint32_t nx = im.node(i).next;
+      im.freeNode(i);
+      ++n;
+      i = nx;
+    }
+    l = List{};
+    if (isDue) im.dueCount = 0;
+  };
+  for (int k = 0; k < kLevels; ++k) {
+    for (int s = 0; s < kSlots; ++s)
+      if (im.masks[k] & (std::uint64_t{1} << s)) drop(im.wheel[k][s], false);
+    im.masks[k] = 0;
+  }
+  drop(im.due, true);
+  drop(im.nextDue, false);
+  return n;
+}
+
+std::optional<SteadyTime> TimerService::nextDeadline() const noexcept {
+  const Impl& im = *impl_;
+  if (im.due.head != kNil || im.nextDue.head != kNil) return im.tickTime(im.now);
+  std::uint64_t t;
+  if (!im.nextEventTick(&t)) return std::nullopt;
+  return im.tickTime(t);
+}
+
+std::size_t TimerService::advance(SteadyTime now, std::size_t maxFire) {
+  Impl& im = *impl_;
+  if (im.firing) {
+    // Called from inside a timer callback: move nothing, fire nothing
+    // (the outer advance() is still running its batch).
+    return 0;
+  }
+  const std::uint64_t target = im.floorTick(now);
+  if (target > im.now) im.moveTo(target);  // earlier times are clamped
+  return im.fire(maxFire);
+}
+
+std::size_t TimerService::advance() { return advance(impl_->clock->now()); }
+
+std::size_t TimerService::dueCount() const noexcept { return impl_->dueCount; }
+std::size_t TimerService::size() const noexcept { return impl_->pending; }
+std::size_t TimerService::bytes() const noexcept {
+  const Impl& im = *impl_;
+  return im.pages.size() * kPage * sizeof(Node) + im.pages.capacity() * sizeof(void*) +
+         im.handlers.capacity() * sizeof(Handler);
+}
+std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->errors; }
+
+void TimerService::shrinkToFit() {
+  Impl& im = *impl_;
+  if (im.pending != 0 || im.firing) return;
+  im.generationBase = im.maxGeneration;  // new pages start above every issued handle
+  std::vector<std::unique_ptr<Node[]>>().swap(im.pages);
+  im.highWater = 0;
+  im.freeHead = kNil;
+}
+
+const Clock& TimerService::clock() const noexcept { return *impl_->clock; }
+void TimerService::setLog(LogFn log) { impl_->log = std::move(log); }
+
+}  // namespace roomkeeper
