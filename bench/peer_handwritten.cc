@@ -95,6 +95,9 @@ class RoomIndex {
 // Time is a logical millisecond counter that this benchmark never advances
 // (W3: time does not advance), so no timer fires during the run; the queue
 // still holds every armed timer and its callback, as the real one would.
+// (There is no firing routine for the same reason; one would erase the entry
+// before calling its callback, so that a callback's own clearTimeout of the
+// handle, as in the seed's typing timeout, would have to be skipped.)
 class TimerQueue {
  public:
   using Callback = std::function<void()>;

@@ -273,6 +273,8 @@ class SessionRegistry {
       detail::FunctionRef<void(std::string_view)> visit);
 
   friend class Keeper;
+  friend class TypingTimerManager;
+  friend class SyncKeeper;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

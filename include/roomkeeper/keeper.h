@@ -1,0 +1,210 @@
+// SPDX-License-Identifier: MIT
+// File: roomkeeper/keeper.h
+//
+// Keeper: a session's whole life in one object -- connect (auth deadline
+// armed), authenticate, joins, typing, disconnect in the right order,
+// shutdown -- over a SessionRegistry, a TypingTimerManager and the
+// connection timers, all on one TimerService. Its statistics prove that
+// nothing is left behind. This is what most servers should use.
+//
+//   roomkeeper::KeeperCallbacks cb;
+//   cb.leave = [&](auto session, auto room) { transport.leave(session, room); };
+//   cb.emit = [&](auto session, auto event, auto json) { transport.send(...); };
+//   cb.closeSession = [&](auto session, auto reason) { transport.close(...); };
+//   cb.persist = [&](const roomkeeper::PersistCall& c) { return db.write(c); };
+//   roomkeeper::Keeper keeper(std::move(cb));
+//   keeper.connect("sock-17");                 // 30 s to authenticate
+//   keeper.authenticate("sock-17", "user-3");
+//   keeper.trackRoom("sock-17", "thread:42");
+//   keeper.startTyping("sock-17", "42");       // emits, persists, 5 s clear
+//   keeper.disconnect("sock-17");              // everything goes
+//   ... in the loop: keeper.advance(); sleep until keeper.nextDeadline()
+//
+// Disconnect order (disconnect() and forceCleanup()):
+//   1. disconnecting(session, rooms) observer, with the rooms as they were;
+//   2. the connection timer is cancelled;
+//   3. typing timers cleared, typingStopped emitted for each indicator that
+//      ends, persistence told; the kTypingStoppedAll wildcard when this is
+//      the user's last session;
+//   4. every room left: host leave(session, room) per room;
+//   5. room tracking cleared;
+//   6. the session, its user link and every map entry are gone
+//      (userOffline for the user's last session).
+// A second disconnect, or one of an unknown id, returns kNotConnected and
+// does nothing; one made from inside the session's own disconnect
+// callbacks returns kClosing.
+//
+// States and calls: before authenticate(), trackRoom and startTyping return
+// kNotAuthenticated. After shutdown() every mutating call returns kShutDown
+// and every count is 0.
+//
+// Thread safety: thread-compatible and loop-affine, like the registry. For
+// a thread pool use SyncKeeper (sync_keeper.h), which wraps a Keeper.
+// Callbacks: host callbacks run after the state change they report, on the
+// calling thread (for timer events: the thread calling advance()), in the
+// order of the changes, never while an internal container is iterated; they
+// may call back into the Keeper (nested changes are applied at once, their
+// callbacks run after the current one returns); a callback that throws is
+// caught, counted (MemoryStats::callbackErrors) and logged, and the sequence
+// goes on. Complexity: as the components; disconnect is O(rooms + typing
+// indicators of that session), independent of how many other sessions exist.
+#ifndef ROOMKEEPER_KEEPER_H_
+#define ROOMKEEPER_KEEPER_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "roomkeeper/callbacks.h"
+#include "roomkeeper/result.h"
+#include "roomkeeper/session_registry.h"
+#include "roomkeeper/timer_service.h"
+#include "roomkeeper/typing_timer_manager.h"
+
+namespace roomkeeper {
+
+struct KeeperCallbacks {
+  /// The transport's leave, once per membership that ends.
+  std::function<void(std::string_view session, std::string_view room)> leave;
+  /// Send an event (typingStarted, typingStopped, serverShutdown) to a session.
+  std::function<void(std::string_view session, std::string_view event,
+                     std::string_view payload)>
+      emit;
+  /// Ask the transport to close a session: "auth_timeout" or "shutdown".
+  /// The Keeper has already forgotten the session, or will right after.
+  std::function<void(std::string_view session, std::string_view reason)> closeSession;
+  /// Typing persistence (see TypingTimerManager); false = retry later.
+  PersistFn persist;
+  LogFn log;
+  /// Observers.
+  std::function<void(std::string_view session, const std::vector<std::string>& rooms)>
+      disconnecting;
+  std::function<void(std::string_view user)> userOnline;
+  std::function<void(std::string_view user)> userOffline;
+  std::function<void(std::string_view room)> roomCreated;
+  std::function<void(std::string_view room)> roomDeleted;
+};
+
+struct KeeperOptions {
+  Limits limits;
+  TypingOptions typing;
+  Millis authTimeout{30000};  // 0 = no auth deadline
+  // Warnings (log, kWarning), at most one per kind per warnInterval.
+  std::size_t warnTypingTimers = 100;
+  double warnRoomsPerConnection = 2.0;
+  std::size_t warnConnections = 1000;
+  Millis warnInterval{60000};
+  // A periodic one-line stats log on the timer service; 0 = off.
+  Millis statsLogInterval{0};
+  /// Must outlive the Keeper; nullptr = SteadyClock.
+  const Clock* clock = nullptr;
+};
+
+/// Everything the Keeper holds, O(1) from counters.
+struct MemoryStats {
+  std::size_t connectedClients = 0;   // sessions connected
+  std::size_t authenticated = 0;      // of which bound to a user
+  std::size_t userSockets = 0;        // users with >= 1 session (user -> sessions)
+  std::size_t connectionTimers = 0;   // auth deadlines armed
+  std::size_t typingTimers = 0;       // typing indicators (one timer each)
+  std::size_t trackedRooms = 0;       // memberships (session, room)
+  std::size_t sessionsWithRooms = 0;
+  std::size_t rooms = 0;              // non-empty rooms
+  std::size_t totalEntries = 0;       // sum of the map entries above
+  std::size_t timersPending = 0;      // every timer on the service
+  std::size_t pendingPersistence = 0;
+  std::uint64_t persistDelivered = 0;
+  std::uint64_t persistFailures = 0;
+  std::uint64_t persistDropped = 0;
+  std::uint64_t callbackErrors = 0;
+  std::uint64_t authTimeouts = 0;
+  std::uint64_t forcedCleanups = 0;
+  std::size_t bytes = 0;              // heap bytes held (index, timers, typing)
+};
+
+/// What shutdown() did.
+struct ShutdownReport {
+  std::size_t sessionsClosed = 0;
+  std::size_t timersCancelled = 0;
+  std::size_t persistUndelivered = 0;  // each logged at error level
+};
+
+class Keeper {
+ public:
+  Keeper();
+  explicit Keeper(KeeperCallbacks callbacks, KeeperOptions options = {});
+  ~Keeper();
+  Keeper(const Keeper&) = delete;
+  Keeper& operator=(const Keeper&) = delete;
+
+  /// A new transport session, not yet authenticated; arms the auth
+  /// deadline. kOk; kAlreadyConnected; kInvalidId; kShutDown. O(1).
+  Result connect(std::string_view session);
+  /// Binds the user and cancels the auth deadline. kOk; kAlreadyDone (same
+  /// user); kUserMismatch; kNotConnected; kTooManySessions; kInvalidId. O(1).
+  Result authenticate(std::string_view session, std::string_view user);
+  /// connect + authenticate, for transports that authenticate in the
+  /// handshake.
+  Result connectAuthenticated(std::string_view session, std::string_view user);
+
+  /// As SessionRegistry, plus kNotAuthenticated and kShutDown.
+  Result trackRoom(std::string_view session, std::string_view room);
+  Result untrackRoom(std::string_view session, std::string_view room);
+  std::size_t clearRoomTracking(std::string_view session);
+
+  /// As TypingTimerManager, plus kNotAuthenticated and kShutDown.
+  Result startTyping(std::string_view session, std::string_view thread);
+  Result stopTyping(std::string_view session, std::string_view thread);
+
+  /// The whole disconnect sequence (see above). kOk; kNotConnected;
+  /// kClosing; kShutDown.
+  Result disconnect(std::string_view session);
+  /// The same cleanup for a session the transport lost without a close
+  /// event; counted in MemoryStats::forcedCleanups.
+  Result forceCleanup(std::string_view session);
+  /// Cancels every timer, emits "serverShutdown" to every session and asks
+  /// the host to close it, runs each session's disconnect sequence, makes a
+  /// last persistence attempt. Afterwards every count is 0 and every call is
+  /// refused with kShutDown. A second call does nothing.
+  ShutdownReport shutdown();
+  bool isShutDown() const noexcept;
+
+  /// Sends `event` to the broadcast targets through the emit callback.
+  std::size_t broadcast(const BroadcastTargets& targets, std::string_view event,
+                        std::string_view payload);
+
+  /// Host loop: fire what is due (see TimerService::advance).
+  std::size_t advance();
+  std::size_t advance(SteadyTime now,
+                      std::size_t maxFire = static_cast<std::size_t>(-1));
+  std::optional<SteadyTime> nextDeadline() const noexcept;
+
+  MemoryStats getMemoryStats() const noexcept;
+  /// Prometheus text exposition (roomkeeper_* gauges and counters).
+  std::string prometheusText() const;
+  /// The same statistics as one JSON object.
+  std::string statsJson() const;
+  /// Logs the threshold warnings now (still rate-limited). Returns how many
+  /// warnings were logged.
+  std::size_t checkThresholds();
+
+  /// Read-only views of the parts.
+  const SessionRegistry& registry() const noexcept;
+  const TypingTimerManager& typing() const noexcept;
+  const TimerService& timers() const noexcept;
+
+ private:
+  friend class SyncKeeper;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_KEEPER_H_

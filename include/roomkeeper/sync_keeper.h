@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: MIT
+// File: roomkeeper/sync_keeper.h
+//
+// SyncKeeper: a Keeper that may be called from many threads at once (an
+// Asio io_context run by a thread pool), with an optional driver thread that
+// fires the timers for hosts without a loop of their own.
+//
+// Design (see docs/design.md, "Threads"): one mutex around the Keeper.
+// Every call takes the lock, makes its state change, collects the host
+// callbacks that change produced, releases the lock, and only then runs the
+// callbacks on the calling thread, in order. So:
+//   * no host callback ever runs with the lock held;
+//   * a callback may call back into the SyncKeeper from the same or any
+//     thread without deadlock (the lock is free by then);
+//   * callbacks of one call run in the order of its changes; callbacks of
+//     calls on different threads may interleave.
+// The single-threaded Keeper pays nothing for this: it has no lock at all.
+//
+// The driver thread (startDriver/stopDriver) is started only when asked. It
+// sleeps until the earliest deadline (woken early when a call arms an
+// earlier one), calls advance(), and runs the resulting callbacks on itself.
+// The destructor stops it. Do not call stopDriver() from a callback running
+// on the driver thread (it would join itself): it returns false there.
+//
+// Thread safety: thread-safe. Ownership: owns its Keeper; the clock in
+// KeeperOptions must outlive it and be safe to read from several threads.
+#ifndef ROOMKEEPER_SYNC_KEEPER_H_
+#define ROOMKEEPER_SYNC_KEEPER_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "roomkeeper/keeper.h"
+
+namespace roomkeeper {
+
+class SyncKeeper {
+ public:
+  explicit SyncKeeper(KeeperCallbacks callbacks = {}, KeeperOptions options = {});
+  ~SyncKeeper();
+  SyncKeeper(const SyncKeeper&) = delete;
+  SyncKeeper& operator=(const SyncKeeper&) = delete;
+
+  /// Each as Keeper's, under the lock; callbacks after the lock is released.
+  Result connect(std::string_view session);
+  Result authenticate(std::string_view session, std::string_view user);
+  Result connectAuthenticated(std::string_view session, std::string_view user);
+  Result trackRoom(std::string_view session, std::string_view room);
+  Result untrackRoom(std::string_view session, std::string_view room);
+  std::size_t clearRoomTracking(std::string_view session);
+  Result startTyping(std::string_view session, std::string_view thread);
+  Result stopTyping(std::string_view session, std::string_view thread);
+  Result disconnect(std::string_view session);
+  Result forceCleanup(std::string_view session);
+  /// Stops the driver first, then as Keeper::shutdown.
+  ShutdownReport shutdown();
+  bool isShutDown() const;
+  std::size_t broadcast(const BroadcastTargets& targets, std::string_view event,
+                        std::string_view payload);
+  std::size_t advance();
+  std::optional<SteadyTime> nextDeadline() const;
+
+  /// Queries, under the lock.
+  bool isConnected(std::string_view session) const;
+  bool isMember(std::string_view session, std::string_view room) const;
+  std::size_t roomSize(std::string_view room) const;
+  MemoryStats getMemoryStats() const;
+  std::string prometheusText() const;
+  std::string statsJson() const;
+
+  /// The optional driver thread. startDriver: false if already running or
+  /// shut down. stopDriver: false if not running or called on the driver
+  /// thread itself.
+  bool startDriver();
+  bool stopDriver();
+  bool driverRunning() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_SYNC_KEEPER_H_

@@ -1,0 +1,465 @@
+// SPDX-License-Identifier: MIT
+#include "roomkeeper/keeper.h"
+
+#include <exception>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "fmt/format.h"
+#include "keeper_impl.h"
+
+namespace roomkeeper {
+
+namespace {
+
+std::uint64_t pack(std::uint32_t index, std::uint32_t generation) noexcept {
+  return (std::uint64_t{generation} << 32) | index;
+}
+
+RegistryCallbacks registryCallbacks(const KeeperCallbacks& k) {
+  RegistryCallbacks r;
+  r.leave = k.leave;
+  r.userOnline = k.userOnline;
+  r.userOffline = k.userOffline;
+  r.roomCreated = k.roomCreated;
+  r.roomDeleted = k.roomDeleted;
+  r.log = k.log;
+  return r;
+}
+
+TypingCallbacks typingCallbacks(const KeeperCallbacks& k) {
+  TypingCallbacks t;
+  t.emit = k.emit;
+  t.persist = k.persist;
+  t.log = k.log;
+  return t;
+}
+
+}  // namespace
+
+Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
+    : cb(std::move(c)),
+      opt(std::move(o)),
+      timers(opt.clock),
+      registry(registryCallbacks(cb), opt.limits),
+      reg(*registry.impl_),
+      typing(registry, timers, typingCallbacks(cb), opt.typing),
+      connTimers(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
+                 detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
+                     &connBytes)) {
+  timers.setLog(cb.log);
+  authHandler = timers.addHandler(
+      [this](TimerHandle h, std::uint32_t slot) { onAuthTimeout(h, slot); });
+  statsHandler = timers.addHandler([this](TimerHandle, std::uint32_t) {
+    statsTimer = {};
+    logStats();
+    if (!shut && opt.statsLogInterval.count() > 0)
+      statsTimer = timers.arm(opt.statsLogInterval, statsHandler, 0);
+  });
+  if (opt.statsLogInterval.count() > 0)
+    statsTimer = timers.arm(opt.statsLogInterval, statsHandler, 0);
+}
+
+Keeper::Impl::~Impl() = default;
+
+void Keeper::Impl::queue(std::function<void()> fn) {
+  detail::Event& ev = reg.events.push();
+  ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+  ev.fn = std::move(fn);
+}
+
+void Keeper::Impl::queueLog(LogLevel level, std::string msg) {
+  if (!cb.log) return;
+  queue([this, level, m = std::move(msg)]() { cb.log(level, m); });
+}
+
+void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
+  if (slot >= reg.sessionSlots.highWater()) return;
+  const SessionSlot& ss = reg.sessionSlots[slot];
+  if (ss.state != SessionState::kLive) return;
+  auto it = connTimers.find(pack(slot, ss.generation));
+  if (it == connTimers.end() || it->second != h) return;
+  connTimers.erase(it);
+  ++authTimeouts;
+  const std::string name(ss.name.view());
+  queueLog(LogLevel::kInfo,
+           fmt::format("roomkeeper: session {} did not authenticate in time", name));
+  if (cb.closeSession)
+    queue([this, name]() { cb.closeSession(name, "auth_timeout"); });
+  runDisconnect(slot);
+}
+
+Result Keeper::Impl::connect(std::string_view session) {
+  if (shut) return Result::kShutDown;
+  SessionHandle h;
+  const Result r = reg.connect(session, {}, &h);
+  if (r != Result::kOk) return r;
+  if (opt.authTimeout.count() > 0) {
+    const TimerHandle t = timers.arm(opt.authTimeout, authHandler, h.index);
+    connTimers.emplace(pack(h.index, h.generation), t);
+  }
+  maybeWarn();
+  return Result::kOk;
+}
+
+Result Keeper::Impl::authenticate(std::string_view session, std::string_view user) {
+  if (shut) return Result::kShutDown;
+  const Result r = reg.bindUser(session, user);
+  if (r != Result::kOk) return r;
+  const std::uint32_t s = reg.findSession(session);
+  auto it = connTimers.find(pack(s, reg.sessionSlots[s].generation));
+  if (it != connTimers.end()) {
+    timers.cancel(it->second);
+    connTimers.erase(it);
+  }
+  return Result::kOk;
+}
+
+Result Keeper::Impl::checkAuthenticated(std::string_view session) const {
+  if (shut) return Result::kShutDown;
+  const std::uint32_t s = reg.findSession(session);
+  if (s == detail::kNone) return Result::kNotConnected;
+  if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
+  if (reg.sessionSlots[s].user == detail::kNone) return Result::kNotAuthenticated;
+  return Result::kOk;
+}
+
+void Keeper::Impl::runDisconnect(std::uint32_t s) {
+  SessionSlot& ss = reg.sessionSlots[s];
+  ss.state = SessionState::kClosing;
+  const std::string name(ss.name.view());
+  // 1. The observer, with the rooms as they are now.
+  if (cb.disconnecting) {
+    std::vector<std::string> rooms;
+    rooms.reserve(ss.rooms.size());
+    for (std::uint32_t i = 0; i < ss.rooms.size(); ++i)
+      rooms.emplace_back(reg.roomSlots[ss.rooms[i].slot].name.view());
+    queue([this, name, rooms = std::move(rooms)]() { cb.disconnecting(name, rooms); });
+  }
+  // 2. The connection timer.
+  auto it = connTimers.find(pack(s, ss.generation));
+  if (it != connTimers.end()) {
+    timers.cancel(it->second);
+    connTimers.erase(it);
+  }
+  // 3. Typing, with the wildcard for the user's last session.
+  typing.impl_->onDisconnect(s);
+  // 4-6. Rooms left, tracking cleared, session and user link gone.
+  reg.finishDisconnect(s);
+  if (connTimers.empty() && connTimers.capacity() > 0) {
+    ConnTimers fresh(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
+                     detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
+                         &connBytes));
+    connTimers.swap(fresh);
+  }
+}
+
+Result Keeper::Impl::disconnect(std::string_view session) {
+  if (shut) return Result::kShutDown;
+  const std::uint32_t s = reg.findSession(session);
+  if (s == detail::kNone) return Result::kNotConnected;
+  if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
+  runDisconnect(s);
+  return Result::kOk;
+}
+
+ShutdownReport Keeper::Impl::shutdown() {
+  ShutdownReport rep;
+  if (shut) return rep;
+  shut = true;
+  // Timers first: nothing may fire while we take everything down.
+  for (auto& [key, t] : connTimers) timers.cancel(t);
+  connTimers.clear();
+  rep.timersCancelled = typing.impl_->index.size();
+  if (statsTimer.valid() && timers.cancel(statsTimer)) ++rep.timersCancelled;
+  statsTimer = {};
+  // Everyone hears it, and the transport is asked to close each session.
+  std::vector<SessionHandle> all;
+  for (const std::uint32_t s : reg.sessionIndex)
+    if (reg.sessionSlots[s].state == SessionState::kLive)
+      all.push_back(SessionHandle{s, reg.sessionSlots[s].generation});
+  for (const SessionHandle h : all) {
+    const std::string name(reg.sessionSlots[h.index].name.view());
+    if (cb.emit)
+      queue([this, name]() {
+        cb.emit(name, "serverShutdown", R"({"message":"Server is shutting down"})");
+      });
+    if (cb.closeSession) queue([this, name]() { cb.closeSession(name, "shutdown"); });
+  }
+  for (const SessionHandle h : all) {
+    const std::uint32_t s = reg.fromHandle(h);
+    if (s == detail::kNone || reg.sessionSlots[s].state != SessionState::kLive) continue;
+    runDisconnect(s);
+    ++rep.sessionsClosed;
+  }
+  rep.timersCancelled += typing.impl_->clearAll();
+  return rep;
+}
+
+void Keeper::Impl::logStats() {
+  const MemoryStats st = stats();
+  queueLog(LogLevel::kInfo,
+           fmt::format("roomkeeper: clients={} users={} connectionTimers={} typingTimers={} "
+                       "trackedRooms={} rooms={} pendingPersistence={} bytes={}",
+                       st.connectedClients, st.userSockets, st.connectionTimers,
+                       st.typingTimers, st.trackedRooms, st.rooms, st.pendingPersistence,
+                       st.bytes));
+}
+
+std::size_t Keeper::Impl::maybeWarn() {
+  // Cheap integer checks first; the clock is read only when one trips.
+  const std::size_t typingTimers = typing.impl_->index.size();
+  const std::size_t sessions = reg.sessionIndex.size();
+  const bool a = typingTimers > opt.warnTypingTimers;
+  const bool b = static_cast<double>(reg.memberships) >
+                 opt.warnRoomsPerConnection * static_cast<double>(sessions);
+  const bool c = sessions > opt.warnConnections;
+  if (!(a || b || c) || !cb.log) return 0;
+  const SteadyTime now = timers.clock().now();
+  std::size_t n = 0;
+  auto due = [&](std::optional<SteadyTime>& last) {
+    if (last && now - *last < opt.warnInterval) return false;
+    last = now;
+    return true;
+  };
+  if (a && due(lastWarnTyping)) {
+    queueLog(LogLevel::kWarning,
+             fmt::format("roomkeeper: high typing timer count: {} (threshold {}) - "
+                         "potential memory leak",
+                         typingTimers, opt.warnTypingTimers));
+    ++n;
+  }
+  if (b && due(lastWarnRooms)) {
+    queueLog(LogLevel::kWarning,
+             fmt::format("roomkeeper: room tracking exceeds expected ratio: {} tracked "
+                         "rooms for {} connections (threshold {}x)",
+                         reg.memberships, sessions, opt.warnRoomsPerConnection));
+    ++n;
+  }
+  if (c && due(lastWarnConnections)) {
+    queueLog(LogLevel::kWarning,
+             fmt::format("roomkeeper: high connection count: {} (threshold {})", sessions,
+                         opt.warnConnections));
+    ++n;
+  }
+  return n;
+}
+
+MemoryStats Keeper::Impl::stats() const noexcept {
+  MemoryStats st;
+  const RegistryStats r = registry.getMemoryStats();
+  const TypingStats t = typing.stats();
+  st.connectedClients = r.sessions;
+  st.userSockets = r.users;
+  std::size_t authed = 0;
+  for (std::uint32_t u : reg.userIndex) authed += reg.userSlots[u].sessions.size();
+  st.authenticated = authed;
+  st.connectionTimers = connTimers.size();
+  st.typingTimers = t.timers;
+  st.trackedRooms = r.memberships;
+  st.sessionsWithRooms = r.sessionsWithRooms;
+  st.rooms = r.rooms;
+  st.totalEntries = st.connectedClients + st.userSockets + st.connectionTimers +
+                    st.typingTimers + st.sessionsWithRooms + t.sessionsTyping;
+  st.timersPending = timers.size();
+  st.pendingPersistence = t.persistPending;
+  st.persistDelivered = t.persistDelivered;
+  st.persistFailures = t.persistFailures;
+  st.persistDropped = t.persistDropped;
+  st.callbackErrors = r.callbackErrors + t.callbackErrors + timers.callbackErrors();
+  st.authTimeouts = authTimeouts;
+  st.forcedCleanups = forcedCleanups;
+  st.bytes = r.bytes + t.bytes + timers.bytes() + connBytes;
+  return st;
+}
+
+// ------------------------------------------------------------- Public ---
+
+Keeper::Keeper() : Keeper(KeeperCallbacks{}) {}
+Keeper::Keeper(KeeperCallbacks callbacks, KeeperOptions options)
+    : impl_(std::make_unique<Impl>(std::move(callbacks), std::move(options))) {}
+Keeper::~Keeper() = default;
+
+Result Keeper::connect(std::string_view session) {
+  const Result r = impl_->connect(session);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::authenticate(std::string_view session, std::string_view user) {
+  const Result r = impl_->authenticate(session, user);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::connectAuthenticated(std::string_view session, std::string_view user) {
+  Result r = impl_->connect(session);
+  if (r == Result::kOk) {
+    r = impl_->authenticate(session, user);
+    if (r != Result::kOk) {
+      // Undo the connect: the caller sees one refused call.
+      const std::uint32_t s = impl_->reg.findSession(session);
+      if (s != detail::kNone) impl_->runDisconnect(s);
+    }
+  }
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::trackRoom(std::string_view session, std::string_view room) {
+  Result r = impl_->checkAuthenticated(session);
+  if (r == Result::kOk) {
+    r = impl_->reg.track(impl_->reg.findSession(session), room);
+    if (r == Result::kOk) impl_->maybeWarn();
+  }
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
+  if (impl_->shut) return Result::kShutDown;
+  const Result r = impl_->reg.untrack(impl_->reg.findSession(session), room);
+  impl_->reg.flush();
+  return r;
+}
+std::size_t Keeper::clearRoomTracking(std::string_view session) {
+  if (impl_->shut) return 0;
+  const std::uint32_t s = impl_->reg.findSession(session);
+  if (s == detail::kNone) return 0;
+  const std::size_t n = impl_->reg.clearRooms(s);
+  impl_->reg.flush();
+  return n;
+}
+Result Keeper::startTyping(std::string_view session, std::string_view thread) {
+  Result r = impl_->checkAuthenticated(session);
+  if (r == Result::kOk) {
+    r = impl_->typing.impl_->start(session, thread);
+    if (r == Result::kOk) impl_->maybeWarn();
+  }
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::stopTyping(std::string_view session, std::string_view thread) {
+  if (impl_->shut) return Result::kShutDown;
+  const Result r = impl_->typing.impl_->stop(session, thread);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::disconnect(std::string_view session) {
+  const Result r = impl_->disconnect(session);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::forceCleanup(std::string_view session) {
+  const Result r = impl_->disconnect(session);
+  if (r == Result::kOk) ++impl_->forcedCleanups;
+  impl_->reg.flush();
+  return r;
+}
+ShutdownReport Keeper::shutdown() {
+  if (impl_->shut) return {};
+  ShutdownReport rep = impl_->shutdown();
+  impl_->reg.flush();
+  rep.persistUndelivered = impl_->typing.flushPersistence();
+  rep.timersCancelled += impl_->timers.cancelAll();
+  impl_->timers.shrinkToFit();
+  return rep;
+}
+bool Keeper::isShutDown() const noexcept { return impl_->shut; }
+
+std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view event,
+                              std::string_view payload) {
+  if (impl_->shut || !impl_->cb.emit) return 0;
+  Impl& im = *impl_;
+  const std::string ev(event), pl(payload);
+  const std::size_t n = im.reg.forEachTarget(targets, [&](std::string_view s) {
+    im.queue([&im, to = std::string(s), ev, pl]() { im.cb.emit(to, ev, pl); });
+  });
+  im.reg.flush();
+  return n;
+}
+
+std::size_t Keeper::advance() { return advance(impl_->timers.clock().now()); }
+std::size_t Keeper::advance(SteadyTime now, std::size_t maxFire) {
+  const std::size_t n = impl_->timers.advance(now, maxFire);
+  impl_->reg.flush();
+  return n;
+}
+std::optional<SteadyTime> Keeper::nextDeadline() const noexcept {
+  return impl_->timers.nextDeadline();
+}
+
+MemoryStats Keeper::getMemoryStats() const noexcept { return impl_->stats(); }
+
+std::size_t Keeper::checkThresholds() {
+  const std::size_t n = impl_->maybeWarn();
+  impl_->reg.flush();
+  return n;
+}
+
+const SessionRegistry& Keeper::registry() const noexcept { return impl_->registry; }
+const TypingTimerManager& Keeper::typing() const noexcept { return impl_->typing; }
+const TimerService& Keeper::timers() const noexcept { return impl_->timers; }
+
+namespace {
+struct Metric {
+  const char* name;
+  const char* type;
+  const char* help;
+  double value;
+};
+std::vector<Metric> metricsOf(const MemoryStats& s) {
+  auto d = [](auto v) { return static_cast<double>(v); };
+  return {
+      {"connected_clients", "gauge", "Sessions connected now.", d(s.connectedClients)},
+      {"authenticated_sessions", "gauge", "Sessions bound to a user.", d(s.authenticated)},
+      {"user_sockets", "gauge", "Users with at least one session.", d(s.userSockets)},
+      {"connection_timers", "gauge", "Authentication deadlines armed.", d(s.connectionTimers)},
+      {"typing_timers", "gauge", "Typing indicators (one auto-clear timer each).",
+       d(s.typingTimers)},
+      {"tracked_rooms", "gauge", "Room memberships (session, room).", d(s.trackedRooms)},
+      {"sessions_with_rooms", "gauge", "Sessions in at least one room.",
+       d(s.sessionsWithRooms)},
+      {"rooms", "gauge", "Non-empty rooms.", d(s.rooms)},
+      {"total_entries", "gauge", "Map entries held, all kinds.", d(s.totalEntries)},
+      {"timers_pending", "gauge", "Timers on the timer service.", d(s.timersPending)},
+      {"persistence_pending", "gauge", "Persistence calls waiting to be delivered.",
+       d(s.pendingPersistence)},
+      {"persistence_delivered_total", "counter", "Persistence calls delivered.",
+       d(s.persistDelivered)},
+      {"persistence_failures_total", "counter", "Persistence attempts that failed.",
+       d(s.persistFailures)},
+      {"persistence_dropped_total", "counter", "Persistence calls dropped (queue full).",
+       d(s.persistDropped)},
+      {"callback_errors_total", "counter", "Host callbacks that threw.",
+       d(s.callbackErrors)},
+      {"auth_timeouts_total", "counter", "Sessions closed at the auth deadline.",
+       d(s.authTimeouts)},
+      {"forced_cleanups_total", "counter", "Sessions cleaned up by forceCleanup.",
+       d(s.forcedCleanups)},
+      {"bytes", "gauge", "Heap bytes held by roomkeeper.", d(s.bytes)},
+  };
+}
+}  // namespace
+
+std::string Keeper::prometheusText() const {
+  std::string out;
+  for (const Metric& m : metricsOf(getMemoryStats())) {
+    out += fmt::format("# HELP roomkeeper_{} {}\n# TYPE roomkeeper_{} {}\nroomkeeper_{} {}\n",
+                       m.name, m.help, m.name, m.type, m.name, m.value);
+  }
+  return out;
+}
+
+std::string Keeper::statsJson() const {
+  const MemoryStats s = getMemoryStats();
+  return fmt::format(
+      "{{\"connectedClients\":{},\"authenticated\":{},\"userSockets\":{},"
+      "\"connectionTimers\":{},\"typingTimers\":{},\"trackedRooms\":{},"
+      "\"sessionsWithRooms\":{},\"rooms\":{},\"totalEntries\":{},\"timersPending\":{},"
+      "\"pendingPersistence\":{},\"persistDelivered\":{},\"persistFailures\":{},"
+      "\"persistDropped\":{},\"callbackErrors\":{},\"authTimeouts\":{},"
+      "\"forcedCleanups\":{},\"bytes\":{}}}",
+      s.connectedClients, s.authenticated, s.userSockets, s.connectionTimers,
+      s.typingTimers, s.trackedRooms, s.sessionsWithRooms, s.rooms, s.totalEntries,
+      s.timersPending, s.pendingPersistence, s.persistDelivered, s.persistFailures,
+      s.persistDropped, s.callbackErrors, s.authTimeouts, s.forcedCleanups, s.bytes);
+}
+
+}  // namespace roomkeeper

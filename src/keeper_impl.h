@@ -1,0 +1,57 @@
+// SPDX-License-Identifier: MIT
+// File: src/keeper_impl.h -- Keeper's private state (shared with SyncKeeper).
+#ifndef ROOMKEEPER_SRC_KEEPER_IMPL_H_
+#define ROOMKEEPER_SRC_KEEPER_IMPL_H_
+
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "registry_impl.h"
+#include "roomkeeper/keeper.h"
+#include "typing_impl.h"
+
+namespace roomkeeper {
+
+struct Keeper::Impl {
+  using ConnTimers =
+      absl::flat_hash_map<std::uint64_t, TimerHandle, absl::Hash<std::uint64_t>,
+                          std::equal_to<std::uint64_t>,
+                          detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>>;
+  Impl(KeeperCallbacks c, KeeperOptions o);
+  ~Impl();
+
+  Result connect(std::string_view session);
+  Result authenticate(std::string_view session, std::string_view user);
+  Result checkAuthenticated(std::string_view session) const;
+  Result disconnect(std::string_view session);
+  void runDisconnect(std::uint32_t s);
+  ShutdownReport shutdown();
+  void onAuthTimeout(TimerHandle h, std::uint32_t slot);
+  void queue(std::function<void()> fn);
+  void queueLog(LogLevel level, std::string msg);
+  void logStats();
+  std::size_t maybeWarn();
+  MemoryStats stats() const noexcept;
+
+  KeeperCallbacks cb;
+  KeeperOptions opt;
+  TimerService timers;
+  SessionRegistry registry;
+  SessionRegistry::Impl& reg;
+  TypingTimerManager typing;
+  std::size_t connBytes = 0;
+  ConnTimers connTimers;
+  TimerHandlerId authHandler = 0;
+  TimerHandlerId statsHandler = 0;
+  TimerHandle statsTimer;
+  std::optional<SteadyTime> lastWarnTyping, lastWarnRooms, lastWarnConnections;
+  std::uint64_t authTimeouts = 0;
+  std::uint64_t forcedCleanups = 0;
+  bool shut = false;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_SRC_KEEPER_IMPL_H_

@@ -1,0 +1,273 @@
+// SPDX-License-Identifier: MIT
+#include "roomkeeper/sync_keeper.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "keeper_impl.h"
+
+namespace roomkeeper {
+
+struct SyncKeeper::Impl {
+  Impl(KeeperCallbacks c, KeeperOptions o) : keeper(std::move(c), std::move(o)) {
+    keeper.impl_->typing.impl_->mu = &mu;
+  }
+
+  // Runs `op` under the lock with callback delivery deferred, then delivers
+  // what it produced with the lock released.
+  template <typename Op>
+  auto run(Op&& op) {
+    std::vector<detail::Event> events;
+    SessionRegistry::Impl& reg = keeper.impl_->reg;
+    using R = decltype(op());
+    if constexpr (std::is_void_v<R>) {
+      {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        ++reg.events.deferred_;
+        op();
+        --reg.events.deferred_;
+        events = reg.events.take();
+        wakeDriverIfEarlier();
+      }
+      deliver(events);
+    } else {
+      R result;
+      {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        ++reg.events.deferred_;
+        result = op();
+        --reg.events.deferred_;
+        events = reg.events.take();
+        wakeDriverIfEarlier();
+      }
+      deliver(events);
+      return result;
+    }
+  }
+  void deliver(std::vector<detail::Event>& events) {
+    SessionRegistry::Impl& reg = keeper.impl_->reg;
+    for (detail::Event& ev : events) {
+      if (ev.kind == static_cast<std::uint8_t>(EventKind::kCustom)) {
+        try {
+          if (ev.fn) ev.fn();
+        } catch (...) {
+          std::lock_guard<std::recursive_mutex> g(mu);
+          reg.reportError("host");
+        }
+      } else {
+        // Registry events only read the callbacks (immutable) and count
+        // errors under the lock.
+        deliverRegistryEvent(ev);
+      }
+    }
+  }
+  void deliverRegistryEvent(detail::Event& ev) {
+    SessionRegistry::Impl& reg = keeper.impl_->reg;
+    const RegistryCallbacks& cb = reg.cb;
+    auto guarded = [&](auto&& f, std::string_view where) {
+      try {
+        f();
+      } catch (...) {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        reg.reportError(where);
+      }
+    };
+    switch (static_cast<EventKind>(ev.kind)) {
+      case EventKind::kMembershipEnded:
+        if (cb.leave) guarded([&] { cb.leave(ev.a, ev.b); }, "leave");
+        if (cb.roomLeft) guarded([&] { cb.roomLeft(ev.b, ev.a); }, "observer");
+        break;
+      case EventKind::kRoomCreated:
+        if (cb.roomCreated) guarded([&] { cb.roomCreated(ev.b); }, "observer");
+        break;
+      case EventKind::kRoomJoined:
+        if (cb.roomJoined) guarded([&] { cb.roomJoined(ev.b, ev.a); }, "observer");
+        break;
+      case EventKind::kRoomDeleted:
+        if (cb.roomDeleted) guarded([&] { cb.roomDeleted(ev.b); }, "observer");
+        break;
+      case EventKind::kUserOnline:
+        if (cb.userOnline) guarded([&] { cb.userOnline(ev.a); }, "observer");
+        break;
+      case EventKind::kUserOffline:
+        if (cb.userOffline) guarded([&] { cb.userOffline(ev.a); }, "observer");
+        break;
+      case EventKind::kCustom:
+        break;
+    }
+  }
+  // Called with the lock held.
+  void wakeDriverIfEarlier() {
+    if (!driverActive.load(std::memory_order_relaxed)) return;
+    const std::optional<SteadyTime> nd = keeper.nextDeadline();
+    if (nd && *nd < driverWake) {
+      std::lock_guard<std::mutex> g(cvMu);
+      wakeRequested = true;
+      cv.notify_one();
+    }
+  }
+  void driverLoop() {
+    const Clock& clock = keeper.timers().clock();
+    for (;;) {
+      std::optional<SteadyTime> nd;
+      {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        nd = keeper.nextDeadline();
+        driverWake = nd ? *nd : SteadyTime::max();
+      }
+      {
+        std::unique_lock<std::mutex> lk(cvMu);
+        if (stopRequested) return;
+        if (!wakeRequested) {
+          // Sleep on the host's clock: compute the remaining time on it.
+          if (nd) {
+            const auto wait = *nd - clock.now();
+            if (wait > std::chrono::nanoseconds::zero())
+              cv.wait_for(lk, wait, [&] { return stopRequested || wakeRequested; });
+          } else {
+            cv.wait(lk, [&] { return stopRequested || wakeRequested; });
+          }
+        }
+        wakeRequested = false;
+        if (stopRequested) return;
+      }
+      run([&] { return keeper.advance(); });
+    }
+  }
+
+  mutable std::recursive_mutex mu;
+  Keeper keeper;
+  // Driver.
+  std::thread driver;
+  std::thread::id driverId;
+  std::atomic<bool> driverActive{false};
+  std::mutex cvMu;
+  std::condition_variable cv;
+  bool stopRequested = false;
+  bool wakeRequested = false;
+  SteadyTime driverWake = SteadyTime::max();  // guarded by mu
+  std::mutex driverControl;
+};
+
+SyncKeeper::SyncKeeper(KeeperCallbacks callbacks, KeeperOptions options)
+    : impl_(std::make_unique<Impl>(std::move(callbacks), std::move(options))) {}
+SyncKeeper::~SyncKeeper() { stopDriver(); }
+
+Result SyncKeeper::connect(std::string_view s) {
+  return impl_->run([&] { return impl_->keeper.connect(s); });
+}
+Result SyncKeeper::authenticate(std::string_view s, std::string_view u) {
+  return impl_->run([&] { return impl_->keeper.authenticate(s, u); });
+}
+Result SyncKeeper::connectAuthenticated(std::string_view s, std::string_view u) {
+  return impl_->run([&] { return impl_->keeper.connectAuthenticated(s, u); });
+}
+Result SyncKeeper::trackRoom(std::string_view s, std::string_view r) {
+  return impl_->run([&] { return impl_->keeper.trackRoom(s, r); });
+}
+Result SyncKeeper::untrackRoom(std::string_view s, std::string_view r) {
+  return impl_->run([&] { return impl_->keeper.untrackRoom(s, r); });
+}
+std::size_t SyncKeeper::clearRoomTracking(std::string_view s) {
+  return impl_->run([&] { return impl_->keeper.clearRoomTracking(s); });
+}
+Result SyncKeeper::startTyping(std::string_view s, std::string_view t) {
+  return impl_->run([&] { return impl_->keeper.startTyping(s, t); });
+}
+Result SyncKeeper::stopTyping(std::string_view s, std::string_view t) {
+  return impl_->run([&] { return impl_->keeper.stopTyping(s, t); });
+}
+Result SyncKeeper::disconnect(std::string_view s) {
+  return impl_->run([&] { return impl_->keeper.disconnect(s); });
+}
+Result SyncKeeper::forceCleanup(std::string_view s) {
+  return impl_->run([&] { return impl_->keeper.forceCleanup(s); });
+}
+ShutdownReport SyncKeeper::shutdown() {
+  if (std::this_thread::get_id() != impl_->driverId) stopDriver();
+  Keeper::Impl& k = *impl_->keeper.impl_;
+  ShutdownReport rep = impl_->run([&] {
+    if (k.shut) return ShutdownReport{};
+    ShutdownReport r = k.shutdown();
+    r.timersCancelled += k.timers.cancelAll();
+    return r;
+  });
+  // The last persistence attempt runs outside the lock (it calls the host).
+  rep.persistUndelivered = k.typing.impl_->finalFlush();
+  impl_->run([&] { k.timers.cancelAll(); });
+  return rep;
+}
+bool SyncKeeper::isShutDown() const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.isShutDown();
+}
+std::size_t SyncKeeper::broadcast(const BroadcastTargets& t, std::string_view e,
+                                  std::string_view p) {
+  return impl_->run([&] { return impl_->keeper.broadcast(t, e, p); });
+}
+std::size_t SyncKeeper::advance() {
+  return impl_->run([&] { return impl_->keeper.advance(); });
+}
+std::optional<SteadyTime> SyncKeeper::nextDeadline() const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.nextDeadline();
+}
+bool SyncKeeper::isConnected(std::string_view s) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.registry().isConnected(s);
+}
+bool SyncKeeper::isMember(std::string_view s, std::string_view r) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.registry().isMember(s, r);
+}
+std::size_t SyncKeeper::roomSize(std::string_view r) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.registry().roomSize(r);
+}
+MemoryStats SyncKeeper::getMemoryStats() const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.getMemoryStats();
+}
+std::string SyncKeeper::prometheusText() const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.prometheusText();
+}
+std::string SyncKeeper::statsJson() const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.statsJson();
+}
+
+bool SyncKeeper::startDriver() {
+  std::lock_guard<std::mutex> ctl(impl_->driverControl);
+  if (impl_->driver.joinable() || isShutDown()) return false;
+  {
+    std::lock_guard<std::mutex> g(impl_->cvMu);
+    impl_->stopRequested = false;
+    impl_->wakeRequested = false;
+  }
+  impl_->driverActive.store(true);
+  impl_->driver = std::thread([this] { impl_->driverLoop(); });
+  impl_->driverId = impl_->driver.get_id();
+  return true;
+}
+bool SyncKeeper::stopDriver() {
+  std::lock_guard<std::mutex> ctl(impl_->driverControl);
+  if (!impl_->driver.joinable()) return false;
+  if (std::this_thread::get_id() == impl_->driver.get_id()) return false;
+  {
+    std::lock_guard<std::mutex> g(impl_->cvMu);
+    impl_->stopRequested = true;
+    impl_->cv.notify_one();
+  }
+  impl_->driver.join();
+  impl_->driverActive.store(false);
+  impl_->driverId = {};
+  return true;
+}
+bool SyncKeeper::driverRunning() const { return impl_->driverActive.load(); }
+
+}  // namespace roomkeeper

@@ -1,0 +1,458 @@
+// SPDX-License-Identifier: MIT
+#include "roomkeeper/typing_timer_manager.h"
+
+#include <algorithm>
+#include <deque>
+#include <exception>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
+#include "fmt/format.h"
+#include "lock.h"
+#include "registry_impl.h"
+#include "typing_impl.h"
+
+namespace roomkeeper {
+
+std::string_view toString(PersistOp op) noexcept {
+  switch (op) {
+    case PersistOp::kTypingStarted: return "typing_started";
+    case PersistOp::kTypingStopped: return "typing_stopped";
+    case PersistOp::kTypingStoppedAll: return "typing_stopped_all";
+  }
+  return "unknown";
+}
+
+namespace {
+
+std::uint64_t packHandle(SessionHandle h) noexcept {
+  return (std::uint64_t{h.generation} << 32) | h.index;
+}
+
+// JSON string body escaping for the small payloads built here.
+void appendJsonString(std::string& out, std::string_view s) {
+  out.push_back('"');
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          out += fmt::format("\\u{:04x}", c);
+        } else {
+          out.push_back(ch);
+        }
+    }
+  }
+  out.push_back('"');
+}
+
+}  // namespace
+
+std::size_t TypingKeyHash::operator()(const TypingKey& k) const noexcept {
+  return (*this)(TypingKeyView{k.user, k.thread});
+}
+std::size_t TypingKeyHash::operator()(const TypingKeyView& k) const noexcept {
+  return absl::Hash<std::tuple<absl::string_view, absl::string_view>>{}(
+      std::make_tuple(absl::string_view(k.user.data(), k.user.size()),
+                      absl::string_view(k.thread.data(), k.thread.size())));
+}
+
+TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallbacks c,
+                               TypingOptions o)
+    : registry(r),
+      reg(*r.impl_),
+      timers(t),
+      cb(std::move(c)),
+      opt(std::move(o)),
+      index(0, TypingKeyHash{}, TypingKeyEq{},
+            detail::CountingAllocator<std::pair<const TypingKey, std::uint32_t>>(&bytes)),
+      bySession(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
+                detail::CountingAllocator<std::pair<const std::uint64_t, SessionTyping>>(
+                    &bytes)) {
+  if (opt.timeout.count() < 0) opt.timeout = Millis(0);
+  backoff = opt.retryInitial;
+  expireHandler = timers.addHandler(
+      [this](TimerHandle h, std::uint32_t idx) { onExpire(h, idx); });
+  retryHandler = timers.addHandler([this](TimerHandle, std::uint32_t) {
+    retryTimer = {};
+    scheduleDrain();
+  });
+}
+
+TypingTimerManager::Impl::~Impl() {
+  for (Indicator& e : entries)
+    if (e.live) timers.cancel(e.timer);
+  timers.cancel(retryTimer);
+}
+
+std::string_view TypingTimerManager::Impl::userKeyOf(std::uint32_t s) const {
+  const SessionSlot& slot = reg.sessionSlots[s];
+  return slot.user == detail::kNone ? slot.name.view()
+                                    : reg.userSlots[slot.user].name.view();
+}
+
+void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
+  ++callbackErrors;
+  if (!cb.log) return;
+  try {
+    std::string msg;
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      msg = fmt::format("roomkeeper: typing {} callback threw: {}", where, e.what());
+    } catch (...) {
+      msg = fmt::format("roomkeeper: typing {} callback threw a non-exception", where);
+    }
+    cb.log(LogLevel::kError, msg);
+  } catch (...) {
+    ++callbackErrors;
+  }
+}
+
+void TypingTimerManager::Impl::emitToThread(std::uint32_t s, std::string_view userKey,
+                                            std::string_view thread,
+                                            const std::string& event) {
+  if (!cb.emit) return;
+  std::string room = opt.threadRoomPrefix;
+  room.append(thread.data(), thread.size());
+  std::string payload = "{\"threadId\":";
+  appendJsonString(payload, thread);
+  payload += ",\"userId\":";
+  appendJsonString(payload, userKey);
+  payload += "}";
+  BroadcastTargets targets;
+  targets.rooms.push_back(room);
+  if (s != detail::kNone) targets.sender = reg.sessionSlots[s].name.view();
+  // Not to the typer: skip every session of the same user.
+  const std::string user(userKey);
+  reg.forEachTarget(targets, [&](std::string_view target) {
+    const std::uint32_t t = reg.findSession(target);
+    if (t == detail::kNone || userKeyOf(t) == user) return;
+    detail::Event& ev = reg.events.push();
+    ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+    ev.fn = [this, to = std::string(target), event, payload]() {
+      try {
+        cb.emit(to, event, payload);
+      } catch (...) {
+        reportError("emit");
+      }
+    };
+  });
+}
+
+void TypingTimerManager::Impl::persist(PersistOp op, std::string_view user,
+                                       std::string_view thread) {
+  if (!cb.persist) return;
+  if (queue.size() >= opt.maxPendingPersist && !queue.empty()) {
+    // Full: drop the oldest call that is not being delivered right now.
+    const std::size_t victim = inflight && queue.size() > 1 ? 1 : 0;
+    if (!(inflight && victim == 0)) {
+      const PersistEntry dropped = queue[victim];
+      queue.erase(queue.begin() + static_cast<std::ptrdiff_t>(victim));
+      ++dropped_;
+      if (cb.log) {
+        const std::string msg = fmt::format(
+            "roomkeeper: persistence queue full ({}): dropped {} user={} thread={}",
+            opt.maxPendingPersist, toString(dropped.call.op), dropped.call.user,
+            dropped.call.thread);
+        detail::Event& ev = reg.events.push();
+        ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+        ev.fn = [this, msg]() {
+          try {
+            cb.log(LogLevel::kError, msg);
+          } catch (...) {
+            reportError("log");
+          }
+        };
+      }
+    }
+  }
+  queue.push_back(PersistEntry{++persistSeq, PersistCall{op, std::string(user),
+                                                         std::string(thread)}});
+  if (!retryTimer.valid()) scheduleDrain();
+}
+
+void TypingTimerManager::Impl::scheduleDrain() {
+  if (drainScheduled) return;
+  drainScheduled = true;
+  detail::Event& ev = reg.events.push();
+  ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+  ev.fn = [this]() { drain(false); };
+}
+
+std::size_t TypingTimerManager::Impl::drain(bool force) {
+  // Runs outside any lock: takes the lock only to touch the queue.
+  {
+    detail::MaybeLock g(mu);
+    drainScheduled = false;
+  }
+  std::size_t delivered = 0;
+  for (;;) {
+    PersistEntry call;
+    {
+      detail::MaybeLock g(mu);
+      if (inflight || queue.empty()) return delivered;
+      if (retryTimer.valid() && !force) return delivered;
+      call = queue.front();
+      inflight = true;
+    }
+    bool ok = false;
+    try {
+      ok = cb.persist(call.call);
+    } catch (...) {
+      detail::MaybeLock g(mu);
+      reportError("persist");
+      ok = false;
+    }
+    detail::MaybeLock g(mu);
+    inflight = false;
+    if (ok) {
+      if (!queue.empty() && queue.front().seq == call.seq) queue.pop_front();
+      ++delivered_;
+      ++delivered;
+      backoff = opt.retryInitial;
+      continue;
+    }
+    ++failures;
+    if (force) return delivered;
+    if (!retryTimer.valid()) {
+      retryTimer = timers.arm(backoff, retryHandler, 0);
+      backoff = std::min(backoff * 2, opt.retryMax);
+    }
+    return delivered;
+  }
+}
+
+void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint64_t key) {
+  auto it = bySession.find(key);
+  if (it == bySession.end()) return;
+  std::vector<std::uint32_t>& list = it->second.entries;
+  const std::size_t cap = list.capacity();
+  list.erase(std::remove(list.begin(), list.end(), idx), list.end());
+  if (list.empty()) {
+    bytes -= cap * sizeof(std::uint32_t);
+    bySession.erase(it);
+  }
+}
+
+void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
+  Indicator& e = entries[idx];
+  timers.cancel(e.timer);  // false if it is the one firing: fine
+  for (const SessionHandle h : e.sessions) unlinkSession(idx, packHandle(h));
+  index.erase(TypingKeyView{e.user, e.thread});
+  std::uint32_t s = typer;
+  if (s == detail::kNone && !e.sessions.empty()) s = reg.fromHandle(e.sessions.front());
+  emitToThread(s, e.user, e.thread, opt.stoppedEvent);
+  persist(PersistOp::kTypingStopped, e.user, e.thread);
+  bytes -= e.heapBytes();
+  e = Indicator{};
+  freeEntries.push_back(idx);
+}
+
+void TypingTimerManager::Impl::onExpire(TimerHandle h, std::uint32_t idx) {
+  if (idx >= entries.size()) return;
+  Indicator& e = entries[idx];
+  if (!e.live || e.timer != h) return;
+  end(idx, detail::kNone);
+}
+
+Result TypingTimerManager::Impl::start(std::string_view session, std::string_view thread) {
+  const std::uint32_t s = reg.findSession(session);
+  if (s == detail::kNone) return Result::kNotConnected;
+  if (reg.sessionSlots[s].state != SessionState::kLive) return Result::kClosing;
+  if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
+  const std::string_view user = userKeyOf(s);
+  const SessionHandle sh{s, reg.sessionSlots[s].generation};
+  auto it = index.find(TypingKeyView{user, thread});
+  if (it != index.end()) {
+    Indicator& e = entries[it->second];
+    if (std::find(e.sessions.begin(), e.sessions.end(), sh) == e.sessions.end()) {
+      if (!addSession(it->second, sh)) return Result::kTooManyRooms;
+    }
+    timers.restart(e.timer, opt.timeout);
+    return Result::kAlreadyDone;
+  }
+  auto bs = bySession.find(packHandle(sh));
+  if (bs != bySession.end() && bs->second.entries.size() >= opt.maxTypingPerSession)
+    return Result::kTooManyRooms;
+
+  std::uint32_t idx;
+  if (!freeEntries.empty()) {
+    idx = freeEntries.back();
+    freeEntries.pop_back();
+  } else {
+    const std::size_t cap = entries.capacity();
+    entries.emplace_back();
+    bytes += (entries.capacity() - cap) * sizeof(Indicator);
+    idx = static_cast<std::uint32_t>(entries.size() - 1);
+  }
+  Indicator& e = entries[idx];
+  e.live = true;
+  e.user.assign(user.data(), user.size());
+  e.thread.assign(thread.data(), thread.size());
+  e.timer = timers.arm(opt.timeout, expireHandler, idx);
+  bytes += e.heapBytes();
+  index.emplace(TypingKey{e.user, e.thread}, idx);
+  bytes += TypingKey::heapBytesOf(e.user, e.thread);
+  addSession(idx, sh);
+  emitToThread(s, e.user, e.thread, opt.startedEvent);
+  persist(PersistOp::kTypingStarted, e.user, e.thread);
+  return Result::kOk;
+}
+
+bool TypingTimerManager::Impl::addSession(std::uint32_t idx, SessionHandle sh) {
+  auto [it, inserted] = bySession.try_emplace(packHandle(sh));
+  std::vector<std::uint32_t>& list = it->second.entries;
+  if (!inserted && list.size() >= opt.maxTypingPerSession) return false;
+  const std::size_t cap = list.capacity();
+  list.push_back(idx);
+  bytes += (list.capacity() - cap) * sizeof(std::uint32_t);
+  Indicator& e = entries[idx];
+  bytes -= e.heapBytes();
+  e.sessions.push_back(sh);
+  bytes += e.heapBytes();
+  return true;
+}
+
+Result TypingTimerManager::Impl::stop(std::string_view session, std::string_view thread) {
+  const std::uint32_t s = reg.findSession(session);
+  if (s == detail::kNone) return Result::kNotConnected;
+  if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
+  auto it = index.find(TypingKeyView{userKeyOf(s), thread});
+  if (it == index.end()) return Result::kAlreadyDone;
+  end(it->second, s);
+  return Result::kOk;
+}
+
+std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
+  const SessionHandle sh{s, reg.sessionSlots[s].generation};
+  auto it = bySession.find(packHandle(sh));
+  if (it == bySession.end()) return 0;
+  const std::vector<std::uint32_t> mine = std::move(it->second.entries);
+  bytes -= mine.capacity() * sizeof(std::uint32_t);
+  bySession.erase(it);
+  for (const std::uint32_t idx : mine) {
+    Indicator& e = entries[idx];
+    bytes -= e.heapBytes();
+    e.sessions.erase(std::remove(e.sessions.begin(), e.sessions.end(), sh),
+                     e.sessions.end());
+    bytes += e.heapBytes();
+    if (e.sessions.empty()) end(idx, s);
+  }
+  return mine.size();
+}
+
+std::size_t TypingTimerManager::Impl::onDisconnect(std::uint32_t s) {
+  const std::size_t n = clearSession(s);
+  const SessionSlot& slot = reg.sessionSlots[s];
+  if (slot.user != detail::kNone && reg.userSlots[slot.user].sessions.size() <= 1)
+    persist(PersistOp::kTypingStoppedAll, reg.userSlots[slot.user].name.view(), {});
+  return n;
+}
+
+std::size_t TypingTimerManager::Impl::clearAll() {
+  std::size_t n = 0;
+  for (std::uint32_t i = 0; i < entries.size(); ++i) {
+    if (!entries[i].live) continue;
+    end(i, detail::kNone);
+    ++n;
+  }
+  return n;
+}
+
+TypingStats TypingTimerManager::Impl::stats() const noexcept {
+  TypingStats st;
+  st.indicators = index.size();
+  st.timers = index.size();
+  st.sessionsTyping = bySession.size();
+  st.persistPending = queue.size();
+  st.persistDelivered = delivered_;
+  st.persistFailures = failures;
+  st.persistDropped = dropped_;
+  st.callbackErrors = callbackErrors;
+  st.bytes = bytes + freeEntries.capacity() * sizeof(std::uint32_t);
+  return st;
+}
+
+// ------------------------------------------------------------- Public ---
+
+TypingTimerManager::TypingTimerManager(SessionRegistry& registry, TimerService& timers,
+                                       TypingCallbacks callbacks, TypingOptions options)
+    : impl_(std::make_unique<Impl>(registry, timers, std::move(callbacks),
+                                   std::move(options))) {}
+TypingTimerManager::~TypingTimerManager() = default;
+
+Result TypingTimerManager::startTyping(std::string_view session, std::string_view thread) {
+  const Result r = impl_->start(session, thread);
+  impl_->reg.flush();
+  return r;
+}
+Result TypingTimerManager::stopTyping(std::string_view session, std::string_view thread) {
+  const Result r = impl_->stop(session, thread);
+  impl_->reg.flush();
+  return r;
+}
+std::size_t TypingTimerManager::clearTypingTimers(std::string_view session) {
+  const std::uint32_t s = impl_->reg.findSession(session);
+  if (s == detail::kNone) return 0;
+  const std::size_t n = impl_->clearSession(s);
+  impl_->reg.flush();
+  return n;
+}
+std::size_t TypingTimerManager::onDisconnect(std::string_view session) {
+  const std::uint32_t s = impl_->reg.findSession(session);
+  if (s == detail::kNone) return 0;
+  const std::size_t n = impl_->onDisconnect(s);
+  impl_->reg.flush();
+  return n;
+}
+std::size_t TypingTimerManager::clearAll() {
+  const std::size_t n = impl_->clearAll();
+  impl_->reg.flush();
+  return n;
+}
+bool TypingTimerManager::isTyping(std::string_view user, std::string_view thread) const {
+  return impl_->index.find(TypingKeyView{user, thread}) != impl_->index.end();
+}
+std::size_t TypingTimerManager::flushPersistence() {
+  impl_->reg.flush();
+  return impl_->finalFlush();
+}
+
+std::size_t TypingTimerManager::Impl::finalFlush() {
+  // A last attempt, then every call still queued is reported, outside the
+  // lock: nothing is dropped silently.
+  drain(true);
+  std::vector<std::string> lines;
+  std::size_t left = 0;
+  {
+    detail::MaybeLock g(mu);
+    left = queue.size();
+    if (cb.log)
+      for (const PersistEntry& p : queue)
+        lines.push_back(fmt::format(
+            "roomkeeper: undelivered persistence call {} user={} thread={}",
+            toString(p.call.op), p.call.user, p.call.thread));
+  }
+  for (const std::string& line : lines) {
+    try {
+      cb.log(LogLevel::kError, line);
+    } catch (...) {
+      detail::MaybeLock g(mu);
+      reportError("log");
+    }
+  }
+  return left;
+}
+TypingStats TypingTimerManager::stats() const noexcept { return impl_->stats(); }
+const TypingOptions& TypingTimerManager::options() const noexcept { return impl_->opt; }
+
+}  // namespace roomkeeper
