@@ -1,23 +1,293 @@
 // SPDX-License-Identifier: MIT
-// File: bench/roomkeeper_workloads.cc
-//
-// STUBS, TO BE REPLACED: the roomkeeper side of the workloads is not written
-// yet. These empty bodies only let roomkeeper-bench link; they print nothing.
+// File: bench/roomkeeper_workloads.cc -- roomkeeper's side of W1, W2, W3.
 #include "roomkeeper_workloads.h"
 
-#include <cstddef>
+#include <roomkeeper/roomkeeper.h>
 
-#include "bench_util.h"
+#include <array>
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
 
-void runRoomsRoomkeeper(const BenchConfig& /*cfg*/) {
-  // TODO(stub): W1 rooms on roomkeeper::SessionRegistry.
+using namespace roomkeeper;
+using std::chrono::milliseconds;
+
+namespace {
+
+const std::string kSystem = std::string("roomkeeper ") + ROOMKEEPER_VERSION_STRING;
+
+JsonLine statsObject(const MemoryStats& s) {
+  JsonLine o;
+  o.addCount("connectedClients", s.connectedClients);
+  o.addCount("userSockets", s.userSockets);
+  o.addCount("connectionTimers", s.connectionTimers);
+  o.addCount("typingTimers", s.typingTimers);
+  o.addCount("trackedRooms", s.trackedRooms);
+  o.addCount("sessionsWithRooms", s.sessionsWithRooms);
+  o.addCount("rooms", s.rooms);
+  o.addCount("timersPending", s.timersPending);
+  o.addCount("pendingPersistence", s.pendingPersistence);
+  o.addCount("totalEntries", s.totalEntries);
+  o.addCount("bytes", s.bytes);
+  return o;
 }
 
-void runTimersRoomkeeper(const BenchConfig& /*cfg*/) {
-  // TODO(stub): W2 timers on roomkeeper::TimerService.
+}  // namespace
+
+void runRoomsRoomkeeper(const BenchConfig& cfg) {
+  const std::size_t S = cfg.sessions;
+  std::vector<std::string> ids;
+  std::vector<std::array<std::string, kRoomsPerSession>> rooms;
+  ids.reserve(S);
+  rooms.reserve(S);
+  for (std::size_t s = 0; s < S; ++s) {
+    ids.push_back(sessionIdOf(s));
+    rooms.push_back(roomsOf(s));
+  }
+  std::vector<std::string> crews;
+  for (std::uint64_t c = 0; c < kCrews; ++c) crews.push_back(crewRoomOf(c));
+
+  auto reg = std::make_unique<SessionRegistry>();
+  const std::size_t before = bytesInUse();
+  // Join: each session connects (the registry has no implicit session) and
+  // joins its 7 rooms; the connect is inside the timed phase and the bytes.
+  Stopwatch sw;
+  std::uint64_t joins = 0;
+  for (std::size_t s = 0; s < S; ++s) {
+    (void)reg->connect(ids[s]);
+    for (const std::string& r : rooms[s]) joins += reg->trackRoom(ids[s], r) == Result::kOk;
+  }
+  const std::uint64_t joinNs = sw.elapsedNs();
+  const std::size_t after = bytesInUse();
+  const RegistryStats peak = reg->getMemoryStats();
+
+  sw.restart();
+  std::uint64_t visited = 0;
+  for (const std::string& c : crews)
+    visited += reg->forEachMember(c, [&](std::string_view m) { benchSink(m.size()); });
+  const std::uint64_t fanoutNs = sw.elapsedNs();
+
+  sw.restart();
+  for (std::size_t s = 0; s < S; ++s) (void)reg->untrackRoom(ids[s], rooms[s][3]);
+  const std::uint64_t leaveNs = sw.elapsedNs();
+
+  sw.restart();
+  for (std::size_t s = 0; s < S; ++s) (void)reg->disconnect(ids[s]);
+  const std::uint64_t discNs = sw.elapsedNs();
+  const RegistryStats left = reg->getMemoryStats();
+
+  JsonLine j;
+  j.addString("workload", "rooms");
+  j.addString("system", kSystem + " SessionRegistry");
+  j.addCount("sessions", S);
+  j.addString("session_ids", "string");
+  j.addCount("joins", joins);
+  j.addNumber("join_ns_per_op", perOp(joinNs, S * kRoomsPerSession));
+  j.addNumber("fanout_ns_per_member", perOp(fanoutNs, visited));
+  j.addNumber("leave_ns_per_op", perOp(leaveNs, S));
+  j.addNumber("disconnect_ns_per_session", perOp(discNs, S));
+  j.addNumber("bytes_per_membership", bytesPer(before, after, peak.memberships));
+  j.addNumber("registry_bytes_per_membership",
+              static_cast<double>(peak.bytes) / static_cast<double>(peak.memberships));
+  j.addCount("rooms_left", left.rooms);
+  j.addCount("sessions_left", left.sessions);
+  j.addCount("memberships_left", left.memberships);
+  j.addCount("bytes_left", left.bytes);
+  j.print();
 }
 
-void runDispatchRoomkeeper(const BenchConfig& /*cfg*/,
-                           std::size_t /*sessions*/, int /*threads*/) {
-  // TODO(stub): W3 dispatch on roomkeeper::Keeper.
+void runTimersRoomkeeper(const BenchConfig& cfg) {
+  const std::size_t T = cfg.timers;
+  const std::size_t K = cfg.restarts;
+  ManualClock clock(SteadyTime{} + std::chrono::hours(1));
+  auto timers = std::make_unique<TimerService>(&clock);
+  std::uint64_t firedCount = 0;
+  const TimerHandlerId noop =
+      timers->addHandler([&](TimerHandle, std::uint32_t) { ++firedCount; });
+  std::vector<TimerHandle> handles(T);
+
+  const std::size_t before = bytesInUse();
+  Stopwatch sw;
+  for (std::size_t i = 0; i < T; ++i)
+    handles[i] = timers->arm(milliseconds(5000), noop, static_cast<std::uint32_t>(i));
+  const std::uint64_t armNs = sw.elapsedNs();
+  const std::size_t after = bytesInUse();
+  sw.restart();
+  for (std::size_t k = 0; k < K; ++k)
+    for (std::size_t i = 0; i < T; ++i) benchSink(timers->restart(handles[i], milliseconds(5000)));
+  const std::uint64_t restartNs = sw.elapsedNs();
+  sw.restart();
+  for (std::size_t i = 0; i < T; ++i) benchSink(timers->cancel(handles[i]));
+  const std::uint64_t cancelNs = sw.elapsedNs();
+  const std::size_t leftAfterCancel = timers->size();
+
+  // Fire phase: deadlines spread evenly over 5 s, advanced in 1 ms steps.
+  const SteadyTime start = clock.now();
+  std::uint64_t early = 0, late = 0;
+  std::vector<std::int64_t> deadlineMs(T);
+  const TimerHandlerId check = timers->addHandler([&](TimerHandle, std::uint32_t i) {
+    ++firedCount;
+    const std::int64_t nowMs =
+        std::chrono::duration_cast<milliseconds>(clock.now() - start).count();
+    if (nowMs < deadlineMs[i]) ++early;
+    if (nowMs > deadlineMs[i] + 1) ++late;
+  });
+  firedCount = 0;
+  for (std::size_t i = 0; i < T; ++i) {
+    deadlineMs[i] = static_cast<std::int64_t>((i * 5000) / T) + 1;
+    handles[i] = timers->arm(milliseconds(deadlineMs[i]), check, static_cast<std::uint32_t>(i));
+  }
+  sw.restart();
+  for (int ms = 1; ms <= 5001; ++ms) {
+    clock.set(start + milliseconds(ms));
+    timers->advance(clock.now());
+  }
+  const std::uint64_t fireNs = sw.elapsedNs();
+
+  JsonLine j;
+  j.addString("workload", "timers");
+  j.addString("system", kSystem + " TimerService");
+  j.addString("clock", "manual");
+  j.addCount("timers", T);
+  j.addCount("restarts", K);
+  j.addNumber("arm_ns_per_op", perOp(armNs, T));
+  j.addNumber("restart_ns_per_op", perOp(restartNs, T * K));
+  j.addNumber("cancel_ns_per_op", perOp(cancelNs, T));
+  j.addNumber("bytes_per_timer", bytesPer(before, after, T));
+  j.addNumber("fire_ns_per_timer", perOp(fireNs, T));
+  j.addCount("fired", firedCount);
+  j.addCount("early", early);
+  j.addCount("late", late);
+  j.addCount("timers_left", timers->size() + leftAfterCancel);
+  j.print();
+}
+
+namespace {
+
+struct DispatchIds {
+  std::vector<std::string> session, user, role, userRoom, crew, thread, threadRoom;
+  std::vector<std::array<std::string, 3>> jobs;
+};
+
+DispatchIds makeIds(std::size_t S) {
+  DispatchIds d;
+  for (std::size_t s = 0; s < S; ++s) {
+    d.session.push_back(sessionIdOf(s));
+    d.user.push_back(dispatchUserOf(s, S));
+    d.role.push_back(std::string("role:") + dispatchRoleOf(s));
+    d.userRoom.push_back("user:" + d.user.back());
+    d.crew.push_back(crewRoomOf(crewOf(s)));
+    const auto j = jobsOf(s);
+    d.jobs.push_back({"job:" + std::to_string(j[0]), "job:" + std::to_string(j[1]),
+                      "job:" + std::to_string(j[2])});
+    d.thread.push_back(std::to_string(threadOf(s)));
+    d.threadRoom.push_back("thread:" + d.thread.back());
+  }
+  return d;
+}
+
+// The phases, written once for Keeper and SyncKeeper.
+template <typename K>
+void connectOne(K& k, const DispatchIds& d, std::size_t s) {
+  (void)k.connect(d.session[s]);  // arms the 30 s auth deadline
+  (void)k.authenticate(d.session[s], d.user[s]);
+  (void)k.trackRoom(d.session[s], d.role[s]);
+  (void)k.trackRoom(d.session[s], d.userRoom[s]);
+  (void)k.trackRoom(d.session[s], d.crew[s]);
+  for (const std::string& j : d.jobs[s]) (void)k.trackRoom(d.session[s], j);
+  (void)k.trackRoom(d.session[s], d.threadRoom[s]);
+}
+
+}  // namespace
+
+void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads) {
+  const std::size_t K = cfg.restarts;
+  const DispatchIds d = makeIds(S);
+  ManualClock clock(SteadyTime{} + std::chrono::hours(1));
+  std::atomic<std::uint64_t> emitted{0}, persisted{0}, left{0};
+  KeeperCallbacks cb;
+  cb.leave = [&](std::string_view, std::string_view) { left.fetch_add(1, std::memory_order_relaxed); };
+  cb.emit = [&](std::string_view, std::string_view, std::string_view) {
+    emitted.fetch_add(1, std::memory_order_relaxed);
+  };
+  cb.persist = [&](const PersistCall&) {
+    persisted.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  };
+  KeeperOptions opt;
+  opt.clock = &clock;
+  opt.warnConnections = SIZE_MAX;  // the bench has no log sink anyway
+  std::uint64_t phaseNs[4] = {};
+  std::size_t before = 0, afterTyping = 0;
+  MemoryStats peak, after;
+
+  auto phases = [&](auto& k, int nThreads) {
+    // Each phase runs on nThreads threads over interleaved session ranges.
+    auto parallel = [&](auto&& body) {
+      if (nThreads <= 1) {
+        for (std::size_t s = 0; s < S; ++s) body(s);
+        return;
+      }
+      std::vector<std::thread> pool;
+      for (int t = 0; t < nThreads; ++t)
+        pool.emplace_back([&, t] {
+          for (std::size_t s = static_cast<std::size_t>(t); s < S; s += static_cast<std::size_t>(nThreads))
+            body(s);
+        });
+      for (auto& th : pool) th.join();
+    };
+    before = bytesInUse();
+    Stopwatch sw;
+    parallel([&](std::size_t s) { connectOne(k, d, s); });
+    phaseNs[0] = sw.elapsedNs();
+    sw.restart();
+    for (std::size_t round = 0; round <= K; ++round)
+      parallel([&](std::size_t s) { (void)k.startTyping(d.session[s], d.thread[s]); });
+    phaseNs[1] = sw.elapsedNs();
+    afterTyping = bytesInUse();
+    peak = k.getMemoryStats();
+    sw.restart();
+    parallel([&](std::size_t s) {
+      if (s % 2 == 0) (void)k.stopTyping(d.session[s], d.thread[s]);
+      (void)k.untrackRoom(d.session[s], d.jobs[s][0]);
+    });
+    phaseNs[2] = sw.elapsedNs();
+    sw.restart();
+    parallel([&](std::size_t s) { (void)k.disconnect(d.session[s]); });
+    phaseNs[3] = sw.elapsedNs();
+    after = k.getMemoryStats();
+  };
+
+  std::string system = kSystem;
+  if (threads <= 0) {
+    auto k = std::make_unique<Keeper>(cb, opt);
+    phases(*k, 1);
+    system += " Keeper";
+  } else {
+    auto k = std::make_unique<SyncKeeper>(cb, opt);
+    phases(*k, threads);
+    system += " SyncKeeper, " + std::to_string(threads) + " thread" + (threads > 1 ? "s" : "");
+  }
+
+  JsonLine j;
+  j.addString("workload", "dispatch");
+  j.addString("system", system);
+  j.addCount("sessions", S);
+  j.addString("session_ids", "string");
+  j.addCount("threads", static_cast<std::uint64_t>(threads <= 0 ? 1 : threads));
+  j.addCount("restarts", K);
+  j.addNumber("connect_ns_per_session", perOp(phaseNs[0], S));
+  j.addNumber("typing_restart_ns_per_op", perOp(phaseNs[1], S * (K + 1)));
+  j.addNumber("stop_and_unsubscribe_ns_per_session", perOp(phaseNs[2], S));
+  j.addNumber("disconnect_ns_per_session", perOp(phaseNs[3], S));
+  j.addNumber("bytes_per_session", bytesPer(before, afterTyping, S));
+  j.addNumber("keeper_bytes_per_session",
+              static_cast<double>(peak.bytes) / static_cast<double>(S));
+  j.addCount("emitted", emitted.load());
+  j.addCount("persisted", persisted.load());
+  j.addCount("host_leaves", left.load());
+  j.addObject("peak", statsObject(peak));
+  j.addObject("left", statsObject(after));
+  j.print();
 }

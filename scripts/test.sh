@@ -7,6 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
 bash "$root/scripts/setup.sh"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DROOMKEEPER_WERROR=ON -DROOMKEEPER_BUILD_TESTS=ON -DROOMKEEPER_BUILD_EXAMPLES=ON
+  -DROOMKEEPER_WERROR=ON -DROOMKEEPER_BUILD_TESTS=ON -DROOMKEEPER_BUILD_EXAMPLES=ON \
+  -DROOMKEEPER_BUILD_BENCH=ON
 cmake --build "$build" -j2
 ctest --test-dir "$build" --output-on-failure -j2
