@@ -199,13 +199,15 @@ class Slab {
 
  private:
   void addPage() {
+    // The page first: if it cannot be had, nothing else has grown.
+    std::unique_ptr<T[]> page(new T[kPage]);
     const std::size_t before = free_.capacity();
     free_.reserve((pages_.size() + 1) * kPage);
     *bytes_ += (free_.capacity() - before) * sizeof(std::uint32_t);
     const std::size_t pbefore = pages_.capacity();
     pages_.reserve(pages_.size() + 1);
     *bytes_ += (pages_.capacity() - pbefore) * sizeof(void*);
-    pages_.push_back(std::unique_ptr<T[]>(new T[kPage]));
+    pages_.push_back(std::move(page));
     *bytes_ += kPage * sizeof(T);
   }
   void releaseAll() noexcept {

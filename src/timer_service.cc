@@ -12,7 +12,9 @@
 #include "roomkeeper/timer_service.h"
 
 #include <algorithm>
+#include <deque>
 #include <exception>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -97,6 +99,8 @@ struct TimerService::Impl {
     std::int64_t base = 0;
     if (t > epoch)
       base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    // A clock that went backwards is clamped to the latest time advanced to.
+    if (base < lastAdvanceNs) base = lastAdvanceNs;
     const std::int64_t d = delay.count();
     if (d <= 0) {
       // Due at once; never before the wheel's own time.
@@ -107,7 +111,13 @@ struct TimerService::Impl {
     return (sum + 999999u) / 1000000u;
   }
   SteadyTime tickTime(std::uint64_t tick) const noexcept {
-    return epoch + std::chrono::milliseconds(static_cast<std::int64_t>(tick));
+    // Saturate: a deadline past the clock's range (nanoseconds::max()) must
+    // not wrap around into the past.
+    constexpr std::int64_t kMaxNs = std::numeric_limits<std::int64_t>::max();
+    if (tick > static_cast<std::uint64_t>(kMaxNs / 1000000)) return SteadyTime::max();
+    const std::chrono::nanoseconds d(static_cast<std::int64_t>(tick) * 1000000);
+    if (epoch > SteadyTime{} && d > SteadyTime::max() - epoch) return SteadyTime::max();
+    return epoch + d;
   }
 
   // ---- lists ----
@@ -195,12 +205,14 @@ struct TimerService::Impl {
     }
     return highWater++;
   }
+  // Returns a node to the free list; a pending one also leaves the count
+  // (a firing node already left it when its callback began).
   void freeNode(std::uint32_t i) noexcept {
+    if (node(i).state != NodeState::kFiring) --pending;
     Node& n = node(i);
     n.state = NodeState::kFree;
     n.next = freeHead;
     freeHead = i;
-    --pending;
   }
 
   // ---- advancing ----
@@ -289,6 +301,7 @@ struct TimerService::Impl {
       --dueCount;
       Node& n = node(i);
       n.state = NodeState::kFiring;
+      --pending;  // running: no longer pending (restart() counts it again)
       const TimerHandle h{i, n.generation};
       const std::uint32_t data = n.data;
       const TimerHandlerId hid = n.handler;
@@ -319,6 +332,7 @@ struct TimerService::Impl {
   const Clock* clock;
   SteadyTime epoch;
   std::uint64_t now = 0;  // wheel time, in ticks since epoch
+  std::int64_t lastAdvanceNs = 0;  // the latest time advance() was given
   List wheel[kLevels][kSlots];
   std::uint64_t masks[kLevels] = {};
   List due;
@@ -330,7 +344,9 @@ struct TimerService::Impl {
   std::uint32_t freeHead = kNil;
   std::uint32_t generationBase = 0;
   std::uint32_t maxGeneration = 0;
-  std::vector<Handler> handlers;
+  // A deque: a callback may add a handler while its own runs, and deque
+  // growth never moves the elements (a vector's would move the running one).
+  std::deque<Handler> handlers;
   std::uint64_t errors = 0;
   bool firing = false;
   LogFn log;
@@ -436,6 +452,11 @@ std::size_t TimerService::advance(SteadyTime now, std::size_t maxFire) {
     return 0;
   }
   const std::uint64_t target = im.floorTick(now);
+  if (now > im.epoch) {
+    const std::int64_t ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(now - im.epoch).count();
+    if (ns > im.lastAdvanceNs) im.lastAdvanceNs = ns;
+  }
   if (target > im.now) im.moveTo(target);  // earlier times are clamped
   return im.fire(maxFire);
 }
@@ -447,7 +468,7 @@ std::size_t TimerService::size() const noexcept { return impl_->pending; }
 std::size_t TimerService::bytes() const noexcept {
   const Impl& im = *impl_;
   return im.pages.size() * kPage * sizeof(Node) + im.pages.capacity() * sizeof(void*) +
-         im.handlers.capacity() * sizeof(Handler);
+         im.handlers.size() * sizeof(Handler);
 }
 std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->errors; }
 

@@ -1,0 +1,433 @@
+// SPDX-License-Identifier: MIT
+// Hostile input, fault injection and allocation failure. Each hostile-input
+// case is a row of docs/robustness.md: input -> result -> state after.
+#include <roomkeeper/roomkeeper.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace roomkeeper;
+using namespace std::chrono_literals;
+
+// ---- A replaceable operator new that can be told to fail ---------------
+namespace {
+// Only array new fails: that is how roomkeeper allocates its slab pages.
+// Abseil's hash tables (plain operator new) are not exception-safe when
+// their allocator throws, so failures there are out of scope (see
+// docs/robustness.md).
+std::atomic<bool> gFailArrayNew{false};
+void* plainNew(std::size_t n) {
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+void* operator new(std::size_t n) { return plainNew(n); }
+void* operator new[](std::size_t n) {
+  if (gFailArrayNew.load(std::memory_order_relaxed)) throw std::bad_alloc();
+  return plainNew(n);
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+
+bool sameCounts(const RegistryStats& a, const RegistryStats& b) {
+  return a.sessions == b.sessions && a.users == b.users && a.rooms == b.rooms &&
+         a.memberships == b.memberships && a.sessionsWithRooms == b.sessionsWithRooms &&
+         a.bytes == b.bytes;
+}
+
+bool sameCounts(const MemoryStats& a, const MemoryStats& b) {
+  return a.connectedClients == b.connectedClients && a.userSockets == b.userSockets &&
+         a.connectionTimers == b.connectionTimers && a.typingTimers == b.typingTimers &&
+         a.trackedRooms == b.trackedRooms && a.rooms == b.rooms && a.bytes == b.bytes &&
+         a.totalEntries == b.totalEntries;
+}
+
+void requireEmpty(const MemoryStats& s) {
+  CHECK(s.connectedClients == 0);
+  CHECK(s.userSockets == 0);
+  CHECK(s.connectionTimers == 0);
+  CHECK(s.typingTimers == 0);
+  CHECK(s.trackedRooms == 0);
+  CHECK(s.sessionsWithRooms == 0);
+  CHECK(s.rooms == 0);
+  CHECK(s.totalEntries == 0);
+}
+
+// A registry with some state, so "unchanged" means something.
+SessionRegistry populated() {
+  SessionRegistry reg;
+  REQUIRE(reg.connect("sock-1", "user-1") == Result::kOk);
+  REQUIRE(reg.connect("sock-2", "user-1") == Result::kOk);
+  REQUIRE(reg.trackRoom("sock-1", "job:1") == Result::kOk);
+  REQUIRE(reg.trackRoom("sock-2", "job:1") == Result::kOk);
+  return reg;
+}
+
+}  // namespace
+
+// ---- Hostile input: one case per row of docs/robustness.md --------------
+
+TEST_CASE("hostile: empty ids are refused and change nothing", "[robustness]") {
+  SessionRegistry reg = populated();
+  const RegistryStats before = reg.getMemoryStats();
+  CHECK(reg.connect("", "user-9") == Result::kInvalidId);
+  CHECK(reg.trackRoom("sock-1", "") == Result::kInvalidId);
+  CHECK(reg.untrackRoom("sock-1", "") == Result::kInvalidId);
+  CHECK(reg.trackRoom("", "job:1") == Result::kNotConnected);
+  CHECK(reg.bindUser("sock-1", "") == Result::kInvalidId);
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+}
+
+TEST_CASE("hostile: a 1 MB room name is refused without allocating", "[robustness]") {
+  SessionRegistry reg = populated();
+  const std::string huge(1 << 20, 'r');
+  const RegistryStats before = reg.getMemoryStats();
+  CHECK(reg.trackRoom("sock-1", huge) == Result::kInvalidId);
+  CHECK(reg.connect(huge, "u") == Result::kInvalidId);
+  CHECK(reg.connect("sock-9", huge) == Result::kInvalidId);
+  CHECK_FALSE(reg.roomExists(huge));
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+  // Exactly at the limit is fine, one byte over is not.
+  const std::string at(reg.limits().maxIdLength, 'x');
+  CHECK(reg.trackRoom("sock-1", at) == Result::kOk);
+  CHECK(reg.trackRoom("sock-1", at + "x") == Result::kInvalidId);
+}
+
+TEST_CASE("hostile: embedded NUL and invalid UTF-8 are opaque bytes", "[robustness]") {
+  SessionRegistry reg = populated();
+  const std::string nulRoom("job\0:1", 6);
+  const std::string badUtf8("\xff\xfe\xc0\x80room", 8);
+  CHECK(reg.trackRoom("sock-1", nulRoom) == Result::kOk);
+  CHECK(reg.trackRoom("sock-1", badUtf8) == Result::kOk);
+  // Distinct from their prefixes: no truncation at NUL.
+  CHECK(reg.isMember("sock-1", nulRoom));
+  CHECK_FALSE(reg.isMember("sock-1", std::string("job")));
+  CHECK(reg.roomSize("job:1") == 2);
+  const std::vector<std::string> rooms = reg.roomsOf("sock-1");
+  CHECK(std::count(rooms.begin(), rooms.end(), nulRoom) == 1);
+  CHECK(std::count(rooms.begin(), rooms.end(), badUtf8) == 1);
+  CHECK(reg.disconnect("sock-1") == Result::kOk);
+  CHECK_FALSE(reg.roomExists(nulRoom));
+  CHECK_FALSE(reg.roomExists(badUtf8));
+}
+
+TEST_CASE("hostile: unknown session, double disconnect, join after disconnect",
+          "[robustness]") {
+  SessionRegistry reg = populated();
+  SessionHandle h = reg.handleOf("sock-2");
+  RegistryStats before = reg.getMemoryStats();
+  CHECK(reg.trackRoom("sock-404", "job:1") == Result::kNotConnected);
+  CHECK(reg.untrackRoom("sock-404", "job:1") == Result::kNotConnected);
+  CHECK(reg.clearRoomTracking("sock-404") == 0);
+  CHECK(reg.disconnect("sock-404") == Result::kNotConnected);
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+
+  CHECK(reg.disconnect("sock-2") == Result::kOk);
+  before = reg.getMemoryStats();
+  CHECK(reg.disconnect("sock-2") == Result::kNotConnected);
+  CHECK(reg.disconnect(h) == Result::kStaleHandle);
+  CHECK(reg.trackRoom("sock-2", "job:2") == Result::kNotConnected);  // the late join
+  CHECK(reg.trackRoom(h, "job:2") == Result::kStaleHandle);
+  CHECK_FALSE(reg.roomExists("job:2"));
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+  // Reconnecting the same id does not revive the old handle.
+  CHECK(reg.connect("sock-2", "user-1") == Result::kOk);
+  CHECK(reg.trackRoom(h, "job:3") == Result::kStaleHandle);
+}
+
+TEST_CASE("hostile: rooms beyond the per-session cap", "[robustness]") {
+  Limits limits;
+  limits.maxRoomsPerSession = 128;
+  SessionRegistry reg(RegistryCallbacks{}, limits);
+  REQUIRE(reg.connect("sock-1") == Result::kOk);
+  for (int i = 0; i < 128; ++i)
+    REQUIRE(reg.trackRoom("sock-1", "room:" + std::to_string(i)) == Result::kOk);
+  const RegistryStats before = reg.getMemoryStats();
+  for (int i = 128; i < 1128; ++i)
+    CHECK(reg.trackRoom("sock-1", "room:" + std::to_string(i)) == Result::kTooManyRooms);
+  CHECK(reg.trackRoom("sock-1", "room:5") == Result::kAlreadyDone);  // still idempotent
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+}
+
+TEST_CASE("hostile: sessions beyond the per-user cap", "[robustness]") {
+  Limits limits;
+  limits.maxSessionsPerUser = 3;
+  SessionRegistry reg(RegistryCallbacks{}, limits);
+  for (int i = 0; i < 3; ++i)
+    REQUIRE(reg.connect("sock-" + std::to_string(i), "user-1") == Result::kOk);
+  const RegistryStats before = reg.getMemoryStats();
+  CHECK(reg.connect("sock-3", "user-1") == Result::kTooManySessions);
+  CHECK_FALSE(reg.isConnected("sock-3"));
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+  REQUIRE(reg.connect("sock-4") == Result::kOk);
+  const RegistryStats mid = reg.getMemoryStats();
+  CHECK(reg.bindUser("sock-4", "user-1") == Result::kTooManySessions);
+  CHECK(sameCounts(mid, reg.getMemoryStats()));
+  CHECK(reg.sessionCountOfUser("user-1") == 3);
+}
+
+TEST_CASE("hostile: a million typing starts in one thread from one session",
+          "[robustness]") {
+  ManualClock clock;
+  std::size_t started = 0, persisted = 0;
+  KeeperCallbacks cb;
+  cb.emit = [&](std::string_view, std::string_view ev, std::string_view) {
+    if (ev == "typingStarted") ++started;
+  };
+  cb.persist = [&](const PersistCall&) {
+    ++persisted;
+    return true;
+  };
+  KeeperOptions opt;
+  opt.clock = &clock;
+  Keeper k(cb, opt);
+  REQUIRE(k.connectAuthenticated("sock-1", "user-1") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("sock-2", "user-2") == Result::kOk);
+  REQUIRE(k.trackRoom("sock-2", "thread:7") == Result::kOk);
+  REQUIRE(k.startTyping("sock-1", "7") == Result::kOk);
+  const MemoryStats after1 = k.getMemoryStats();
+  for (int i = 1; i < 1000000; ++i) REQUIRE(k.startTyping("sock-1", "7") == Result::kAlreadyDone);
+  const MemoryStats afterMillion = k.getMemoryStats();
+  CHECK(sameCounts(after1, afterMillion));  // one indicator, one timer, no growth
+  CHECK(afterMillion.typingTimers == 1);
+  CHECK(afterMillion.timersPending == 1);
+  CHECK(started == 1);
+  CHECK(persisted == 1);
+  clock.advanceBy(5s);
+  k.advance();
+  CHECK(k.getMemoryStats().typingTimers == 0);
+}
+
+TEST_CASE("hostile: time going backwards fires nothing early and loses nothing",
+          "[robustness]") {
+  ManualClock clock(SteadyTime{} + 1h);
+  TimerService timers(&clock);
+  std::vector<std::uint32_t> fired;
+  const auto h = timers.addHandler([&](TimerHandle, std::uint32_t d) { fired.push_back(d); });
+  (void)timers.arm(100ms, h, 1);
+  clock.advanceBy(50ms);
+  timers.advance();
+  clock.set(SteadyTime{} + 30min);  // a big step back
+  CHECK(timers.advance() == 0);
+  // Armed while the clock reads the past: the reading is clamped to the
+  // wheel's time (1h+50ms), so it is due at 1h+60ms, not at once.
+  (void)timers.arm(10ms, h, 2);
+  CHECK(timers.advance() == 0);
+  CHECK(fired.empty());
+  clock.set(SteadyTime{} + 1h + 59ms);
+  CHECK(timers.advance() == 0);
+  clock.set(SteadyTime{} + 1h + 60ms);
+  CHECK(timers.advance() == 1);
+  CHECK(fired == std::vector<std::uint32_t>{2});
+  clock.set(SteadyTime{} + 1h + 99ms);
+  CHECK(timers.advance() == 0);  // timer 1 (1h+100ms) never early
+  clock.set(SteadyTime{} + 1h + 100ms);
+  CHECK(timers.advance() == 1);
+  CHECK(fired == std::vector<std::uint32_t>{2, 1});
+  CHECK(timers.size() == 0);
+}
+
+// ---- Fault injection: every callback throwing at every position ----------
+
+namespace {
+
+enum class Sequence { kDisconnect, kShutdown, kAutoClear, kAuthTimeout };
+
+struct Faults {
+  std::string kind;  // which callback throws
+  int position;      // on its n-th call (0-based)
+  int calls = 0;
+  int logged = 0;
+  void maybeThrow(const std::string& k) {
+    if (k == kind && calls++ == position) throw std::runtime_error("injected " + k);
+  }
+};
+
+// Runs one sequence with one callback throwing at one position; returns
+// how many times that callback was called (to know when to stop).
+int runWithFault(Sequence seq, const std::string& kind, int position) {
+  ManualClock clock;
+  Faults f{kind, position};
+  int seen = 0;
+  KeeperCallbacks cb;
+  cb.leave = [&](std::string_view, std::string_view) {
+    if (kind == "leave") ++seen;
+    f.maybeThrow("leave");
+  };
+  cb.emit = [&](std::string_view, std::string_view, std::string_view) {
+    if (kind == "emit") ++seen;
+    f.maybeThrow("emit");
+  };
+  cb.persist = [&](const PersistCall&) {
+    if (kind == "persist") ++seen;
+    f.maybeThrow("persist");
+    return true;
+  };
+  cb.closeSession = [&](std::string_view, std::string_view) {
+    if (kind == "closeSession") ++seen;
+    f.maybeThrow("closeSession");
+  };
+  cb.disconnecting = [&](std::string_view, const std::vector<std::string>&) {
+    if (kind == "disconnecting") ++seen;
+    f.maybeThrow("disconnecting");
+  };
+  cb.userOffline = [&](std::string_view) {
+    if (kind == "userOffline") ++seen;
+    f.maybeThrow("userOffline");
+  };
+  cb.roomDeleted = [&](std::string_view) {
+    if (kind == "roomDeleted") ++seen;
+    f.maybeThrow("roomDeleted");
+  };
+  cb.log = [&](LogLevel, std::string_view) { ++f.logged; };
+  KeeperOptions opt;
+  opt.clock = &clock;
+  Keeper k(cb, opt);
+  for (int i = 0; i < 3; ++i) {
+    const std::string s = "sock-" + std::to_string(i);
+    REQUIRE(k.connectAuthenticated(s, "user-" + std::to_string(i % 2)) == Result::kOk);
+    REQUIRE(k.trackRoom(s, "thread:1") == Result::kOk);
+    REQUIRE(k.trackRoom(s, "job:" + std::to_string(i)) == Result::kOk);
+    REQUIRE(ok(k.startTyping(s, "1")));
+  }
+  REQUIRE(k.connect("sock-anon") == Result::kOk);
+  // Reset counts: only the sequence under test matters.
+  seen = 0;
+  f.calls = 0;
+  const std::uint64_t errorsBefore = k.getMemoryStats().callbackErrors;
+  switch (seq) {
+    case Sequence::kDisconnect:
+      for (int i = 0; i < 3; ++i) CHECK(k.disconnect("sock-" + std::to_string(i)) == Result::kOk);
+      CHECK(k.disconnect("sock-anon") == Result::kOk);
+      break;
+    case Sequence::kShutdown:
+      (void)k.shutdown();
+      break;
+    case Sequence::kAutoClear:
+      clock.advanceBy(5s);
+      k.advance();
+      CHECK(k.getMemoryStats().typingTimers == 0);
+      for (int i = 0; i < 3; ++i) CHECK(k.disconnect("sock-" + std::to_string(i)) == Result::kOk);
+      break;
+    case Sequence::kAuthTimeout:
+      for (int i = 0; i < 3; ++i) CHECK(k.disconnect("sock-" + std::to_string(i)) == Result::kOk);
+      clock.advanceBy(30s);
+      k.advance();
+      CHECK_FALSE(k.registry().isConnected("sock-anon"));
+      break;
+  }
+  if (seq != Sequence::kShutdown) (void)k.disconnect("sock-anon");
+  const MemoryStats st = k.getMemoryStats();
+  requireEmpty(st);
+  if (f.calls > position) {  // the fault really fired
+    CHECK(st.callbackErrors == errorsBefore + 1);
+    CHECK(f.logged >= 1);
+  }
+  return seen;
+}
+
+}  // namespace
+
+TEST_CASE("fault injection: a callback throwing anywhere leaves nothing behind",
+          "[robustness][faults]") {
+  const std::vector<std::pair<Sequence, const char*>> sequences = {
+      {Sequence::kDisconnect, "disconnect"},
+      {Sequence::kShutdown, "shutdown"},
+      {Sequence::kAutoClear, "auto-clear"},
+      {Sequence::kAuthTimeout, "auth timeout"}};
+  const std::vector<std::string> kinds = {"leave",        "emit",          "persist",
+                                          "closeSession", "disconnecting", "userOffline",
+                                          "roomDeleted"};
+  int runs = 0;
+  for (const auto& [seq, name] : sequences) {
+    for (const std::string& kind : kinds) {
+      // Position 0, 1, 2, ... until the callback is called fewer times.
+      for (int pos = 0; pos < 64; ++pos) {
+        INFO(name << ": " << kind << " throws on call #" << pos);
+        const int calls = runWithFault(seq, kind, pos);
+        ++runs;
+        if (calls <= pos) break;
+      }
+    }
+  }
+  CHECK(runs > 40);
+}
+
+TEST_CASE("fault injection: persistence failing N times then recovering delivers all",
+          "[robustness][faults]") {
+  ManualClock clock;
+  int failuresLeft = 7;
+  std::vector<std::string> delivered;
+  KeeperCallbacks cb;
+  cb.persist = [&](const PersistCall& c) {
+    if (failuresLeft > 0) {
+      --failuresLeft;
+      return false;
+    }
+    delivered.push_back(std::string(toString(c.op)) + ":" + c.user + ":" + c.thread);
+    return true;
+  };
+  KeeperOptions opt;
+  opt.clock = &clock;
+  Keeper k(cb, opt);
+  REQUIRE(k.connectAuthenticated("sock-1", "u1") == Result::kOk);
+  REQUIRE(k.startTyping("sock-1", "a") == Result::kOk);
+  REQUIRE(k.stopTyping("sock-1", "a") == Result::kOk);
+  REQUIRE(k.startTyping("sock-1", "b") == Result::kOk);
+  REQUIRE(k.disconnect("sock-1") == Result::kOk);
+  CHECK(k.getMemoryStats().pendingPersistence == 5);
+  for (int i = 0; i < 200 && k.getMemoryStats().pendingPersistence > 0; ++i) {
+    clock.advanceBy(1s);
+    k.advance();
+  }
+  CHECK(delivered == std::vector<std::string>{
+                         "typing_started:u1:a", "typing_stopped:u1:a", "typing_started:u1:b",
+                         "typing_stopped:u1:b", "typing_stopped_all:u1:"});
+  CHECK(k.getMemoryStats().persistFailures == 7);
+  CHECK(k.getMemoryStats().persistDropped == 0);
+}
+
+// ---- Allocation failure -------------------------------------------------
+
+TEST_CASE("allocation failure: a slab page that cannot be had leaves no half-state",
+          "[robustness][oom]") {
+  SessionRegistry reg;
+  // The first session needs a session page: refused cleanly.
+  gFailArrayNew.store(true);
+  CHECK(reg.connect("sock-1", "user-1") == Result::kOutOfMemory);
+  gFailArrayNew.store(false);
+  RegistryStats st = reg.getMemoryStats();
+  CHECK(st.sessions == 0);
+  CHECK(st.users == 0);
+  CHECK_FALSE(reg.isConnected("sock-1"));
+
+  // With a session, the first room needs a room page: refused cleanly.
+  REQUIRE(reg.connect("sock-1") == Result::kOk);
+  const RegistryStats before = reg.getMemoryStats();
+  gFailArrayNew.store(true);
+  CHECK(reg.trackRoom("sock-1", "job:1") == Result::kOutOfMemory);
+  // A user needs a user page: refused cleanly, the session stays anonymous.
+  CHECK(reg.bindUser("sock-1", "user-1") == Result::kOutOfMemory);
+  gFailArrayNew.store(false);
+  CHECK(sameCounts(before, reg.getMemoryStats()));
+  CHECK_FALSE(reg.roomExists("job:1"));
+  CHECK(reg.userOf("sock-1").empty());
+
+  // And afterwards everything works and returns to zero.
+  CHECK(reg.trackRoom("sock-1", "job:1") == Result::kOk);
+  CHECK(reg.bindUser("sock-1", "user-1") == Result::kOk);
+  CHECK(reg.disconnect("sock-1") == Result::kOk);
+  st = reg.getMemoryStats();
+  CHECK(st.sessions == 0);
+  CHECK(st.rooms == 0);
+  CHECK(st.bytes == 0);
+}
