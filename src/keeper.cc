@@ -106,6 +106,7 @@ Result Keeper::Impl::authenticate(std::string_view session, std::string_view use
   if (shut) return Result::kShutDown;
   const Result r = reg.bindUser(session, user);
   if (r != Result::kOk) return r;
+  ++authenticatedSessions;
   const std::uint32_t s = reg.findSession(session);
   auto it = connTimers.find(pack(s, reg.sessionSlots[s].generation));
   if (it != connTimers.end()) {
@@ -127,6 +128,7 @@ Result Keeper::Impl::checkAuthenticated(std::string_view session) const {
 void Keeper::Impl::runDisconnect(std::uint32_t s) {
   SessionSlot& ss = reg.sessionSlots[s];
   ss.state = SessionState::kClosing;
+  if (ss.user != detail::kNone) --authenticatedSessions;
   const std::string name(ss.name.view());
   // 1. The observer, with the rooms as they are now.
   if (cb.disconnecting) {
@@ -168,9 +170,10 @@ ShutdownReport Keeper::Impl::shutdown() {
   if (shut) return rep;
   shut = true;
   // Timers first: nothing may fire while we take everything down.
-  for (auto& [key, t] : connTimers) timers.cancel(t);
+  for (auto& [key, t] : connTimers)
+    if (timers.cancel(t)) ++rep.timersCancelled;
   connTimers.clear();
-  rep.timersCancelled = typing.impl_->index.size();
+  rep.timersCancelled += typing.impl_->index.size();
   if (statsTimer.valid() && timers.cancel(statsTimer)) ++rep.timersCancelled;
   statsTimer = {};
   // Everyone hears it, and the transport is asked to close each session.
@@ -251,9 +254,7 @@ MemoryStats Keeper::Impl::stats() const noexcept {
   const TypingStats t = typing.stats();
   st.connectedClients = r.sessions;
   st.userSockets = r.users;
-  std::size_t authed = 0;
-  for (std::uint32_t u : reg.userIndex) authed += reg.userSlots[u].sessions.size();
-  st.authenticated = authed;
+  st.authenticated = authenticatedSessions;
   st.connectionTimers = connTimers.size();
   st.typingTimers = t.timers;
   st.trackedRooms = r.memberships;
@@ -291,16 +292,17 @@ Result Keeper::authenticate(std::string_view session, std::string_view user) {
   return r;
 }
 Result Keeper::connectAuthenticated(std::string_view session, std::string_view user) {
-  Result r = impl_->connect(session);
+  Impl& im = *impl_;
+  if (im.shut) return Result::kShutDown;
+  if (user.empty()) return Result::kInvalidId;
+  // One registry call: every refusal (id, limit) is checked before anything
+  // is allocated, and a refused call calls nothing. No auth deadline.
+  const Result r = im.reg.connect(session, user, nullptr);
   if (r == Result::kOk) {
-    r = impl_->authenticate(session, user);
-    if (r != Result::kOk) {
-      // Undo the connect: the caller sees one refused call.
-      const std::uint32_t s = impl_->reg.findSession(session);
-      if (s != detail::kNone) impl_->runDisconnect(s);
-    }
+    ++im.authenticatedSessions;
+    im.maybeWarn();
   }
-  impl_->reg.flush();
+  im.reg.flush();
   return r;
 }
 Result Keeper::trackRoom(std::string_view session, std::string_view room) {
@@ -357,6 +359,7 @@ ShutdownReport Keeper::shutdown() {
   ShutdownReport rep = impl_->shutdown();
   impl_->reg.flush();
   rep.persistUndelivered = impl_->typing.flushPersistence();
+  impl_->typing.impl_->discardPersistence();  // reported; every count is 0
   rep.timersCancelled += impl_->timers.cancelAll();
   impl_->timers.shrinkToFit();
   return rep;
@@ -377,7 +380,10 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
 
 std::size_t Keeper::advance() { return advance(impl_->timers.clock().now()); }
 std::size_t Keeper::advance(SteadyTime now, std::size_t maxFire) {
+  // Timer handlers only queue their callbacks; they run after the batch.
+  ++impl_->reg.events.deferred_;
   const std::size_t n = impl_->timers.advance(now, maxFire);
+  --impl_->reg.events.deferred_;
   impl_->reg.flush();
   return n;
 }

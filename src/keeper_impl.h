@@ -47,6 +47,7 @@ struct Keeper::Impl {
   TimerHandlerId statsHandler = 0;
   TimerHandle statsTimer;
   std::optional<SteadyTime> lastWarnTyping, lastWarnRooms, lastWarnConnections;
+  std::size_t authenticatedSessions = 0;  // sessions bound to a user (O(1) stats)
   std::uint64_t authTimeouts = 0;
   std::uint64_t forcedCleanups = 0;
   bool shut = false;

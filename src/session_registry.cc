@@ -5,6 +5,7 @@
 #include <atomic>
 #include <exception>
 #include <new>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -281,6 +282,7 @@ Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
   const std::uint32_t gen = sessionSlots[s].generation;
 
   bool asked = false;
+  std::string roomCopy;
   for (;;) {
     std::uint32_t r = findRoom(room);
     if (r != kNone && isMember(s, r)) return Result::kAlreadyDone;
@@ -292,8 +294,14 @@ Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
     if (cb.canJoin && !asked) {
       asked = true;
       bool allowed = false;
+      // The hook may call back in and free what either view points to (the
+      // session's own name if it disconnects it; a room named by a view of
+      // registry storage): pass copies, and keep using the room's copy.
+      const std::string sessionCopy(ss.name.view());
+      roomCopy.assign(room.data(), room.size());
+      room = roomCopy;
       try {
-        allowed = cb.canJoin(ss.name.view(), room);
+        allowed = cb.canJoin(sessionCopy, room);
       } catch (...) {
         reportError("canJoin");
         allowed = false;

@@ -3,7 +3,9 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -11,6 +13,14 @@
 #include "keeper_impl.h"
 
 namespace roomkeeper {
+
+namespace {
+// The SyncKeeper whose driver loop runs on this thread, if any. Read by
+// stopDriver/startDriver/shutdown before they take any lock, so a callback
+// on the driver thread neither joins itself nor waits for a stopDriver()
+// that is joining it.
+thread_local const void* tDriverOf = nullptr;
+}  // namespace
 
 struct SyncKeeper::Impl {
   Impl(KeeperCallbacks c, KeeperOptions o) : keeper(std::move(c), std::move(o)) {
@@ -34,6 +44,7 @@ struct SyncKeeper::Impl {
         wakeDriverIfEarlier();
       }
       deliver(events);
+      wakeAfterDelivery(events);
     } else {
       R result;
       {
@@ -45,18 +56,17 @@ struct SyncKeeper::Impl {
         wakeDriverIfEarlier();
       }
       deliver(events);
+      wakeAfterDelivery(events);
       return result;
     }
   }
   void deliver(std::vector<detail::Event>& events) {
-    SessionRegistry::Impl& reg = keeper.impl_->reg;
     for (detail::Event& ev : events) {
       if (ev.kind == static_cast<std::uint8_t>(EventKind::kCustom)) {
         try {
           if (ev.fn) ev.fn();
         } catch (...) {
-          std::lock_guard<std::recursive_mutex> g(mu);
-          reg.reportError("host");
+          reportError("host");
         }
       } else {
         // Registry events only read the callbacks (immutable) and count
@@ -66,14 +76,12 @@ struct SyncKeeper::Impl {
     }
   }
   void deliverRegistryEvent(detail::Event& ev) {
-    SessionRegistry::Impl& reg = keeper.impl_->reg;
-    const RegistryCallbacks& cb = reg.cb;
+    const RegistryCallbacks& cb = keeper.impl_->reg.cb;
     auto guarded = [&](auto&& f, std::string_view where) {
       try {
         f();
       } catch (...) {
-        std::lock_guard<std::recursive_mutex> g(mu);
-        reg.reportError(where);
+        reportError(where);
       }
     };
     switch (static_cast<EventKind>(ev.kind)) {
@@ -100,6 +108,39 @@ struct SyncKeeper::Impl {
         break;
     }
   }
+  // A host callback that threw: counted under the lock, logged outside it
+  // (the log is a host callback too). Call inside a catch block.
+  void reportError(std::string_view where) noexcept {
+    SessionRegistry::Impl& reg = keeper.impl_->reg;
+    {
+      std::lock_guard<std::recursive_mutex> g(mu);
+      ++reg.callbackErrors;
+    }
+    if (!reg.cb.log) return;
+    try {
+      std::string msg = "roomkeeper: ";
+      msg.append(where.data(), where.size());
+      try {
+        throw;
+      } catch (const std::exception& e) {
+        msg += " callback threw: ";
+        msg += e.what();
+      } catch (...) {
+        msg += " callback threw a non-exception";
+      }
+      reg.cb.log(LogLevel::kError, msg);
+    } catch (...) {
+      std::lock_guard<std::recursive_mutex> g(mu);
+      ++reg.callbackErrors;
+    }
+  }
+  // Delivered work may arm a timer outside the lock (the persistence retry
+  // is armed by the drain that runs as a callback): let the driver know.
+  void wakeAfterDelivery(const std::vector<detail::Event>& events) {
+    if (events.empty() || !driverActive.load(std::memory_order_relaxed)) return;
+    std::lock_guard<std::recursive_mutex> g(mu);
+    wakeDriverIfEarlier();
+  }
   // Called with the lock held.
   void wakeDriverIfEarlier() {
     if (!driverActive.load(std::memory_order_relaxed)) return;
@@ -111,6 +152,7 @@ struct SyncKeeper::Impl {
     }
   }
   void driverLoop() {
+    tDriverOf = this;
     const Clock& clock = keeper.timers().clock();
     for (;;) {
       std::optional<SteadyTime> nd;
@@ -143,7 +185,6 @@ struct SyncKeeper::Impl {
   Keeper keeper;
   // Driver.
   std::thread driver;
-  std::thread::id driverId;
   std::atomic<bool> driverActive{false};
   std::mutex cvMu;
   std::condition_variable cv;
@@ -188,7 +229,7 @@ Result SyncKeeper::forceCleanup(std::string_view s) {
   return impl_->run([&] { return impl_->keeper.forceCleanup(s); });
 }
 ShutdownReport SyncKeeper::shutdown() {
-  if (std::this_thread::get_id() != impl_->driverId) stopDriver();
+  if (tDriverOf != impl_.get()) stopDriver();
   Keeper::Impl& k = *impl_->keeper.impl_;
   ShutdownReport rep = impl_->run([&] {
     if (k.shut) return ShutdownReport{};
@@ -198,6 +239,7 @@ ShutdownReport SyncKeeper::shutdown() {
   });
   // The last persistence attempt runs outside the lock (it calls the host).
   rep.persistUndelivered = k.typing.impl_->finalFlush();
+  k.typing.impl_->discardPersistence();  // reported; every count is 0
   impl_->run([&] { k.timers.cancelAll(); });
   return rep;
 }
@@ -242,6 +284,7 @@ std::string SyncKeeper::statsJson() const {
 }
 
 bool SyncKeeper::startDriver() {
+  if (tDriverOf == impl_.get()) return false;  // running: we are on it
   std::lock_guard<std::mutex> ctl(impl_->driverControl);
   if (impl_->driver.joinable() || isShutDown()) return false;
   {
@@ -251,13 +294,14 @@ bool SyncKeeper::startDriver() {
   }
   impl_->driverActive.store(true);
   impl_->driver = std::thread([this] { impl_->driverLoop(); });
-  impl_->driverId = impl_->driver.get_id();
   return true;
 }
 bool SyncKeeper::stopDriver() {
+  // On the driver thread: refuse before locking (a stopDriver() on another
+  // thread may hold driverControl while it joins us).
+  if (tDriverOf == impl_.get()) return false;
   std::lock_guard<std::mutex> ctl(impl_->driverControl);
   if (!impl_->driver.joinable()) return false;
-  if (std::this_thread::get_id() == impl_->driver.get_id()) return false;
   {
     std::lock_guard<std::mutex> g(impl_->cvMu);
     impl_->stopRequested = true;
@@ -265,7 +309,6 @@ bool SyncKeeper::stopDriver() {
   }
   impl_->driver.join();
   impl_->driverActive.store(false);
-  impl_->driverId = {};
   return true;
 }
 bool SyncKeeper::driverRunning() const { return impl_->driverActive.load(); }

@@ -438,7 +438,15 @@ std::size_t TimerService::cancelAll() noexcept {
 
 std::optional<SteadyTime> TimerService::nextDeadline() const noexcept {
   const Impl& im = *impl_;
-  if (im.due.head != kNil || im.nextDue.head != kNil) return im.tickTime(im.now);
+  if (im.due.head != kNil || im.nextDue.head != kNil) {
+    // Due now. A backlog left by a bounded advance may be older than the
+    // wheel's time; the due list is in deadline order, so its head is the
+    // earliest.
+    std::uint64_t due = im.now;
+    if (im.due.head != kNil) due = std::min(due, im.node(im.due.head).deadline());
+    if (im.nextDue.head != kNil) due = std::min(due, im.node(im.nextDue.head).deadline());
+    return im.tickTime(due);
+  }
   std::uint64_t t;
   if (!im.nextEventTick(&t)) return std::nullopt;
   return im.tickTime(t);

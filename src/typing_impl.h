@@ -77,11 +77,13 @@ struct TypingTimerManager::Impl {
   std::size_t clearSession(std::uint32_t s);
   std::size_t onDisconnect(std::uint32_t s);
   std::size_t clearAll();
+  void releaseIdle();
   void emitToThread(std::uint32_t s, std::string_view userKey, std::string_view thread,
                     const std::string& event);
   void persist(PersistOp op, std::string_view user, std::string_view thread);
-  void scheduleDrain();
-  std::size_t drain(bool force);
+  void scheduleDrain(std::uint64_t upTo);
+  std::size_t drain(bool force, std::uint64_t upTo);
+  std::size_t discardPersistence();
   std::size_t finalFlush();
   void reportError(std::string_view where) noexcept;
   TypingStats stats() const noexcept;
@@ -107,7 +109,7 @@ struct TypingTimerManager::Impl {
   std::deque<PersistEntry> queue;
   std::uint64_t persistSeq = 0;
   bool inflight = false;
-  bool drainScheduled = false;
+  std::uint64_t drainUpTo = 0;  // calls with seq <= this are due for delivery
   TimerHandle retryTimer;
   Millis backoff{100};
   std::uint64_t delivered_ = 0;

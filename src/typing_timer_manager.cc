@@ -83,7 +83,11 @@ TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallba
       [this](TimerHandle h, std::uint32_t idx) { onExpire(h, idx); });
   retryHandler = timers.addHandler([this](TimerHandle, std::uint32_t) {
     retryTimer = {};
-    scheduleDrain();
+    scheduleDrain(persistSeq);  // everything queued so far
+    // Standalone (a host calling TimerService::advance itself) nobody else
+    // would deliver the queued work; under Keeper/SyncKeeper delivery is
+    // deferred and this is a no-op.
+    reg.flush();
   });
 }
 
@@ -100,7 +104,12 @@ std::string_view TypingTimerManager::Impl::userKeyOf(std::uint32_t s) const {
 }
 
 void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
-  ++callbackErrors;
+  // Called inside a catch block without the lock: counts under it, then
+  // logs outside it (the log is a host callback).
+  {
+    detail::MaybeLock g(mu);
+    ++callbackErrors;
+  }
   if (!cb.log) return;
   try {
     std::string msg;
@@ -113,6 +122,7 @@ void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
     }
     cb.log(LogLevel::kError, msg);
   } catch (...) {
+    detail::MaybeLock g(mu);
     ++callbackErrors;
   }
 }
@@ -177,22 +187,25 @@ void TypingTimerManager::Impl::persist(PersistOp op, std::string_view user,
   }
   queue.push_back(PersistEntry{++persistSeq, PersistCall{op, std::string(user),
                                                          std::string(thread)}});
-  if (!retryTimer.valid()) scheduleDrain();
+  if (!retryTimer.valid()) scheduleDrain(persistSeq);
 }
 
-void TypingTimerManager::Impl::scheduleDrain() {
-  if (drainScheduled) return;
-  drainScheduled = true;
+void TypingTimerManager::Impl::scheduleDrain(std::uint64_t upTo) {
+  // One delivery event per call, queued right behind the events of the
+  // change that made it (typingStopped emit, then its persistence call), so
+  // the host sees them in the order of the changes.
   detail::Event& ev = reg.events.push();
   ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-  ev.fn = [this]() { drain(false); };
+  ev.fn = [this, upTo]() { drain(false, upTo); };
 }
 
-std::size_t TypingTimerManager::Impl::drain(bool force) {
-  // Runs outside any lock: takes the lock only to touch the queue.
-  {
+std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
+  // Runs outside any lock: takes the lock only to touch the queue. A drain
+  // that finds another one in flight (another thread, or further up the
+  // stack) leaves its calls to it: drainUpTo is read under the same lock.
+  if (!force) {
     detail::MaybeLock g(mu);
-    drainScheduled = false;
+    drainUpTo = std::max(drainUpTo, upTo);
   }
   std::size_t delivered = 0;
   for (;;) {
@@ -201,6 +214,7 @@ std::size_t TypingTimerManager::Impl::drain(bool force) {
       detail::MaybeLock g(mu);
       if (inflight || queue.empty()) return delivered;
       if (retryTimer.valid() && !force) return delivered;
+      if (!force && queue.front().seq > drainUpTo) return delivered;
       call = queue.front();
       inflight = true;
     }
@@ -208,7 +222,6 @@ std::size_t TypingTimerManager::Impl::drain(bool force) {
     try {
       ok = cb.persist(call.call);
     } catch (...) {
-      detail::MaybeLock g(mu);
       reportError("persist");
       ok = false;
     }
@@ -223,7 +236,7 @@ std::size_t TypingTimerManager::Impl::drain(bool force) {
     }
     ++failures;
     if (force) return delivered;
-    if (!retryTimer.valid()) {
+    if (!retryTimer.valid() && !queue.empty()) {
       retryTimer = timers.arm(backoff, retryHandler, 0);
       backoff = std::min(backoff * 2, opt.retryMax);
     }
@@ -247,7 +260,11 @@ void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
   Indicator& e = entries[idx];
   timers.cancel(e.timer);  // false if it is the one firing: fine
   for (const SessionHandle h : e.sessions) unlinkSession(idx, packHandle(h));
-  index.erase(TypingKeyView{e.user, e.thread});
+  auto key = index.find(TypingKeyView{e.user, e.thread});
+  if (key != index.end()) {
+    bytes -= TypingKey::heapBytesOf(key->first.user, key->first.thread);
+    index.erase(key);
+  }
   std::uint32_t s = typer;
   if (s == detail::kNone && !e.sessions.empty()) s = reg.fromHandle(e.sessions.front());
   emitToThread(s, e.user, e.thread, opt.stoppedEvent);
@@ -255,6 +272,27 @@ void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
   bytes -= e.heapBytes();
   e = Indicator{};
   freeEntries.push_back(idx);
+  if (index.empty()) releaseIdle();
+}
+
+void TypingTimerManager::Impl::releaseIdle() {
+  // No indicator left: hand every container's memory back, as the registry
+  // does when its last session goes, so that bytes return to 0.
+  bytes -= entries.capacity() * sizeof(Indicator);
+  std::vector<Indicator>().swap(entries);
+  std::vector<std::uint32_t>().swap(freeEntries);
+  if (index.capacity() > 0) {
+    decltype(index) fresh(
+        0, TypingKeyHash{}, TypingKeyEq{},
+        detail::CountingAllocator<std::pair<const TypingKey, std::uint32_t>>(&bytes));
+    index.swap(fresh);
+  }
+  if (bySession.empty() && bySession.capacity() > 0) {
+    decltype(bySession) fresh(
+        0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
+        detail::CountingAllocator<std::pair<const std::uint64_t, SessionTyping>>(&bytes));
+    bySession.swap(fresh);
+  }
 }
 
 void TypingTimerManager::Impl::onExpire(TimerHandle h, std::uint32_t idx) {
@@ -262,6 +300,7 @@ void TypingTimerManager::Impl::onExpire(TimerHandle h, std::uint32_t idx) {
   Indicator& e = entries[idx];
   if (!e.live || e.timer != h) return;
   end(idx, detail::kNone);
+  reg.flush();  // standalone: deliver now (no-op under Keeper/SyncKeeper)
 }
 
 Result TypingTimerManager::Impl::start(std::string_view session, std::string_view thread) {
@@ -300,8 +339,8 @@ Result TypingTimerManager::Impl::start(std::string_view session, std::string_vie
   e.thread.assign(thread.data(), thread.size());
   e.timer = timers.arm(opt.timeout, expireHandler, idx);
   bytes += e.heapBytes();
-  index.emplace(TypingKey{e.user, e.thread}, idx);
-  bytes += TypingKey::heapBytesOf(e.user, e.thread);
+  const auto key = index.emplace(TypingKey{e.user, e.thread}, idx).first;
+  bytes += TypingKey::heapBytesOf(key->first.user, key->first.thread);
   addSession(idx, sh);
   emitToThread(s, e.user, e.thread, opt.startedEvent);
   persist(PersistOp::kTypingStarted, e.user, e.thread);
@@ -430,7 +469,7 @@ std::size_t TypingTimerManager::flushPersistence() {
 std::size_t TypingTimerManager::Impl::finalFlush() {
   // A last attempt, then every call still queued is reported, outside the
   // lock: nothing is dropped silently.
-  drain(true);
+  drain(true, 0);
   std::vector<std::string> lines;
   std::size_t left = 0;
   {
@@ -446,11 +485,20 @@ std::size_t TypingTimerManager::Impl::finalFlush() {
     try {
       cb.log(LogLevel::kError, line);
     } catch (...) {
-      detail::MaybeLock g(mu);
       reportError("log");
     }
   }
   return left;
+}
+
+std::size_t TypingTimerManager::Impl::discardPersistence() {
+  // After shutdown's last attempt: what is left was reported; let it go.
+  detail::MaybeLock g(mu);
+  const std::size_t n = queue.size();
+  std::deque<PersistEntry>().swap(queue);
+  timers.cancel(retryTimer);
+  retryTimer = {};
+  return n;
 }
 TypingStats TypingTimerManager::stats() const noexcept { return impl_->stats(); }
 const TypingOptions& TypingTimerManager::options() const noexcept { return impl_->opt; }

@@ -1,0 +1,1170 @@
+// SPDX-License-Identifier: MIT
+//
+// Keeper: the documented disconnect order, idempotence, calls after
+// disconnect, authentication and its deadline, forceCleanup, shutdown (also
+// from inside callbacks), throwing callbacks at every step, the persistence
+// retry queue (backoff, order, bound, last attempt), threshold warnings and
+// their rate limit, the Prometheus/JSON exports and the periodic stats log.
+// Time is a ManualClock: nothing here sleeps.
+#include <roomkeeper/keeper.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cctype>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace roomkeeper {
+// Test-only comparison of everything the Keeper holds (counters included).
+inline bool operator==(const MemoryStats& a, const MemoryStats& b) {
+  return a.connectedClients == b.connectedClients && a.authenticated == b.authenticated &&
+         a.userSockets == b.userSockets && a.connectionTimers == b.connectionTimers &&
+         a.typingTimers == b.typingTimers && a.trackedRooms == b.trackedRooms &&
+         a.sessionsWithRooms == b.sessionsWithRooms && a.rooms == b.rooms &&
+         a.totalEntries == b.totalEntries && a.timersPending == b.timersPending &&
+         a.pendingPersistence == b.pendingPersistence &&
+         a.persistDelivered == b.persistDelivered &&
+         a.persistFailures == b.persistFailures && a.persistDropped == b.persistDropped &&
+         a.callbackErrors == b.callbackErrors && a.authTimeouts == b.authTimeouts &&
+         a.forcedCleanups == b.forcedCleanups && a.bytes == b.bytes;
+}
+}  // namespace roomkeeper
+
+namespace Catch {
+template <>
+struct StringMaker<roomkeeper::Result> {
+  static std::string convert(roomkeeper::Result r) {
+    return std::string(roomkeeper::toString(r));
+  }
+};
+template <>
+struct StringMaker<roomkeeper::MemoryStats> {
+  static std::string convert(const roomkeeper::MemoryStats& s) {
+    std::ostringstream o;
+    o << "{clients=" << s.connectedClients << " authenticated=" << s.authenticated
+      << " userSockets=" << s.userSockets << " connectionTimers=" << s.connectionTimers
+      << " typingTimers=" << s.typingTimers << " trackedRooms=" << s.trackedRooms
+      << " sessionsWithRooms=" << s.sessionsWithRooms << " rooms=" << s.rooms
+      << " totalEntries=" << s.totalEntries << " timersPending=" << s.timersPending
+      << " pendingPersistence=" << s.pendingPersistence
+      << " persistDelivered=" << s.persistDelivered
+      << " persistFailures=" << s.persistFailures
+      << " persistDropped=" << s.persistDropped << " callbackErrors=" << s.callbackErrors
+      << " authTimeouts=" << s.authTimeouts << " forcedCleanups=" << s.forcedCleanups
+      << " bytes=" << s.bytes << "}";
+    return o.str();
+  }
+};
+}  // namespace Catch
+
+namespace {
+
+using roomkeeper::BroadcastTargets;
+using roomkeeper::Keeper;
+using roomkeeper::KeeperCallbacks;
+using roomkeeper::KeeperOptions;
+using roomkeeper::LogLevel;
+using roomkeeper::ManualClock;
+using roomkeeper::MemoryStats;
+using roomkeeper::Millis;
+using roomkeeper::PersistCall;
+using roomkeeper::PersistOp;
+using roomkeeper::Result;
+using roomkeeper::ShutdownReport;
+
+std::string persistLine(const PersistCall& c) {
+  return "persist " + std::string(roomkeeper::toString(c.op)) + " " + c.user + " " +
+         c.thread;
+}
+std::string persistLine(PersistOp op, std::string_view user, std::string_view thread) {
+  return persistLine(PersistCall{op, std::string(user), std::string(thread)});
+}
+
+// A Keeper whose every callback is recorded, in order, into `calls`.
+struct Rig {
+  explicit Rig(KeeperOptions o = {}) {
+    o.clock = &clock;
+    keeper = std::make_unique<Keeper>(callbacks(), std::move(o));
+  }
+
+  KeeperCallbacks callbacks() {
+    KeeperCallbacks cb;
+    cb.leave = [this](std::string_view s, std::string_view r) {
+      hit("leave", "leave " + std::string(s) + " " + std::string(r));
+      if (onLeave) onLeave(s, r);
+    };
+    cb.emit = [this](std::string_view s, std::string_view ev, std::string_view p) {
+      std::string line = "emit " + std::string(s) + " " + std::string(ev);
+      if (ev == "typingStarted" || ev == "typingStopped") line += " " + threadOf(p);
+      if (ev == "serverShutdown") payloads.emplace_back(p);
+      hit("emit", line);
+      if (onEmit) onEmit(s, ev);
+    };
+    cb.closeSession = [this](std::string_view s, std::string_view reason) {
+      hit("closeSession", "close " + std::string(s) + " " + std::string(reason));
+      if (onClose) onClose(s);
+    };
+    cb.persist = [this](const PersistCall& c) {
+      ++persistAttempts;
+      attemptTimes.push_back(clock.now());
+      if (onPersist) onPersist(c);
+      if (throwOn.count("persist")) throw std::runtime_error("persist boom");
+      if (failPersist > 0) {
+        --failPersist;
+        return false;
+      }
+      if (persistDown) return false;
+      calls.push_back(persistLine(c));
+      delivered.push_back(c);
+      return true;
+    };
+    cb.log = [this](LogLevel level, std::string_view m) {
+      logs.emplace_back(level, std::string(m));
+    };
+    cb.disconnecting = [this](std::string_view s, const std::vector<std::string>& rooms) {
+      std::string line = "disconnecting " + std::string(s) + " [";
+      for (std::size_t i = 0; i < rooms.size(); ++i) line += (i ? "," : "") + rooms[i];
+      hit("disconnecting", line + "]");
+      if (onDisconnecting) onDisconnecting(s);
+    };
+    cb.userOnline = [this](std::string_view u) {
+      hit("userOnline", "online " + std::string(u));
+    };
+    cb.userOffline = [this](std::string_view u) {
+      hit("userOffline", "offline " + std::string(u));
+    };
+    cb.roomCreated = [this](std::string_view r) {
+      hit("roomCreated", "created " + std::string(r));
+    };
+    cb.roomDeleted = [this](std::string_view r) {
+      hit("roomDeleted", "deleted " + std::string(r));
+    };
+    return cb;
+  }
+
+  static std::string threadOf(std::string_view payload) {
+    // {"threadId":"42","userId":"alice"} -> 42
+    const std::string_view key = "{\"threadId\":\"";
+    if (payload.substr(0, key.size()) != key) return "?";
+    const std::size_t end = payload.find('"', key.size());
+    return std::string(payload.substr(key.size(), end - key.size()));
+  }
+
+  void hit(const std::string& step, std::string line) {
+    calls.push_back(std::move(line));
+    if (throwOn.count(step)) throw std::runtime_error(step + " boom");
+  }
+
+  void advanceMs(long ms) {
+    clock.advanceBy(Millis(ms));
+    keeper->advance();
+  }
+  // Advances 1 ms at a time (so every timer fires at its own time).
+  void stepMs(long ms) {
+    for (long i = 0; i < ms; ++i) advanceMs(1);
+  }
+  MemoryStats stats() const { return keeper->getMemoryStats(); }
+  std::size_t logCount(LogLevel level, std::string_view needle) const {
+    return static_cast<std::size_t>(
+        std::count_if(logs.begin(), logs.end(), [&](const auto& l) {
+          return l.first == level && l.second.find(needle) != std::string::npos;
+        }));
+  }
+  std::size_t callCount(std::string_view line) const {
+    return static_cast<std::size_t>(std::count(calls.begin(), calls.end(), line));
+  }
+
+  ManualClock clock;
+  std::vector<std::string> calls;
+  std::vector<std::string> payloads;
+  std::vector<std::pair<LogLevel, std::string>> logs;
+  std::vector<PersistCall> delivered;
+  std::vector<roomkeeper::SteadyTime> attemptTimes;
+  std::set<std::string> throwOn;
+  int failPersist = 0;       // the next N attempts return false
+  bool persistDown = false;  // every attempt returns false
+  int persistAttempts = 0;
+  std::function<void(std::string_view, std::string_view)> onLeave;
+  std::function<void(std::string_view, std::string_view)> onEmit;
+  std::function<void(const PersistCall&)> onPersist;
+  std::function<void(std::string_view)> onDisconnecting;
+  std::function<void(std::string_view)> onClose;
+  std::unique_ptr<Keeper> keeper;
+};
+
+void requireEmpty(const MemoryStats& s) {
+  INFO(Catch::StringMaker<MemoryStats>::convert(s));
+  CHECK(s.connectedClients == 0);
+  CHECK(s.authenticated == 0);
+  CHECK(s.userSockets == 0);
+  CHECK(s.connectionTimers == 0);
+  CHECK(s.typingTimers == 0);
+  CHECK(s.trackedRooms == 0);
+  CHECK(s.sessionsWithRooms == 0);
+  CHECK(s.rooms == 0);
+  CHECK(s.totalEntries == 0);
+  CHECK(s.pendingPersistence == 0);
+}
+
+// alice on a1 in thread:42, thread:7 and job:1, typing in 42 and 7; bob on
+// b1 in thread:42 and thread:7.
+void standardScene(Rig& rig) {
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("b1", "bob") == Result::kOk);
+  REQUIRE(k.trackRoom("a1", "thread:42") == Result::kOk);
+  REQUIRE(k.trackRoom("a1", "thread:7") == Result::kOk);
+  REQUIRE(k.trackRoom("a1", "job:1") == Result::kOk);
+  REQUIRE(k.trackRoom("b1", "thread:42") == Result::kOk);
+  REQUIRE(k.trackRoom("b1", "thread:7") == Result::kOk);
+  REQUIRE(k.startTyping("a1", "42") == Result::kOk);
+  REQUIRE(k.startTyping("a1", "7") == Result::kOk);
+}
+
+// ------------------------------------------------------------- JSON ---
+
+// A flat {"key":number,...} object; false on anything else.
+bool parseFlatJson(const std::string& s, std::map<std::string, double>* out) {
+  std::size_t i = 0;
+  auto ws = [&] {
+    while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  };
+  ws();
+  if (i >= s.size() || s[i++] != '{') return false;
+  ws();
+  if (i < s.size() && s[i] == '}') return ++i, ws(), i == s.size();
+  for (;;) {
+    ws();
+    if (i >= s.size() || s[i++] != '"') return false;
+    const std::size_t k = i;
+    while (i < s.size() && s[i] != '"') {
+      if (s[i] == '\\') return false;  // no escapes in our keys
+      ++i;
+    }
+    if (i >= s.size()) return false;
+    const std::string key = s.substr(k, i - k);
+    ++i;
+    ws();
+    if (i >= s.size() || s[i++] != ':') return false;
+    ws();
+    const char* begin = s.c_str() + i;
+    char* end = nullptr;
+    const double v = std::strtod(begin, &end);
+    if (end == begin) return false;
+    i += static_cast<std::size_t>(end - begin);
+    if (!out->emplace(key, v).second) return false;  // duplicate key
+    ws();
+    if (i >= s.size()) return false;
+    if (s[i] == ',') {
+      ++i;
+      continue;
+    }
+    if (s[i++] != '}') return false;
+    ws();
+    return i == s.size();
+  }
+}
+
+std::map<std::string, double> expectedByJsonKey(const MemoryStats& s) {
+  auto d = [](auto v) { return static_cast<double>(v); };
+  return {{"connectedClients", d(s.connectedClients)},
+          {"authenticated", d(s.authenticated)},
+          {"userSockets", d(s.userSockets)},
+          {"connectionTimers", d(s.connectionTimers)},
+          {"typingTimers", d(s.typingTimers)},
+          {"trackedRooms", d(s.trackedRooms)},
+          {"sessionsWithRooms", d(s.sessionsWithRooms)},
+          {"rooms", d(s.rooms)},
+          {"totalEntries", d(s.totalEntries)},
+          {"timersPending", d(s.timersPending)},
+          {"pendingPersistence", d(s.pendingPersistence)},
+          {"persistDelivered", d(s.persistDelivered)},
+          {"persistFailures", d(s.persistFailures)},
+          {"persistDropped", d(s.persistDropped)},
+          {"callbackErrors", d(s.callbackErrors)},
+          {"authTimeouts", d(s.authTimeouts)},
+          {"forcedCleanups", d(s.forcedCleanups)},
+          {"bytes", d(s.bytes)}};
+}
+
+std::map<std::string, double> expectedByMetric(const MemoryStats& s) {
+  auto d = [](auto v) { return static_cast<double>(v); };
+  return {{"roomkeeper_connected_clients", d(s.connectedClients)},
+          {"roomkeeper_authenticated_sessions", d(s.authenticated)},
+          {"roomkeeper_user_sockets", d(s.userSockets)},
+          {"roomkeeper_connection_timers", d(s.connectionTimers)},
+          {"roomkeeper_typing_timers", d(s.typingTimers)},
+          {"roomkeeper_tracked_rooms", d(s.trackedRooms)},
+          {"roomkeeper_sessions_with_rooms", d(s.sessionsWithRooms)},
+          {"roomkeeper_rooms", d(s.rooms)},
+          {"roomkeeper_total_entries", d(s.totalEntries)},
+          {"roomkeeper_timers_pending", d(s.timersPending)},
+          {"roomkeeper_persistence_pending", d(s.pendingPersistence)},
+          {"roomkeeper_persistence_delivered_total", d(s.persistDelivered)},
+          {"roomkeeper_persistence_failures_total", d(s.persistFailures)},
+          {"roomkeeper_persistence_dropped_total", d(s.persistDropped)},
+          {"roomkeeper_callback_errors_total", d(s.callbackErrors)},
+          {"roomkeeper_auth_timeouts_total", d(s.authTimeouts)},
+          {"roomkeeper_forced_cleanups_total", d(s.forcedCleanups)},
+          {"roomkeeper_bytes", d(s.bytes)}};
+}
+
+// A Keeper with a bit of everything, so that most statistics are non-zero
+// and different from each other.
+void busyScene(Rig& rig) {
+  Keeper& k = *rig.keeper;
+  rig.failPersist = 2;
+  for (int i = 0; i < 6; ++i) {
+    const std::string s = "s" + std::to_string(i);
+    REQUIRE(k.connectAuthenticated(s, "u" + std::to_string(i % 4)) == Result::kOk);
+    for (int r = 0; r <= i; ++r)
+      REQUIRE(k.trackRoom(s, "room:" + std::to_string(r)) == Result::kOk);
+  }
+  REQUIRE(k.startTyping("s0", "1") == Result::kOk);
+  REQUIRE(k.startTyping("s1", "1") == Result::kOk);
+  REQUIRE(k.startTyping("s2", "2") == Result::kOk);
+  REQUIRE(k.connect("anon1") == Result::kOk);
+  REQUIRE(k.connect("anon2") == Result::kOk);
+  REQUIRE(k.connect("late") == Result::kOk);
+  REQUIRE(k.forceCleanup("s5") == Result::kOk);
+  rig.throwOn.insert("leave");
+  REQUIRE(k.untrackRoom("s4", "room:0") == Result::kOk);  // one callback error
+  rig.throwOn.clear();
+  rig.advanceMs(30000);  // auth deadlines: anon1, anon2, late; typing auto-clears
+  REQUIRE(k.connect("anon3") == Result::kOk);
+  REQUIRE(k.startTyping("s3", "3") == Result::kOk);
+  rig.persistDown = true;
+  REQUIRE(k.startTyping("s4", "4") == Result::kOk);  // pending persistence
+}
+
+}  // namespace
+
+// ------------------------------------------------------- Disconnect ---
+
+TEST_CASE("disconnect runs the documented order", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  rig.calls.clear();
+  REQUIRE(rig.keeper->disconnect("a1") == Result::kOk);
+
+  // 1. disconnecting with the rooms as they were; 3. typing (each
+  // indicator: typingStopped to the thread room, then persistence), the
+  // wildcard for alice's last session; 4. every room left (job:1 empties);
+  // 6. userOffline last.
+  const std::vector<std::string> head{
+      "disconnecting a1 [thread:42,thread:7,job:1]",
+      "emit b1 typingStopped 42",
+      persistLine(PersistOp::kTypingStopped, "alice", "42"),
+      "emit b1 typingStopped 7",
+      persistLine(PersistOp::kTypingStopped, "alice", "7"),
+      persistLine(PersistOp::kTypingStoppedAll, "alice", ""),
+  };
+  INFO([&] {
+    std::string all;
+    for (const auto& c : rig.calls) all += "  " + c + "\n";
+    return "calls:\n" + all;
+  }());
+  REQUIRE(rig.calls.size() == head.size() + 4 + 1);
+  CHECK(std::vector<std::string>(rig.calls.begin(), rig.calls.begin() + 6) == head);
+  // The leaves: one per room, in any order; job:1 is deleted right after
+  // its last member leaves.
+  std::vector<std::string> leaves(rig.calls.begin() + 6, rig.calls.begin() + 10);
+  const auto job = std::find(leaves.begin(), leaves.end(), "leave a1 job:1");
+  REQUIRE(job != leaves.end());
+  REQUIRE(job + 1 != leaves.end());
+  CHECK(*(job + 1) == "deleted job:1");
+  std::sort(leaves.begin(), leaves.end());
+  CHECK(leaves == (std::vector<std::string>{"deleted job:1", "leave a1 job:1",
+                                            "leave a1 thread:42", "leave a1 thread:7"}));
+  CHECK(rig.calls.back() == "offline alice");
+
+  const MemoryStats st = rig.stats();
+  CHECK(st.connectedClients == 1);
+  CHECK(st.authenticated == 1);
+  CHECK(st.userSockets == 1);
+  CHECK(st.typingTimers == 0);
+  CHECK(st.trackedRooms == 2);
+  CHECK(st.rooms == 2);
+  CHECK(st.connectionTimers == 0);
+  CHECK_FALSE(rig.keeper->registry().isConnected("a1"));
+}
+
+TEST_CASE("disconnect of one device of several: no wildcard, no userOffline",
+          "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("a2", "alice") == Result::kOk);
+  REQUIRE(k.trackRoom("a1", "thread:1") == Result::kOk);
+  REQUIRE(k.trackRoom("a2", "thread:1") == Result::kOk);
+  REQUIRE(k.startTyping("a1", "1") == Result::kOk);
+  REQUIRE(k.startTyping("a2", "1") == Result::kAlreadyDone);
+  rig.calls.clear();
+  REQUIRE(k.disconnect("a1") == Result::kOk);
+  CHECK(rig.calls ==
+        (std::vector<std::string>{"disconnecting a1 [thread:1]", "leave a1 thread:1"}));
+  CHECK(k.typing().isTyping("alice", "1"));  // a2 still types
+  rig.calls.clear();
+  REQUIRE(k.disconnect("a2") == Result::kOk);
+  CHECK(rig.calls == (std::vector<std::string>{
+                         "disconnecting a2 [thread:1]",
+                         persistLine(PersistOp::kTypingStopped, "alice", "1"),
+                         persistLine(PersistOp::kTypingStoppedAll, "alice", ""),
+                         "leave a2 thread:1", "deleted thread:1", "offline alice"}));
+}
+
+TEST_CASE("a second disconnect is kNotConnected and calls nothing", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  REQUIRE(rig.keeper->disconnect("a1") == Result::kOk);
+  const MemoryStats before = rig.stats();
+  rig.calls.clear();
+  rig.logs.clear();
+  CHECK(rig.keeper->disconnect("a1") == Result::kNotConnected);
+  CHECK(rig.keeper->forceCleanup("a1") == Result::kNotConnected);
+  CHECK(rig.keeper->disconnect("never") == Result::kNotConnected);
+  CHECK(rig.keeper->disconnect("") == Result::kNotConnected);
+  CHECK(rig.calls.empty());
+  CHECK(rig.logs.empty());
+  CHECK(rig.stats() == before);
+}
+
+TEST_CASE("calls after disconnect are kNotConnected and change nothing", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  REQUIRE(rig.keeper->disconnect("a1") == Result::kOk);
+  const MemoryStats before = rig.stats();
+  rig.calls.clear();
+  Keeper& k = *rig.keeper;
+  CHECK(k.trackRoom("a1", "thread:42") == Result::kNotConnected);
+  CHECK(k.trackRoom("a1", "new-room") == Result::kNotConnected);
+  CHECK(k.untrackRoom("a1", "thread:42") == Result::kNotConnected);
+  CHECK(k.clearRoomTracking("a1") == 0);
+  CHECK(k.startTyping("a1", "42") == Result::kNotConnected);
+  CHECK(k.stopTyping("a1", "42") == Result::kNotConnected);
+  CHECK(k.authenticate("a1", "alice") == Result::kNotConnected);
+  CHECK(rig.stats() == before);
+  CHECK(rig.calls.empty());
+  CHECK_FALSE(k.registry().roomExists("new-room"));
+  // The id may connect again, as a new session.
+  CHECK(k.connect("a1") == Result::kOk);
+  CHECK(k.registry().roomCount("a1") == 0);
+}
+
+TEST_CASE("a disconnect from inside the session's own disconnect callbacks does nothing",
+          "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  std::vector<Result> inner;
+  rig.onDisconnecting = [&](std::string_view s) {
+    inner.push_back(rig.keeper->disconnect(s));
+    inner.push_back(rig.keeper->trackRoom(s, "again"));
+  };
+  rig.onLeave = [&](std::string_view s, std::string_view) {
+    inner.push_back(rig.keeper->disconnect(s));
+  };
+  rig.calls.clear();
+  REQUIRE(rig.keeper->disconnect("a1") == Result::kOk);
+  REQUIRE(inner.size() == 2 + 3);
+  // keeper.h documents kClosing here; callbacks run after the state change,
+  // so by then the session is gone and the answer is kNotConnected. Either
+  // way: refused, and no second sequence.
+  for (const Result r : inner) {
+    INFO(roomkeeper::toString(r));
+    CHECK((r == Result::kClosing || r == Result::kNotConnected));
+  }
+  CHECK(rig.callCount("disconnecting a1 [thread:42,thread:7,job:1]") == 1);
+  CHECK(rig.callCount("offline alice") == 1);
+  CHECK_FALSE(rig.keeper->registry().roomExists("again"));
+}
+
+// ------------------------------------------------------ Authentication ---
+
+TEST_CASE("trackRoom and startTyping need authentication", "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connect("s1") == Result::kOk);
+  CHECK(k.connect("s1") == Result::kAlreadyConnected);
+  CHECK(k.connect("") == Result::kInvalidId);
+  const MemoryStats before = rig.stats();
+  CHECK(k.trackRoom("s1", "room") == Result::kNotAuthenticated);
+  CHECK(k.startTyping("s1", "42") == Result::kNotAuthenticated);
+  CHECK(rig.stats() == before);
+  CHECK(before.connectedClients == 1);
+  CHECK(before.authenticated == 0);
+  CHECK(before.connectionTimers == 1);
+
+  CHECK(k.authenticate("nobody", "alice") == Result::kNotConnected);
+  CHECK(k.authenticate("s1", "") == Result::kInvalidId);
+  REQUIRE(k.authenticate("s1", "alice") == Result::kOk);
+  CHECK(k.authenticate("s1", "alice") == Result::kAlreadyDone);
+  CHECK(k.authenticate("s1", "bob") == Result::kUserMismatch);
+  CHECK(rig.stats().authenticated == 1);
+  CHECK(rig.stats().connectionTimers == 0);
+  CHECK(k.trackRoom("s1", "room") == Result::kOk);
+  CHECK(k.startTyping("s1", "42") == Result::kOk);
+}
+
+TEST_CASE("a refused connectAuthenticated leaves nothing and calls nothing", "[keeper]") {
+  KeeperOptions o;
+  o.limits.maxSessionsPerUser = 1;
+  Rig rig(o);
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  const MemoryStats before = rig.stats();
+  rig.calls.clear();
+  CHECK(k.connectAuthenticated("a2", "alice") == Result::kTooManySessions);
+  CHECK(k.connectAuthenticated("a3", "") == Result::kInvalidId);
+  CHECK(k.connectAuthenticated("a4", std::string(256, 'u')) == Result::kInvalidId);
+  CHECK(k.connectAuthenticated("a1", "alice") == Result::kAlreadyConnected);
+  CHECK(rig.calls.empty());
+  CHECK(rig.stats() == before);
+  CHECK_FALSE(k.registry().isConnected("a2"));
+  CHECK(before.authenticated == 1);
+  CHECK(before.connectionTimers == 0);
+  rig.advanceMs(60000);
+  CHECK(rig.calls.empty());
+}
+
+TEST_CASE("the auth deadline closes the session at 30 s, not before", "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connect("s1") == Result::kOk);
+  CHECK(rig.stats().connectionTimers == 1);
+  CHECK(rig.stats().timersPending == 1);
+  rig.advanceMs(29999);
+  CHECK(rig.callCount("close s1 auth_timeout") == 0);
+  CHECK(k.registry().isConnected("s1"));
+  CHECK(rig.stats().authTimeouts == 0);
+
+  // closeSession: the Keeper has already forgotten the session.
+  bool connectedInClose = true;
+  rig.onClose = [&](std::string_view s) {
+    connectedInClose = k.registry().isConnected(s);
+  };
+  rig.advanceMs(1);
+  CHECK(rig.callCount("close s1 auth_timeout") == 1);
+  CHECK(rig.callCount("disconnecting s1 []") == 1);
+  CHECK_FALSE(connectedInClose);
+  const MemoryStats st = rig.stats();
+  CHECK(st.authTimeouts == 1);
+  requireEmpty(st);
+  CHECK(st.timersPending == 0);
+  CHECK(rig.logCount(LogLevel::kInfo, "did not authenticate") == 1);
+
+  // Later: nothing more.
+  rig.calls.clear();
+  rig.advanceMs(60000);
+  CHECK(rig.calls.empty());
+  CHECK(rig.stats().authTimeouts == 1);
+}
+
+TEST_CASE("authenticate cancels the auth deadline", "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connect("s1") == Result::kOk);
+  REQUIRE(k.connect("s2") == Result::kOk);
+  rig.advanceMs(29999);
+  REQUIRE(k.authenticate("s1", "alice") == Result::kOk);
+  CHECK(rig.stats().connectionTimers == 1);  // s2's
+  rig.advanceMs(1);
+  CHECK(rig.callCount("close s2 auth_timeout") == 1);
+  rig.advanceMs(120000);
+  CHECK(rig.callCount("close s1 auth_timeout") == 0);
+  CHECK(k.registry().isConnected("s1"));
+  CHECK(rig.stats().authTimeouts == 1);
+  CHECK(rig.stats().connectionTimers == 0);
+  CHECK(rig.stats().timersPending == 0);
+  // A disconnect before the deadline cancels it too.
+  REQUIRE(k.connect("s3") == Result::kOk);
+  REQUIRE(k.disconnect("s3") == Result::kOk);
+  CHECK(rig.stats().connectionTimers == 0);
+  CHECK(rig.stats().timersPending == 0);
+  rig.advanceMs(30000);
+  CHECK(rig.callCount("close s3 auth_timeout") == 0);
+}
+
+TEST_CASE("authTimeout 0 arms no deadline", "[keeper]") {
+  KeeperOptions o;
+  o.authTimeout = Millis(0);
+  Rig rig(o);
+  REQUIRE(rig.keeper->connect("s1") == Result::kOk);
+  CHECK(rig.stats().connectionTimers == 0);
+  CHECK(rig.stats().timersPending == 0);
+  rig.advanceMs(3600 * 1000);
+  CHECK(rig.keeper->registry().isConnected("s1"));
+}
+
+// ------------------------------------------------------- forceCleanup ---
+
+TEST_CASE("forceCleanup runs the disconnect sequence and counts it", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  rig.calls.clear();
+  REQUIRE(rig.keeper->forceCleanup("a1") == Result::kOk);
+  CHECK(rig.calls.front() == "disconnecting a1 [thread:42,thread:7,job:1]");
+  CHECK(rig.callCount("leave a1 job:1") == 1);
+  CHECK(rig.callCount(persistLine(PersistOp::kTypingStoppedAll, "alice", "")) == 1);
+  CHECK(rig.calls.back() == "offline alice");
+  CHECK(rig.stats().forcedCleanups == 1);
+  CHECK(rig.keeper->forceCleanup("a1") == Result::kNotConnected);
+  CHECK(rig.stats().forcedCleanups == 1);
+  REQUIRE(rig.keeper->forceCleanup("b1") == Result::kOk);
+  CHECK(rig.stats().forcedCleanups == 2);
+  requireEmpty(rig.stats());
+}
+
+// ----------------------------------------------------------- Shutdown ---
+
+TEST_CASE("shutdown tells everyone, closes everything, refuses everything", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a2", "alice") == Result::kOk);
+  REQUIRE(k.connect("anon") == Result::kOk);  // auth deadline armed
+  rig.calls.clear();
+
+  const ShutdownReport rep = k.shutdown();
+  CHECK(rep.sessionsClosed == 4);
+  CHECK(rep.persistUndelivered == 0);
+  CHECK(rep.timersCancelled >= 3);  // two typing timers and one auth deadline
+  for (const char* s : {"a1", "a2", "b1", "anon"}) {
+    INFO(s);
+    CHECK(rig.callCount("emit " + std::string(s) + " serverShutdown") == 1);
+    CHECK(rig.callCount("close " + std::string(s) + " shutdown") == 1);
+  }
+  for (const std::string& p : rig.payloads)
+    CHECK(p.find("Server is shutting down") != std::string::npos);
+  CHECK(rig.callCount("offline alice") == 1);
+  CHECK(rig.callCount("offline bob") == 1);
+  CHECK(rig.callCount(persistLine(PersistOp::kTypingStoppedAll, "alice", "")) == 1);
+  CHECK(rig.callCount(persistLine(PersistOp::kTypingStopped, "alice", "42")) == 1);
+  const MemoryStats st = rig.stats();
+  requireEmpty(st);
+  CHECK(st.timersPending == 0);
+  CHECK(k.isShutDown());
+
+  rig.calls.clear();
+  CHECK(k.connect("x") == Result::kShutDown);
+  CHECK(k.authenticate("a1", "alice") == Result::kShutDown);
+  CHECK(k.connectAuthenticated("x", "alice") == Result::kShutDown);
+  CHECK(k.trackRoom("a1", "r") == Result::kShutDown);
+  CHECK(k.untrackRoom("a1", "r") == Result::kShutDown);
+  CHECK(k.clearRoomTracking("a1") == 0);
+  CHECK(k.startTyping("a1", "1") == Result::kShutDown);
+  CHECK(k.stopTyping("a1", "1") == Result::kShutDown);
+  CHECK(k.disconnect("a1") == Result::kShutDown);
+  CHECK(k.forceCleanup("a1") == Result::kShutDown);
+  BroadcastTargets everyone;
+  everyone.rooms = {"thread:42"};
+  CHECK(k.broadcast(everyone, "x", "{}") == 0);
+  rig.advanceMs(100000);
+  CHECK(k.checkThresholds() == 0);
+  const ShutdownReport again = k.shutdown();
+  CHECK(again.sessionsClosed == 0);
+  CHECK(again.timersCancelled == 0);
+  CHECK(again.persistUndelivered == 0);
+  CHECK(rig.calls.empty());
+  CHECK(rig.stats() == st);
+}
+
+TEST_CASE("shutdown from inside callbacks", "[keeper]") {
+  Rig rig;
+  standardScene(rig);
+  REQUIRE(rig.keeper->connect("anon") == Result::kOk);
+  Keeper& k = *rig.keeper;
+  ShutdownReport inner;
+  int shutdowns = 0;
+  auto shutdownOnce = [&] {
+    if (shutdowns == 0) {
+      ++shutdowns;
+      inner = k.shutdown();
+    }
+  };
+
+  SECTION("from a leave callback during disconnect") {
+    rig.onLeave = [&](std::string_view, std::string_view) { shutdownOnce(); };
+    CHECK(k.disconnect("a1") == Result::kOk);
+    CHECK(inner.sessionsClosed == 2);  // b1 and anon; a1 was already gone
+  }
+  SECTION("from an emit callback during advance()") {
+    rig.onEmit = [&](std::string_view, std::string_view ev) {
+      if (ev == "typingStopped") shutdownOnce();
+    };
+    rig.advanceMs(5000);  // the auto-clear emits typingStopped to b1
+    CHECK(inner.sessionsClosed == 3);
+    CHECK(rig.callCount("close a1 shutdown") == 1);
+  }
+  SECTION("from a persist callback") {
+    rig.onPersist = [&](const PersistCall&) { shutdownOnce(); };
+    CHECK(k.stopTyping("a1", "42") == Result::kOk);
+    CHECK(inner.sessionsClosed == 3);
+  }
+  SECTION("from the disconnecting observer") {
+    rig.onDisconnecting = [&](std::string_view) { shutdownOnce(); };
+    CHECK(k.forceCleanup("a1") == Result::kOk);
+    CHECK(inner.sessionsClosed == 2);
+  }
+  CHECK(shutdowns == 1);
+  CHECK(k.isShutDown());
+  CHECK(rig.callCount("close b1 shutdown") == 1);
+  CHECK(rig.callCount("close anon shutdown") == 1);
+  CHECK(rig.callCount("offline alice") == 1);
+  CHECK(rig.callCount("offline bob") == 1);
+  const MemoryStats st = rig.stats();
+  requireEmpty(st);
+  CHECK(st.timersPending == 0);
+  CHECK(st.callbackErrors == 0);
+  CHECK(k.connect("x") == Result::kShutDown);
+  rig.advanceMs(60000);
+  requireEmpty(rig.stats());
+}
+
+// ------------------------------------------------- Throwing callbacks ---
+
+TEST_CASE("a callback that throws at any step leaves nothing half-cleaned", "[keeper]") {
+  const std::string step =
+      GENERATE(as<std::string>{}, "leave", "emit", "persist", "disconnecting",
+               "userOffline", "closeSession", "roomDeleted");
+  INFO("throwing: " << step);
+  Rig rig;
+  standardScene(rig);
+  REQUIRE(rig.keeper->connect("anon") == Result::kOk);
+  rig.calls.clear();
+  rig.logs.clear();
+  rig.delivered.clear();
+  rig.throwOn.insert(step);
+
+  REQUIRE(rig.keeper->disconnect("a1") == Result::kOk);
+  rig.advanceMs(30000);  // anon's auth deadline: closeSession
+  REQUIRE(rig.keeper->disconnect("b1") == Result::kOk);
+
+  // Every step still ran, whichever threw.
+  for (const std::string& line :
+       {std::string("disconnecting a1 [thread:42,thread:7,job:1]"),
+        std::string("emit b1 typingStopped 42"), std::string("emit b1 typingStopped 7"),
+        std::string("leave a1 thread:42"), std::string("leave a1 thread:7"),
+        std::string("leave a1 job:1"), std::string("deleted job:1"),
+        std::string("offline alice"), std::string("close anon auth_timeout"),
+        std::string("disconnecting anon []"), std::string("leave b1 thread:42"),
+        std::string("offline bob")}) {
+    INFO(line);
+    CHECK(rig.callCount(line) == 1);
+  }
+  MemoryStats st = rig.stats();
+  CHECK(st.callbackErrors >= 1);
+  CHECK(rig.logCount(LogLevel::kError, "threw") >= 1);
+  CHECK(rig.logCount(LogLevel::kError, "threw") ==
+        static_cast<std::size_t>(st.callbackErrors));
+  CHECK(st.connectedClients == 0);
+  CHECK(st.userSockets == 0);
+  CHECK(st.typingTimers == 0);
+  CHECK(st.trackedRooms == 0);
+  CHECK(st.rooms == 0);
+  CHECK(st.connectionTimers == 0);
+  CHECK(st.totalEntries == 0);
+
+  // Persistence calls are retried until delivered, in order.
+  rig.throwOn.clear();
+  rig.stepMs(60000);
+  st = rig.stats();
+  requireEmpty(st);
+  CHECK(st.timersPending == 0);
+  const std::vector<std::string> expected{
+      persistLine(PersistOp::kTypingStopped, "alice", "42"),
+      persistLine(PersistOp::kTypingStopped, "alice", "7"),
+      persistLine(PersistOp::kTypingStoppedAll, "alice", ""),
+      persistLine(PersistOp::kTypingStoppedAll, "bob", ""),
+  };
+  std::vector<std::string> got;
+  for (const PersistCall& c : rig.delivered) got.push_back(persistLine(c));
+  CHECK(got == expected);
+}
+
+TEST_CASE("a throwing callback during shutdown still ends everything", "[keeper]") {
+  const std::string step =
+      GENERATE(as<std::string>{}, "leave", "emit", "closeSession", "userOffline");
+  INFO("throwing: " << step);
+  Rig rig;
+  standardScene(rig);
+  REQUIRE(rig.keeper->connect("anon") == Result::kOk);
+  rig.throwOn.insert(step);
+  const ShutdownReport rep = rig.keeper->shutdown();
+  CHECK(rep.sessionsClosed == 3);
+  requireEmpty(rig.stats());
+  CHECK(rig.stats().callbackErrors >= 1);
+  CHECK(rig.callCount("close anon shutdown") == 1);
+  CHECK(rig.callCount("emit b1 serverShutdown") == 1);
+}
+
+// -------------------------------------------------------- Persistence ---
+
+TEST_CASE("persistence failing N times is retried with backoff, in order", "[keeper]") {
+  const int n = GENERATE(1, 2, 5, 8);
+  INFO("failures: " << n);
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("b1", "bob") == Result::kOk);
+  rig.failPersist = n;
+  REQUIRE(k.startTyping("a1", "1") == Result::kOk);
+  REQUIRE(k.startTyping("a1", "2") == Result::kOk);
+  REQUIRE(k.startTyping("b1", "1") == Result::kOk);
+  REQUIRE(k.stopTyping("a1", "1") == Result::kOk);
+  REQUIRE(k.stopTyping("b1", "1") == Result::kOk);
+  CHECK(rig.persistAttempts == 1);  // the first failed; the rest wait behind it
+  CHECK(rig.stats().pendingPersistence == 5);
+  CHECK(rig.stats().persistFailures == 1);
+  CHECK(rig.stats().timersPending == 2);  // alice's thread 2, the retry
+
+  // The retries come at 100, 200, 400, ... ms after each failure.
+  std::size_t maxPending = 0;
+  for (int ms = 0; ms < 60000; ++ms) {
+    rig.advanceMs(1);
+    const MemoryStats st = rig.stats();
+    maxPending = std::max(maxPending, st.pendingPersistence);
+    if (rig.persistAttempts <= n) CHECK(st.pendingPersistence > 0);
+    if (rig.persistAttempts > n && st.pendingPersistence == 0 && st.typingTimers == 0)
+      break;
+  }
+  CHECK(maxPending >= 5);
+  const MemoryStats st = rig.stats();
+  CHECK(st.pendingPersistence == 0);
+  CHECK(st.persistFailures == static_cast<std::uint64_t>(n));
+  CHECK(st.persistDelivered == 6);
+  CHECK(st.timersPending == 0);
+  REQUIRE(rig.attemptTimes.size() == static_cast<std::size_t>(n) + 6);
+  long expectedGap = 100;
+  for (int i = 1; i <= n; ++i) {
+    const auto gap =
+        std::chrono::duration_cast<Millis>(rig.attemptTimes[i] - rig.attemptTimes[i - 1]);
+    INFO("retry " << i);
+    CHECK(gap.count() == expectedGap);
+    expectedGap = std::min(expectedGap * 2, 30000L);
+  }
+  const std::vector<std::string> expected{
+      persistLine(PersistOp::kTypingStarted, "alice", "1"),
+      persistLine(PersistOp::kTypingStarted, "alice", "2"),
+      persistLine(PersistOp::kTypingStarted, "bob", "1"),
+      persistLine(PersistOp::kTypingStopped, "alice", "1"),
+      persistLine(PersistOp::kTypingStopped, "bob", "1"),
+      persistLine(PersistOp::kTypingStopped, "alice", "2"),  // the auto-clear
+  };
+  std::vector<std::string> got;
+  for (const PersistCall& c : rig.delivered) got.push_back(persistLine(c));
+  CHECK(got == expected);
+}
+
+TEST_CASE("the persistence queue is bounded: the oldest call is dropped and logged",
+          "[keeper]") {
+  KeeperOptions o;
+  o.typing.maxPendingPersist = 3;
+  Rig rig(o);
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  rig.persistDown = true;
+  for (int t = 1; t <= 6; ++t)
+    REQUIRE(k.startTyping("a1", std::to_string(t)) == Result::kOk);
+  MemoryStats st = rig.stats();
+  CHECK(st.pendingPersistence == 3);
+  CHECK(st.persistDropped == 3);
+  CHECK(rig.logCount(LogLevel::kError, "persistence queue full") == 3);
+  CHECK(rig.logCount(LogLevel::kError, "dropped typing_started user=alice thread=1") ==
+        1);
+
+  rig.persistDown = false;
+  rig.stepMs(200);
+  st = rig.stats();
+  CHECK(st.pendingPersistence == 0);
+  std::vector<std::string> got;
+  for (const PersistCall& c : rig.delivered) got.push_back(persistLine(c));
+  CHECK(got ==
+        (std::vector<std::string>{persistLine(PersistOp::kTypingStarted, "alice", "4"),
+                                  persistLine(PersistOp::kTypingStarted, "alice", "5"),
+                                  persistLine(PersistOp::kTypingStarted, "alice", "6")}));
+}
+
+TEST_CASE("shutdown makes a last persistence attempt and reports what is undelivered",
+          "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("a1", "alice") == Result::kOk);
+  rig.persistDown = true;
+  REQUIRE(k.startTyping("a1", "1") == Result::kOk);
+  REQUIRE(k.startTyping("a1", "2") == Result::kOk);
+  CHECK(rig.stats().pendingPersistence == 2);
+
+  SECTION("still failing: every call reported and logged") {
+    const ShutdownReport rep = k.shutdown();
+    // started 1, started 2, stopped 1, stopped 2, the wildcard.
+    CHECK(rep.persistUndelivered == 5);
+    CHECK(rig.logCount(LogLevel::kError, "undelivered persistence call") == 5);
+    CHECK(rig.delivered.empty());
+  }
+  SECTION("recovered: the last attempt delivers everything, ignoring backoff") {
+    rig.persistDown = false;  // the retry is 100 ms away; shutdown does not wait
+    const ShutdownReport rep = k.shutdown();
+    CHECK(rep.persistUndelivered == 0);
+    std::vector<std::string> got;
+    for (const PersistCall& c : rig.delivered) got.push_back(persistLine(c));
+    const std::vector<std::string> expected{
+        persistLine(PersistOp::kTypingStarted, "alice", "1"),
+        persistLine(PersistOp::kTypingStarted, "alice", "2"),
+        persistLine(PersistOp::kTypingStopped, "alice", "1"),
+        persistLine(PersistOp::kTypingStopped, "alice", "2"),
+        persistLine(PersistOp::kTypingStoppedAll, "alice", ""),
+    };
+    CHECK(got == expected);
+  }
+  const MemoryStats st = rig.stats();
+  requireEmpty(st);  // "afterwards every count is 0"
+  CHECK(st.timersPending == 0);
+  const int attempts = rig.persistAttempts;
+  rig.advanceMs(120000);
+  CHECK(rig.persistAttempts == attempts);  // no retry after shutdown
+}
+
+// ----------------------------------------------------------- Warnings ---
+
+TEST_CASE("threshold warnings are logged and rate-limited", "[keeper]") {
+  KeeperOptions o;
+  o.warnTypingTimers = 2;
+  o.warnRoomsPerConnection = 2.0;
+  o.warnConnections = 2;
+  o.warnInterval = Millis(60000);
+  o.authTimeout = Millis(0);
+  Rig rig(o);
+  Keeper& k = *rig.keeper;
+  auto warnings = [&](std::string_view needle) {
+    return rig.logCount(LogLevel::kWarning, needle);
+  };
+
+  SECTION("connections") {
+    REQUIRE(k.connectAuthenticated("s1", "u") == Result::kOk);
+    REQUIRE(k.connectAuthenticated("s2", "u") == Result::kOk);
+    CHECK(warnings("connection count") == 0);
+    REQUIRE(k.connectAuthenticated("s3", "u") == Result::kOk);  // 3 > 2
+    CHECK(warnings("high connection count: 3") == 1);
+    REQUIRE(k.connectAuthenticated("s4", "u") == Result::kOk);
+    CHECK(k.checkThresholds() == 0);  // within the interval: nothing
+    CHECK(warnings("connection count") == 1);
+    rig.clock.advanceBy(Millis(59999));
+    CHECK(k.checkThresholds() == 0);
+    rig.clock.advanceBy(Millis(1));
+    CHECK(k.checkThresholds() == 1);
+    CHECK(warnings("high connection count: 4") == 1);
+    CHECK(k.checkThresholds() == 0);
+  }
+  SECTION("typing timers") {
+    REQUIRE(k.connectAuthenticated("s1", "u") == Result::kOk);
+    REQUIRE(k.connectAuthenticated("s2", "v") == Result::kOk);
+    REQUIRE(k.startTyping("s1", "1") == Result::kOk);
+    REQUIRE(k.startTyping("s1", "2") == Result::kOk);
+    CHECK(warnings("typing timer") == 0);
+    REQUIRE(k.startTyping("s2", "1") == Result::kOk);  // 3 > 2
+    CHECK(warnings("high typing timer count: 3") == 1);
+    REQUIRE(k.startTyping("s2", "2") == Result::kOk);
+    CHECK(warnings("typing timer") == 1);
+    rig.clock.advanceBy(Millis(4000));  // timers due, not fired: still 4
+    CHECK(k.checkThresholds() == 0);
+    rig.clock.advanceBy(Millis(60000));
+    CHECK(k.checkThresholds() == 1);
+    CHECK(warnings("high typing timer count: 4") == 1);
+  }
+  SECTION("tracked rooms per connection") {
+    REQUIRE(k.connectAuthenticated("s1", "u") == Result::kOk);
+    REQUIRE(k.trackRoom("s1", "r1") == Result::kOk);
+    REQUIRE(k.trackRoom("s1", "r2") == Result::kOk);
+    CHECK(warnings("room tracking exceeds") == 0);
+    REQUIRE(k.trackRoom("s1", "r3") == Result::kOk);  // 3 > 2 x 1
+    CHECK(
+        warnings(
+            "room tracking exceeds expected ratio: 3 tracked rooms for 1 connections") ==
+        1);
+    REQUIRE(k.trackRoom("s1", "r4") == Result::kOk);
+    CHECK(k.checkThresholds() == 0);
+    CHECK(warnings("room tracking exceeds") == 1);
+    rig.clock.advanceBy(Millis(60000));
+    CHECK(k.checkThresholds() == 1);
+    CHECK(warnings("room tracking exceeds") == 2);
+  }
+  SECTION("below every threshold: nothing") {
+    REQUIRE(k.connectAuthenticated("s1", "u") == Result::kOk);
+    REQUIRE(k.trackRoom("s1", "r1") == Result::kOk);
+    REQUIRE(k.startTyping("s1", "1") == Result::kOk);
+    rig.clock.advanceBy(Millis(600000));
+    CHECK(k.checkThresholds() == 0);
+    CHECK(rig.logs.empty());
+  }
+}
+
+TEST_CASE("the default thresholds are the original's", "[keeper]") {
+  const KeeperOptions o;
+  CHECK(o.warnTypingTimers == 100);
+  CHECK(o.warnRoomsPerConnection == 2.0);
+  CHECK(o.warnConnections == 1000);
+  CHECK(o.authTimeout == Millis(30000));
+  CHECK(o.typing.timeout == Millis(5000));
+  CHECK(o.statsLogInterval == Millis(0));
+}
+
+// ------------------------------------------------------------ Exports ---
+
+TEST_CASE("prometheusText parses back to getMemoryStats()", "[keeper]") {
+  Rig rig;
+  busyScene(rig);
+  const MemoryStats st = rig.stats();
+  CHECK(st.authTimeouts == 3);
+  CHECK(st.forcedCleanups == 1);
+  CHECK(st.callbackErrors == 1);
+  CHECK(st.pendingPersistence > 0);
+  CHECK(st.persistFailures >= 2);
+  const std::string text = rig.keeper->prometheusText();
+  INFO(text);
+  REQUIRE(!text.empty());
+  CHECK(text.back() == '\n');
+
+  std::map<std::string, double> values;
+  std::map<std::string, std::string> types;
+  std::set<std::string> helps;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    INFO(line);
+    REQUIRE(!line.empty());
+    if (line.rfind("# HELP ", 0) == 0) {
+      const std::string rest = line.substr(7);
+      const std::size_t sp = rest.find(' ');
+      REQUIRE(sp != std::string::npos);
+      CHECK(rest.size() > sp + 1);  // a help text
+      CHECK(helps.insert(rest.substr(0, sp)).second);
+      continue;
+    }
+    if (line.rfind("# TYPE ", 0) == 0) {
+      const std::string rest = line.substr(7);
+      const std::size_t sp = rest.find(' ');
+      REQUIRE(sp != std::string::npos);
+      const std::string name = rest.substr(0, sp), type = rest.substr(sp + 1);
+      CHECK((type == "gauge" || type == "counter"));
+      CHECK(types.emplace(name, type).second);
+      continue;
+    }
+    REQUIRE(line[0] != '#');
+    const std::size_t sp = line.find(' ');
+    REQUIRE(sp != std::string::npos);
+    const std::string name = line.substr(0, sp), number = line.substr(sp + 1);
+    REQUIRE(name.rfind("roomkeeper_", 0) == 0);
+    for (const char c : name)
+      CHECK((std::islower(static_cast<unsigned char>(c)) || c == '_'));
+    // The HELP and TYPE lines come before the sample.
+    CHECK(helps.count(name) == 1);
+    CHECK(types.count(name) == 1);
+    char* end = nullptr;
+    const double v = std::strtod(number.c_str(), &end);
+    REQUIRE(end == number.c_str() + number.size());
+    CHECK(values.emplace(name, v).second);
+    if (types[name] == "counter") CHECK(name.size() > 6);
+    if (types[name] == "counter") CHECK(name.compare(name.size() - 6, 6, "_total") == 0);
+  }
+  CHECK(values == expectedByMetric(st));
+  CHECK(helps.size() == values.size());
+  CHECK(types.size() == values.size());
+}
+
+TEST_CASE("statsJson parses back to getMemoryStats()", "[keeper]") {
+  Rig rig;
+  SECTION("empty") {}
+  SECTION("busy") { busyScene(rig); }
+  const MemoryStats st = rig.stats();
+  const std::string json = rig.keeper->statsJson();
+  INFO(json);
+  std::map<std::string, double> values;
+  REQUIRE(parseFlatJson(json, &values));
+  CHECK(values == expectedByJsonKey(st));
+}
+
+TEST_CASE("statsLogInterval logs one line every interval; 0 never", "[keeper]") {
+  SECTION("every second") {
+    KeeperOptions o;
+    o.statsLogInterval = Millis(1000);
+    Rig rig(o);
+    REQUIRE(rig.keeper->connectAuthenticated("s1", "u") == Result::kOk);
+    auto lines = [&] { return rig.logCount(LogLevel::kInfo, "roomkeeper: clients="); };
+    CHECK(rig.stats().timersPending == 1);
+    rig.stepMs(999);
+    CHECK(lines() == 0);
+    rig.stepMs(1);
+    CHECK(lines() == 1);
+    CHECK(rig.logCount(LogLevel::kInfo, "clients=1 users=1") == 1);
+    rig.stepMs(1000);
+    CHECK(lines() == 2);
+    rig.stepMs(8000);
+    CHECK(lines() == 10);
+    rig.stepMs(999);
+    CHECK(lines() == 10);
+    REQUIRE(rig.keeper->disconnect("s1") == Result::kOk);
+    rig.stepMs(1);
+    CHECK(lines() == 11);
+    CHECK(rig.logCount(LogLevel::kInfo, "clients=0 users=0") == 1);
+    rig.keeper->shutdown();
+    rig.stepMs(5000);
+    CHECK(lines() == 11);  // stops with shutdown
+    CHECK(rig.stats().timersPending == 0);
+  }
+  SECTION("0: off") {
+    Rig rig;
+    REQUIRE(rig.keeper->connectAuthenticated("s1", "u") == Result::kOk);
+    rig.stepMs(20000);
+    CHECK(rig.logCount(LogLevel::kInfo, "roomkeeper: clients=") == 0);
+    CHECK(rig.stats().timersPending == 0);
+  }
+}
+
+// -------------------------------------------------------------- Memory ---
+
+TEST_CASE("every count returns to 0 and bytes stop growing after a workload",
+          "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  auto round = [&] {
+    for (int i = 0; i < 40; ++i) {
+      const std::string s = "session-with-a-long-id-" + std::to_string(i);
+      REQUIRE(k.connect(s) == Result::kOk);
+      if (i % 5 == 4) continue;  // left to the auth deadline
+      REQUIRE(k.authenticate(s, "user-" + std::to_string(i % 9)) == Result::kOk);
+      for (int r = 0; r < 6; ++r)
+        REQUIRE(k.trackRoom(s, "thread:a-long-thread-id-" +
+                                   std::to_string((i + r) % 11)) == Result::kOk);
+      REQUIRE(
+          roomkeeper::ok(k.startTyping(s, "a-long-thread-id-" + std::to_string(i % 11))));
+    }
+    rig.advanceMs(5000);
+    for (int i = 0; i < 40; i += 2)
+      (void)k.disconnect("session-with-a-long-id-" + std::to_string(i));
+    rig.advanceMs(30000);
+    for (int i = 1; i < 40; i += 2)
+      (void)k.forceCleanup("session-with-a-long-id-" + std::to_string(i));
+    rig.advanceMs(1000);
+  };
+  round();
+  const MemoryStats first = rig.stats();
+  requireEmpty(first);
+  CHECK(first.timersPending == 0);
+  round();
+  round();
+  const MemoryStats third = rig.stats();
+  requireEmpty(third);
+  INFO("first: " << Catch::StringMaker<MemoryStats>::convert(first));
+  INFO("third: " << Catch::StringMaker<MemoryStats>::convert(third));
+  CHECK(third.bytes == first.bytes);
+}
