@@ -29,6 +29,13 @@ struct SyncKeeper::Impl {
 
   // Runs `op` under the lock with callback delivery deferred, then delivers
   // what it produced with the lock released.
+  // Keeps callback delivery deferred for one locked section, even if the
+  // operation throws (an allocation failure in a hash index).
+  struct DeferGuard {
+    detail::EventQueue& q;
+    explicit DeferGuard(detail::EventQueue& queue) : q(queue) { ++q.deferred_; }
+    ~DeferGuard() { --q.deferred_; }
+  };
   template <typename Op>
   auto run(Op&& op) {
     std::vector<detail::Event> events;
@@ -37,9 +44,10 @@ struct SyncKeeper::Impl {
     if constexpr (std::is_void_v<R>) {
       {
         std::lock_guard<std::recursive_mutex> g(mu);
-        ++reg.events.deferred_;
-        op();
-        --reg.events.deferred_;
+        {
+          DeferGuard defer(reg.events);
+          op();
+        }
         events = reg.events.take();
         wakeDriverIfEarlier();
       }
@@ -49,9 +57,10 @@ struct SyncKeeper::Impl {
       R result;
       {
         std::lock_guard<std::recursive_mutex> g(mu);
-        ++reg.events.deferred_;
-        result = op();
-        --reg.events.deferred_;
+        {
+          DeferGuard defer(reg.events);
+          result = op();
+        }
         events = reg.events.take();
         wakeDriverIfEarlier();
       }

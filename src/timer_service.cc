@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <deque>
 #include <exception>
+#include <stdexcept>
 #include <limits>
 #include <string>
 #include <utility>
@@ -356,6 +357,8 @@ TimerService::TimerService(const Clock* clock) : impl_(std::make_unique<Impl>(cl
 TimerService::~TimerService() = default;
 
 TimerHandlerId TimerService::addHandler(Handler handler) {
+  if (impl_->handlers.size() >= 0xFFFFu)
+    throw std::length_error("roomkeeper::TimerService: more than 65535 handler kinds");
   impl_->handlers.push_back(std::move(handler));
   return static_cast<TimerHandlerId>(impl_->handlers.size() - 1);
 }

@@ -31,8 +31,9 @@
 //   6. the session, its user link and every map entry are gone
 //      (userOffline for the user's last session).
 // A second disconnect, or one of an unknown id, returns kNotConnected and
-// does nothing; one made from inside the session's own disconnect
-// callbacks returns kClosing.
+// does nothing -- including one made from the session's own disconnect
+// callbacks, which run after the session is gone (kClosing is returned only
+// if a call reaches the Keeper while the sequence itself is running).
 //
 // States and calls: before authenticate(), trackRoom and startTyping return
 // kNotAuthenticated. After shutdown() every mutating call returns kShutDown
@@ -47,7 +48,8 @@
 // callbacks run after the current one returns); a callback that throws is
 // caught, counted (MemoryStats::callbackErrors) and logged, and the sequence
 // goes on. Complexity: as the components; disconnect is O(rooms + typing
-// indicators of that session), independent of how many other sessions exist.
+// indicators of that session + members of the thread rooms those indicators
+// notify), independent of how many other sessions exist.
 #ifndef ROOMKEEPER_KEEPER_H_
 #define ROOMKEEPER_KEEPER_H_
 

@@ -42,7 +42,10 @@
 // A callback may call back into the registry (join, leave, disconnect,
 // anything): the nested call changes state at once and its own events are
 // delivered after the current callback returns, before the outermost call
-// returns. A callback that throws is caught: the error is counted in
+// returns. The three synchronous hooks -- canJoin, disconnecting and the
+// forEachTarget/broadcast visitor -- run while their call is in progress and
+// not from the event queue, so a call made from them delivers its own events
+// before it returns, and a nested disconnect's `disconnecting` runs at once. A callback that throws is caught: the error is counted in
 // RegistryStats::callbackErrors and logged, and the remaining events are
 // still delivered. No callback runs while an internal container is iterated.
 //
@@ -174,7 +177,8 @@ class SessionRegistry {
 
   /// Leaves one room (an unsubscribe handler). kOk; kAlreadyDone if not a
   /// member; kNotConnected; kStaleHandle; kInvalidId. Deletes the room if it
-  /// empties. Never allocates. O(1).
+  /// empties. Never grows anything (it may shrink a list, which can call
+  /// malloc for the smaller copy). O(1).
   Result untrackRoom(std::string_view session, std::string_view room);
   Result untrackRoom(SessionHandle session, std::string_view room);
 
@@ -252,8 +256,9 @@ class SessionRegistry {
   const Limits& limits() const noexcept;
 
   /// Leaves every room of every session (host `leave` per membership) and
-  /// forgets every session, as if each had disconnected; afterwards every
-  /// count is 0. Returns the number of sessions ended.
+  /// forgets every session, as disconnect() does but without calling the
+  /// `disconnecting` hook; afterwards every count is 0. A session whose own
+  /// disconnect is in progress is left to it. Returns the sessions ended.
   std::size_t clear();
 
  private:

@@ -126,10 +126,12 @@ class TimerService {
   TimerService(const TimerService&) = delete;
   TimerService& operator=(const TimerService&) = delete;
 
-  /// Registers a callback kind. Up to 65535 kinds.
+  /// Registers a callback kind. Up to 65535 kinds; one more throws
+  /// std::length_error (a programming error, not an input).
   TimerHandlerId addHandler(Handler handler);
 
-  /// Arms a one-shot timer `delay` from clock.now(). A delay <= 0 makes it
+  /// Arms a one-shot timer `delay` from clock.now() (a clock reading older
+  /// than the latest time advanced to is clamped to it). A delay <= 0 makes it
   /// due at once: it fires in the next advance(). Delays beyond ~8,900
   /// years wait in an overflow list and are re-placed as time reaches them.
   /// Returns the handle; the null handle only if `handler` is unknown.
@@ -154,8 +156,12 @@ class TimerService {
   /// Cancels every timer; none fires. Returns how many were pending.
   std::size_t cancelAll() noexcept;
 
-  /// The earliest deadline of a pending timer (exact, rounded up to the
-  /// tick), or nullopt if none. A timer due now reports a time <= now.
+  /// A lower bound of the earliest pending deadline, or nullopt if none.
+  /// Never later than the earliest deadline; it may be earlier: when the
+  /// earliest timer sits in a coarse slot, it is the tick at which that slot
+  /// must be refined (at most a few per second for second-range timers);
+  /// advance() there fires nothing early, and nextDeadline() then tells the
+  /// next. With timers due now, the earliest due deadline (<= now).
   std::optional<SteadyTime> nextDeadline() const noexcept;
 
   /// Fires every timer due at `now` (at most `maxFire` callbacks; the rest
@@ -166,7 +172,8 @@ class TimerService {
   /// advance(clock.now()).
   std::size_t advance();
 
-  /// Timers due but not yet run (left by a bounded advance).
+  /// Timers due but not yet run: left by a bounded advance, or armed with a
+  /// zero delay (or re-armed from a callback) since the last advance.
   std::size_t dueCount() const noexcept;
   /// Pending timers (armed, not fired, not cancelled), due ones included.
   std::size_t size() const noexcept;
