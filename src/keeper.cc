@@ -116,12 +116,14 @@ Result Keeper::Impl::authenticate(std::string_view session, std::string_view use
   return Result::kOk;
 }
 
-Result Keeper::Impl::checkAuthenticated(std::string_view session) const {
+Result Keeper::Impl::checkAuthenticated(std::string_view session,
+                                        std::uint32_t* slot) const {
   if (shut) return Result::kShutDown;
   const std::uint32_t s = reg.findSession(session);
   if (s == detail::kNone) return Result::kNotConnected;
   if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
   if (reg.sessionSlots[s].user == detail::kNone) return Result::kNotAuthenticated;
+  if (slot) *slot = s;
   return Result::kOk;
 }
 
@@ -306,9 +308,10 @@ Result Keeper::connectAuthenticated(std::string_view session, std::string_view u
   return r;
 }
 Result Keeper::trackRoom(std::string_view session, std::string_view room) {
-  Result r = impl_->checkAuthenticated(session);
+  std::uint32_t s = detail::kNone;
+  Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
-    r = impl_->reg.track(impl_->reg.findSession(session), room);
+    r = impl_->reg.track(s, room);
     if (r == Result::kOk) impl_->maybeWarn();
   }
   impl_->reg.flush();
@@ -329,9 +332,10 @@ std::size_t Keeper::clearRoomTracking(std::string_view session) {
   return n;
 }
 Result Keeper::startTyping(std::string_view session, std::string_view thread) {
-  Result r = impl_->checkAuthenticated(session);
+  std::uint32_t s = detail::kNone;
+  Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
-    r = impl_->typing.impl_->start(session, thread);
+    r = impl_->typing.impl_->startSlot(s, thread);
     if (r == Result::kOk) impl_->maybeWarn();
   }
   impl_->reg.flush();

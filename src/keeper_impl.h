@@ -24,7 +24,8 @@ struct Keeper::Impl {
 
   Result connect(std::string_view session);
   Result authenticate(std::string_view session, std::string_view user);
-  Result checkAuthenticated(std::string_view session) const;
+  Result checkAuthenticated(std::string_view session,
+                            std::uint32_t* slot = nullptr) const;
   Result disconnect(std::string_view session);
   void runDisconnect(std::uint32_t s);
   ShutdownReport shutdown();

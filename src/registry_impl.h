@@ -29,6 +29,7 @@ enum class EventKind : std::uint8_t {
 struct SessionSlot {
   detail::Name name;
   detail::EntryList rooms;  // {room slot, position in room's members}
+  detail::EntryList typing;  // {typing indicator, unused}: TypingTimerManager's
   std::uint32_t user = detail::kNone;
   std::uint32_t userPos = 0;
   std::uint32_t generation = 0;  // 0 while free

@@ -444,6 +444,9 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
   sessionIndex.erase(s);
   slot.name.reset(&bytes);
   slot.rooms.release(&bytes);
+  // Empty unless a standalone TypingTimerManager's onDisconnect was skipped;
+  // that list's bytes belong to the manager, which then never sees it again.
+  slot.typing.release(nullptr);
   slot.generation = 0;
   slot.state = SessionState::kFree;
   sessionSlots.release(s);

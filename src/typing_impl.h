@@ -9,54 +9,49 @@
 #include <string_view>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "internal.h"
 #include "registry_impl.h"
 #include "roomkeeper/typing_timer_manager.h"
 
 namespace roomkeeper {
 
-struct TypingKey {
-  std::string user;
-  std::string thread;
-  static std::size_t heapBytesOf(const std::string& u, const std::string& t) {
-    return (u.capacity() > 15 ? u.capacity() + 1 : 0) +
-           (t.capacity() > 15 ? t.capacity() + 1 : 0);
-  }
-};
 struct TypingKeyView {
   std::string_view user;
   std::string_view thread;
 };
-struct TypingKeyHash {
+
+/// One (user, thread) typing indicator: 64 bytes in a paged slab.
+struct Indicator {
+  detail::Name user;  // the user id, or the session id of an anonymous session
+  detail::Name thread;
+  TimerHandle timer;
+  detail::EntryList sessions;  // {session slot, session generation}
+  bool live = false;
+};
+using IndicatorSlab = detail::Slab<Indicator>;
+
+/// The (user, thread) index: 4-byte slot numbers, names looked up in the slab.
+struct IndicatorHash {
   using is_transparent = void;
-  std::size_t operator()(const TypingKey& k) const noexcept;
+  const IndicatorSlab* slab;
+  std::size_t operator()(std::uint32_t i) const noexcept;
   std::size_t operator()(const TypingKeyView& k) const noexcept;
 };
-struct TypingKeyEq {
+struct IndicatorEq {
   using is_transparent = void;
-  template <typename A, typename B>
-  bool operator()(const A& a, const B& b) const noexcept {
-    return std::string_view(a.user) == std::string_view(b.user) &&
-           std::string_view(a.thread) == std::string_view(b.thread);
+  const IndicatorSlab* slab;
+  bool operator()(std::uint32_t a, std::uint32_t b) const noexcept { return a == b; }
+  bool operator()(std::uint32_t a, const TypingKeyView& b) const noexcept {
+    const Indicator& e = (*slab)[a];
+    return e.user.view() == b.user && e.thread.view() == b.thread;
+  }
+  bool operator()(const TypingKeyView& a, std::uint32_t b) const noexcept {
+    return (*this)(b, a);
   }
 };
-
-/// One (user, thread) typing indicator.
-struct Indicator {
-  std::string user;  // the user id, or the session id of an anonymous session
-  std::string thread;
-  TimerHandle timer;
-  std::vector<SessionHandle> sessions;  // the user's sessions typing in it
-  bool live = false;
-  std::size_t heapBytes() const noexcept {
-    return TypingKey::heapBytesOf(user, thread) + sessions.capacity() * sizeof(SessionHandle);
-  }
-};
-
-struct SessionTyping {
-  std::vector<std::uint32_t> entries;
-};
+using IndicatorIndex = absl::flat_hash_set<std::uint32_t, IndicatorHash, IndicatorEq,
+                                           detail::CountingAllocator<std::uint32_t>>;
 
 struct PersistEntry {
   std::uint64_t seq = 0;
@@ -69,9 +64,10 @@ struct TypingTimerManager::Impl {
 
   std::string_view userKeyOf(std::uint32_t s) const;
   Result start(std::string_view session, std::string_view thread);
+  Result startSlot(std::uint32_t s, std::string_view thread);
   Result stop(std::string_view session, std::string_view thread);
-  bool addSession(std::uint32_t idx, SessionHandle sh);
-  void unlinkSession(std::uint32_t idx, std::uint64_t key);
+  bool addSession(std::uint32_t idx, std::uint32_t s);
+  void unlinkSession(std::uint32_t idx, std::uint32_t sl, std::uint32_t gen);
   void end(std::uint32_t idx, std::uint32_t typer);
   void onExpire(TimerHandle h, std::uint32_t idx);
   std::size_t clearSession(std::uint32_t s);
@@ -94,15 +90,9 @@ struct TypingTimerManager::Impl {
   TypingCallbacks cb;
   TypingOptions opt;
   std::size_t bytes = 0;
-  std::vector<Indicator> entries;
-  std::vector<std::uint32_t> freeEntries;
-  absl::flat_hash_map<TypingKey, std::uint32_t, TypingKeyHash, TypingKeyEq,
-                      detail::CountingAllocator<std::pair<const TypingKey, std::uint32_t>>>
-      index;
-  absl::flat_hash_map<std::uint64_t, SessionTyping, absl::Hash<std::uint64_t>,
-                      std::equal_to<std::uint64_t>,
-                      detail::CountingAllocator<std::pair<const std::uint64_t, SessionTyping>>>
-      bySession;
+  IndicatorSlab entries;
+  IndicatorIndex index;
+  std::size_t sessionsTyping = 0;  // sessions with a non-empty typing list
   TimerHandlerId expireHandler = 0;
   TimerHandlerId retryHandler = 0;
   // Persistence.

@@ -28,9 +28,6 @@ std::string_view toString(PersistOp op) noexcept {
 
 namespace {
 
-std::uint64_t packHandle(SessionHandle h) noexcept {
-  return (std::uint64_t{h.generation} << 32) | h.index;
-}
 
 // JSON string body escaping for the small payloads built here.
 void appendJsonString(std::string& out, std::string_view s) {
@@ -56,10 +53,11 @@ void appendJsonString(std::string& out, std::string_view s) {
 
 }  // namespace
 
-std::size_t TypingKeyHash::operator()(const TypingKey& k) const noexcept {
-  return (*this)(TypingKeyView{k.user, k.thread});
+std::size_t IndicatorHash::operator()(std::uint32_t i) const noexcept {
+  const Indicator& e = (*slab)[i];
+  return (*this)(TypingKeyView{e.user.view(), e.thread.view()});
 }
-std::size_t TypingKeyHash::operator()(const TypingKeyView& k) const noexcept {
+std::size_t IndicatorHash::operator()(const TypingKeyView& k) const noexcept {
   return absl::Hash<std::tuple<absl::string_view, absl::string_view>>{}(
       std::make_tuple(absl::string_view(k.user.data(), k.user.size()),
                       absl::string_view(k.thread.data(), k.thread.size())));
@@ -72,11 +70,9 @@ TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallba
       timers(t),
       cb(std::move(c)),
       opt(std::move(o)),
-      index(0, TypingKeyHash{}, TypingKeyEq{},
-            detail::CountingAllocator<std::pair<const TypingKey, std::uint32_t>>(&bytes)),
-      bySession(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
-                detail::CountingAllocator<std::pair<const std::uint64_t, SessionTyping>>(
-                    &bytes)) {
+      entries(&bytes),
+      index(0, IndicatorHash{&entries}, IndicatorEq{&entries},
+            detail::CountingAllocator<std::uint32_t>(&bytes)) {
   if (opt.timeout.count() < 0) opt.timeout = Millis(0);
   backoff = opt.retryInitial;
   expireHandler = timers.addHandler(
@@ -92,8 +88,18 @@ TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallba
 }
 
 TypingTimerManager::Impl::~Impl() {
-  for (Indicator& e : entries)
-    if (e.live) timers.cancel(e.timer);
+  for (std::uint32_t i = 0; i < entries.highWater(); ++i) {
+    Indicator& e = entries[i];
+    if (!e.live) continue;
+    timers.cancel(e.timer);
+    // Leave the registry's sessions without a dangling typing list.
+    for (std::uint32_t k = 0; k < e.sessions.size(); ++k) {
+      const std::uint32_t sl = e.sessions[k].slot;
+      if (sl < reg.sessionSlots.highWater() &&
+          reg.sessionSlots[sl].generation == e.sessions[k].pos)
+        reg.sessionSlots[sl].typing.release(nullptr);
+    }
+  }
   timers.cancel(retryTimer);
 }
 
@@ -244,59 +250,62 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
   }
 }
 
-void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint64_t key) {
-  auto it = bySession.find(key);
-  if (it == bySession.end()) return;
-  std::vector<std::uint32_t>& list = it->second.entries;
-  const std::size_t cap = list.capacity();
-  list.erase(std::remove(list.begin(), list.end(), idx), list.end());
-  if (list.empty()) {
-    bytes -= cap * sizeof(std::uint32_t);
-    bySession.erase(it);
+// Removes indicator `idx` from session slot `sl`'s typing list, if that
+// session is still the one (generation `gen`) that typed in it.
+void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint32_t sl,
+                                             std::uint32_t gen) {
+  if (sl >= reg.sessionSlots.highWater()) return;
+  SessionSlot& ss = reg.sessionSlots[sl];
+  if (ss.generation != gen) return;
+  detail::EntryList& list = ss.typing;
+  for (std::uint32_t i = 0; i < list.size(); ++i) {
+    if (list[i].slot != idx) continue;
+    list[i] = list.back();
+    list.pop(&bytes);
+    if (list.empty()) --sessionsTyping;
+    return;
   }
 }
 
 void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
   Indicator& e = entries[idx];
   timers.cancel(e.timer);  // false if it is the one firing: fine
-  for (const SessionHandle h : e.sessions) unlinkSession(idx, packHandle(h));
-  auto key = index.find(TypingKeyView{e.user, e.thread});
-  if (key != index.end()) {
-    bytes -= TypingKey::heapBytesOf(key->first.user, key->first.thread);
-    index.erase(key);
-  }
   std::uint32_t s = typer;
-  if (s == detail::kNone && !e.sessions.empty()) s = reg.fromHandle(e.sessions.front());
-  emitToThread(s, e.user, e.thread, opt.stoppedEvent);
-  persist(PersistOp::kTypingStopped, e.user, e.thread);
-  bytes -= e.heapBytes();
-  e = Indicator{};
-  freeEntries.push_back(idx);
+  if (s == detail::kNone && !e.sessions.empty()) {
+    const std::uint32_t first = e.sessions[0].slot;
+    if (first < reg.sessionSlots.highWater() &&
+        reg.sessionSlots[first].generation == e.sessions[0].pos)
+      s = first;
+  }
+  for (std::uint32_t k = 0; k < e.sessions.size(); ++k)
+    unlinkSession(idx, e.sessions[k].slot, e.sessions[k].pos);
+  e.sessions.release(&bytes);
+  index.erase(idx);
+  const std::string user(e.user.view());
+  const std::string thread(e.thread.view());
+  e.user.reset(&bytes);
+  e.thread.reset(&bytes);
+  e.live = false;
+  e.timer = {};
+  entries.release(idx);  // the last one returns every page
   if (index.empty()) releaseIdle();
+  emitToThread(s, user, thread, opt.stoppedEvent);
+  persist(PersistOp::kTypingStopped, user, thread);
 }
 
 void TypingTimerManager::Impl::releaseIdle() {
-  // No indicator left: hand every container's memory back, as the registry
-  // does when its last session goes, so that bytes return to 0.
-  bytes -= entries.capacity() * sizeof(Indicator);
-  std::vector<Indicator>().swap(entries);
-  std::vector<std::uint32_t>().swap(freeEntries);
+  // No indicator left: hand the index's memory back, as the registry does
+  // when its last session goes, so that bytes return to 0 (the slab has
+  // already returned its pages).
   if (index.capacity() > 0) {
-    decltype(index) fresh(
-        0, TypingKeyHash{}, TypingKeyEq{},
-        detail::CountingAllocator<std::pair<const TypingKey, std::uint32_t>>(&bytes));
+    IndicatorIndex fresh(0, IndicatorHash{&entries}, IndicatorEq{&entries},
+                         detail::CountingAllocator<std::uint32_t>(&bytes));
     index.swap(fresh);
-  }
-  if (bySession.empty() && bySession.capacity() > 0) {
-    decltype(bySession) fresh(
-        0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
-        detail::CountingAllocator<std::pair<const std::uint64_t, SessionTyping>>(&bytes));
-    bySession.swap(fresh);
   }
 }
 
 void TypingTimerManager::Impl::onExpire(TimerHandle h, std::uint32_t idx) {
-  if (idx >= entries.size()) return;
+  if (idx >= entries.highWater()) return;
   Indicator& e = entries[idx];
   if (!e.live || e.timer != h) return;
   end(idx, detail::kNone);
@@ -306,58 +315,71 @@ void TypingTimerManager::Impl::onExpire(TimerHandle h, std::uint32_t idx) {
 Result TypingTimerManager::Impl::start(std::string_view session, std::string_view thread) {
   const std::uint32_t s = reg.findSession(session);
   if (s == detail::kNone) return Result::kNotConnected;
-  if (reg.sessionSlots[s].state != SessionState::kLive) return Result::kClosing;
+  return startSlot(s, thread);
+}
+
+Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thread) {
+  SessionSlot& ss = reg.sessionSlots[s];
+  if (ss.state != SessionState::kLive) return Result::kClosing;
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
+  // The keystroke path: the session's own indicators, no hash lookup. An
+  // indicator on this list belongs to this session's user.
+  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
+    Indicator& e = entries[ss.typing[i].slot];
+    if (e.thread.view() == thread) {
+      timers.restart(e.timer, opt.timeout);
+      return Result::kAlreadyDone;
+    }
+  }
+  const bool full = ss.typing.size() >= opt.maxTypingPerSession;
   const std::string_view user = userKeyOf(s);
-  const SessionHandle sh{s, reg.sessionSlots[s].generation};
   auto it = index.find(TypingKeyView{user, thread});
   if (it != index.end()) {
-    Indicator& e = entries[it->second];
-    if (std::find(e.sessions.begin(), e.sessions.end(), sh) == e.sessions.end()) {
-      if (!addSession(it->second, sh)) return Result::kTooManyRooms;
-    }
-    timers.restart(e.timer, opt.timeout);
+    // Another device of the same user keeps this indicator alive.
+    if (full) return Result::kTooManyRooms;
+    if (!addSession(*it, s)) return Result::kOutOfMemory;
+    timers.restart(entries[*it].timer, opt.timeout);
     return Result::kAlreadyDone;
   }
-  auto bs = bySession.find(packHandle(sh));
-  if (bs != bySession.end() && bs->second.entries.size() >= opt.maxTypingPerSession)
-    return Result::kTooManyRooms;
+  if (full) return Result::kTooManyRooms;
 
-  std::uint32_t idx;
-  if (!freeEntries.empty()) {
-    idx = freeEntries.back();
-    freeEntries.pop_back();
-  } else {
-    const std::size_t cap = entries.capacity();
-    entries.emplace_back();
-    bytes += (entries.capacity() - cap) * sizeof(Indicator);
-    idx = static_cast<std::uint32_t>(entries.size() - 1);
+  std::uint32_t idx = detail::kNone;
+  try {
+    idx = entries.alloc();
+    Indicator& e = entries[idx];
+    e.user.assign(user, &bytes);
+    e.thread.assign(thread, &bytes);
+    index.insert(idx);
+  } catch (const std::bad_alloc&) {
+    if (idx != detail::kNone) {
+      entries[idx].user.reset(&bytes);
+      entries[idx].thread.reset(&bytes);
+      entries.release(idx);
+    }
+    return Result::kOutOfMemory;
+  }
+  if (!addSession(idx, s)) {
+    index.erase(idx);
+    entries[idx].user.reset(&bytes);
+    entries[idx].thread.reset(&bytes);
+    entries.release(idx);
+    return Result::kOutOfMemory;
   }
   Indicator& e = entries[idx];
   e.live = true;
-  e.user.assign(user.data(), user.size());
-  e.thread.assign(thread.data(), thread.size());
   e.timer = timers.arm(opt.timeout, expireHandler, idx);
-  bytes += e.heapBytes();
-  const auto key = index.emplace(TypingKey{e.user, e.thread}, idx).first;
-  bytes += TypingKey::heapBytesOf(key->first.user, key->first.thread);
-  addSession(idx, sh);
-  emitToThread(s, e.user, e.thread, opt.startedEvent);
-  persist(PersistOp::kTypingStarted, e.user, e.thread);
+  emitToThread(s, e.user.view(), e.thread.view(), opt.startedEvent);
+  persist(PersistOp::kTypingStarted, e.user.view(), e.thread.view());
   return Result::kOk;
 }
 
-bool TypingTimerManager::Impl::addSession(std::uint32_t idx, SessionHandle sh) {
-  auto [it, inserted] = bySession.try_emplace(packHandle(sh));
-  std::vector<std::uint32_t>& list = it->second.entries;
-  if (!inserted && list.size() >= opt.maxTypingPerSession) return false;
-  const std::size_t cap = list.capacity();
-  list.push_back(idx);
-  bytes += (list.capacity() - cap) * sizeof(std::uint32_t);
+bool TypingTimerManager::Impl::addSession(std::uint32_t idx, std::uint32_t s) {
+  SessionSlot& ss = reg.sessionSlots[s];
   Indicator& e = entries[idx];
-  bytes -= e.heapBytes();
-  e.sessions.push_back(sh);
-  bytes += e.heapBytes();
+  if (!ss.typing.reserveOneMore(&bytes) || !e.sessions.reserveOneMore(&bytes)) return false;
+  if (ss.typing.empty()) ++sessionsTyping;
+  ss.typing.push(detail::Entry{idx, 0});
+  e.sessions.push(detail::Entry{s, ss.generation});
   return true;
 }
 
@@ -367,23 +389,28 @@ Result TypingTimerManager::Impl::stop(std::string_view session, std::string_view
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
   auto it = index.find(TypingKeyView{userKeyOf(s), thread});
   if (it == index.end()) return Result::kAlreadyDone;
-  end(it->second, s);
+  end(*it, s);
   return Result::kOk;
 }
 
 std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
-  const SessionHandle sh{s, reg.sessionSlots[s].generation};
-  auto it = bySession.find(packHandle(sh));
-  if (it == bySession.end()) return 0;
-  const std::vector<std::uint32_t> mine = std::move(it->second.entries);
-  bytes -= mine.capacity() * sizeof(std::uint32_t);
-  bySession.erase(it);
+  SessionSlot& ss = reg.sessionSlots[s];
+  if (ss.typing.empty()) return 0;
+  const std::uint32_t gen = ss.generation;
+  std::vector<std::uint32_t> mine;
+  mine.reserve(ss.typing.size());
+  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) mine.push_back(ss.typing[i].slot);
+  ss.typing.release(&bytes);
+  --sessionsTyping;
   for (const std::uint32_t idx : mine) {
     Indicator& e = entries[idx];
-    bytes -= e.heapBytes();
-    e.sessions.erase(std::remove(e.sessions.begin(), e.sessions.end(), sh),
-                     e.sessions.end());
-    bytes += e.heapBytes();
+    for (std::uint32_t k = 0; k < e.sessions.size(); ++k) {
+      if (e.sessions[k].slot == s && e.sessions[k].pos == gen) {
+        e.sessions[k] = e.sessions.back();
+        e.sessions.pop(&bytes);
+        break;
+      }
+    }
     if (e.sessions.empty()) end(idx, s);
   }
   return mine.size();
@@ -399,7 +426,8 @@ std::size_t TypingTimerManager::Impl::onDisconnect(std::uint32_t s) {
 
 std::size_t TypingTimerManager::Impl::clearAll() {
   std::size_t n = 0;
-  for (std::uint32_t i = 0; i < entries.size(); ++i) {
+  // highWater() drops to 0 when the last indicator returns the pages.
+  for (std::uint32_t i = 0; i < entries.highWater(); ++i) {
     if (!entries[i].live) continue;
     end(i, detail::kNone);
     ++n;
@@ -411,13 +439,13 @@ TypingStats TypingTimerManager::Impl::stats() const noexcept {
   TypingStats st;
   st.indicators = index.size();
   st.timers = index.size();
-  st.sessionsTyping = bySession.size();
+  st.sessionsTyping = sessionsTyping;
   st.persistPending = queue.size();
   st.persistDelivered = delivered_;
   st.persistFailures = failures;
   st.persistDropped = dropped_;
   st.callbackErrors = callbackErrors;
-  st.bytes = bytes + freeEntries.capacity() * sizeof(std::uint32_t);
+  st.bytes = bytes;
   return st;
 }
 
