@@ -58,6 +58,7 @@ bool parseSize(const char* text, std::size_t* out) {
 
 void runRooms(const BenchConfig& cfg) {
   runRoomsRoomkeeper(cfg);
+  runRoomsRoomkeeper(cfg, /*handles=*/true);
   runRoomsHandwritten(cfg);
 }
 
@@ -69,6 +70,7 @@ void runTimers(const BenchConfig& cfg) {
 void runDispatch(const BenchConfig& cfg) {
   // threads == 0: the single-threaded Keeper; >= 1: SyncKeeper on N threads.
   runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 0);
+  runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 0, /*handles=*/true);
   runDispatchHandwritten(cfg, cfg.dispatchSessions);
   if (cfg.quick) {
     runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 2);  // smoke the locked path
@@ -76,6 +78,7 @@ void runDispatch(const BenchConfig& cfg) {
   }
   // Scaling: per-session disconnect cost at 10x the sessions.
   runDispatchRoomkeeper(cfg, cfg.dispatchSessions * 10, 0);
+  runDispatchRoomkeeper(cfg, cfg.dispatchSessions * 10, 0, /*handles=*/true);
   // The thread-safe way: throughput with 1 and 2 threads.
   runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 1);
   runDispatchRoomkeeper(cfg, cfg.dispatchSessions, 2);

@@ -35,7 +35,7 @@ JsonLine statsObject(const MemoryStats& s) {
 
 }  // namespace
 
-void runRoomsRoomkeeper(const BenchConfig& cfg) {
+void runRoomsRoomkeeper(const BenchConfig& cfg, bool handles) {
   const std::size_t S = cfg.sessions;
   std::vector<std::string> ids;
   std::vector<std::array<std::string, kRoomsPerSession>> rooms;
@@ -52,11 +52,17 @@ void runRoomsRoomkeeper(const BenchConfig& cfg) {
   const std::size_t before = bytesInUse();
   // Join: each session connects (the registry has no implicit session) and
   // joins its 7 rooms; the connect is inside the timed phase and the bytes.
+  std::vector<SessionHandle> h(handles ? S : 0);
   Stopwatch sw;
   std::uint64_t joins = 0;
   for (std::size_t s = 0; s < S; ++s) {
-    (void)reg->connect(ids[s]);
-    for (const std::string& r : rooms[s]) joins += reg->trackRoom(ids[s], r) == Result::kOk;
+    if (handles) {
+      (void)reg->connect(ids[s], {}, &h[s]);
+      for (const std::string& r : rooms[s]) joins += reg->trackRoom(h[s], r) == Result::kOk;
+    } else {
+      (void)reg->connect(ids[s]);
+      for (const std::string& r : rooms[s]) joins += reg->trackRoom(ids[s], r) == Result::kOk;
+    }
   }
   const std::uint64_t joinNs = sw.elapsedNs();
   const std::size_t after = bytesInUse();
@@ -69,11 +75,17 @@ void runRoomsRoomkeeper(const BenchConfig& cfg) {
   const std::uint64_t fanoutNs = sw.elapsedNs();
 
   sw.restart();
-  for (std::size_t s = 0; s < S; ++s) (void)reg->untrackRoom(ids[s], rooms[s][3]);
+  for (std::size_t s = 0; s < S; ++s) {
+    if (handles) (void)reg->untrackRoom(h[s], rooms[s][3]);
+    else (void)reg->untrackRoom(ids[s], rooms[s][3]);
+  }
   const std::uint64_t leaveNs = sw.elapsedNs();
 
   sw.restart();
-  for (std::size_t s = 0; s < S; ++s) (void)reg->disconnect(ids[s]);
+  for (std::size_t s = 0; s < S; ++s) {
+    if (handles) (void)reg->disconnect(h[s]);
+    else (void)reg->disconnect(ids[s]);
+  }
   const std::uint64_t discNs = sw.elapsedNs();
   const RegistryStats left = reg->getMemoryStats();
 
@@ -81,7 +93,7 @@ void runRoomsRoomkeeper(const BenchConfig& cfg) {
   j.addString("workload", "rooms");
   j.addString("system", kSystem + " SessionRegistry");
   j.addCount("sessions", S);
-  j.addString("session_ids", "string");
+  j.addString("session_ids", handles ? "handle" : "string");
   j.addCount("joins", joins);
   j.addNumber("join_ns_per_op", perOp(joinNs, S * kRoomsPerSession));
   j.addNumber("fanout_ns_per_member", perOp(fanoutNs, visited));
@@ -187,21 +199,20 @@ DispatchIds makeIds(std::size_t S) {
   return d;
 }
 
-// The phases, written once for Keeper and SyncKeeper.
-template <typename K>
-void connectOne(K& k, const DispatchIds& d, std::size_t s) {
-  (void)k.connect(d.session[s]);  // arms the 30 s auth deadline
-  (void)k.authenticate(d.session[s], d.user[s]);
-  (void)k.trackRoom(d.session[s], d.role[s]);
-  (void)k.trackRoom(d.session[s], d.userRoom[s]);
-  (void)k.trackRoom(d.session[s], d.crew[s]);
-  for (const std::string& j : d.jobs[s]) (void)k.trackRoom(d.session[s], j);
-  (void)k.trackRoom(d.session[s], d.threadRoom[s]);
+// The phases, written once for Keeper and SyncKeeper, by id or by handle.
+template <typename K, typename Id>
+void joinAll(K& k, const DispatchIds& d, std::size_t s, Id id) {
+  (void)k.trackRoom(id, d.role[s]);
+  (void)k.trackRoom(id, d.userRoom[s]);
+  (void)k.trackRoom(id, d.crew[s]);
+  for (const std::string& j : d.jobs[s]) (void)k.trackRoom(id, j);
+  (void)k.trackRoom(id, d.threadRoom[s]);
 }
 
 }  // namespace
 
-void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads) {
+void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads,
+                           bool handles) {
   const std::size_t K = cfg.restarts;
   const DispatchIds d = makeIds(S);
   ManualClock clock(SteadyTime{} + std::chrono::hours(1));
@@ -237,24 +248,47 @@ void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads) {
         });
       for (auto& th : pool) th.join();
     };
+    std::vector<SessionHandle> h(handles ? S : 0);
     before = bytesInUse();
     Stopwatch sw;
-    parallel([&](std::size_t s) { connectOne(k, d, s); });
+    parallel([&](std::size_t s) {
+      // connect arms the 30 s auth deadline; authenticate cancels it.
+      if (handles) {
+        (void)k.connect(d.session[s], &h[s]);
+        (void)k.authenticate(d.session[s], d.user[s]);
+        joinAll(k, d, s, h[s]);
+      } else {
+        (void)k.connect(d.session[s]);
+        (void)k.authenticate(d.session[s], d.user[s]);
+        joinAll(k, d, s, std::string_view(d.session[s]));
+      }
+    });
     phaseNs[0] = sw.elapsedNs();
     sw.restart();
     for (std::size_t round = 0; round <= K; ++round)
-      parallel([&](std::size_t s) { (void)k.startTyping(d.session[s], d.thread[s]); });
+      parallel([&](std::size_t s) {
+        if (handles) (void)k.startTyping(h[s], d.thread[s]);
+        else (void)k.startTyping(d.session[s], d.thread[s]);
+      });
     phaseNs[1] = sw.elapsedNs();
     afterTyping = bytesInUse();
     peak = k.getMemoryStats();
     sw.restart();
     parallel([&](std::size_t s) {
-      if (s % 2 == 0) (void)k.stopTyping(d.session[s], d.thread[s]);
-      (void)k.untrackRoom(d.session[s], d.jobs[s][0]);
+      if (handles) {
+        if (s % 2 == 0) (void)k.stopTyping(h[s], d.thread[s]);
+        (void)k.untrackRoom(h[s], d.jobs[s][0]);
+      } else {
+        if (s % 2 == 0) (void)k.stopTyping(d.session[s], d.thread[s]);
+        (void)k.untrackRoom(d.session[s], d.jobs[s][0]);
+      }
     });
     phaseNs[2] = sw.elapsedNs();
     sw.restart();
-    parallel([&](std::size_t s) { (void)k.disconnect(d.session[s]); });
+    parallel([&](std::size_t s) {
+      if (handles) (void)k.disconnect(h[s]);
+      else (void)k.disconnect(d.session[s]);
+    });
     phaseNs[3] = sw.elapsedNs();
     after = k.getMemoryStats();
   };
@@ -274,7 +308,7 @@ void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads) {
   j.addString("workload", "dispatch");
   j.addString("system", system);
   j.addCount("sessions", S);
-  j.addString("session_ids", "string");
+  j.addString("session_ids", handles ? "handle" : "string");
   j.addCount("threads", static_cast<std::uint64_t>(threads <= 0 ? 1 : threads));
   j.addCount("restarts", K);
   j.addNumber("connect_ns_per_session", perOp(phaseNs[0], S));

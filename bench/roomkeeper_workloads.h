@@ -23,7 +23,7 @@
 #include "bench_util.h"
 
 // W1 rooms: cfg.sessions sessions.
-void runRoomsRoomkeeper(const BenchConfig& cfg);
+void runRoomsRoomkeeper(const BenchConfig& cfg, bool handles = false);
 
 // W2 timers: cfg.timers timers, cfg.restarts restart rounds, plus the fire
 // phase.
@@ -31,7 +31,10 @@ void runTimersRoomkeeper(const BenchConfig& cfg);
 
 // W3 dispatch: `sessions` sessions, cfg.restarts restart rounds, on
 // `threads` threads (1 = single-threaded keeper).
+// threads == 0: the single-threaded Keeper; >= 1: SyncKeeper on that many
+// threads. handles: address sessions by the SessionHandle from connect
+// (WORKLOAD.md allows it; the output says "session_ids":"handle").
 void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t sessions,
-                           int threads);
+                           int threads, bool handles = false);
 
 #endif  // ROOMKEEPER_BENCH_ROOMKEEPER_WORKLOADS_H_

@@ -2,6 +2,7 @@
 #include "roomkeeper/keeper.h"
 
 #include <exception>
+#include <type_traits>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -89,11 +90,12 @@ void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
   runDisconnect(slot);
 }
 
-Result Keeper::Impl::connect(std::string_view session) {
+Result Keeper::Impl::connect(std::string_view session, SessionHandle* out) {
   if (shut) return Result::kShutDown;
   SessionHandle h;
   const Result r = reg.connect(session, {}, &h);
   if (r != Result::kOk) return r;
+  if (out) *out = h;
   if (opt.authTimeout.count() > 0) {
     const TimerHandle t = timers.arm(opt.authTimeout, authHandler, h.index);
     connTimers.emplace(pack(h.index, h.generation), t);
@@ -119,7 +121,17 @@ Result Keeper::Impl::authenticate(std::string_view session, std::string_view use
 Result Keeper::Impl::checkAuthenticated(std::string_view session,
                                         std::uint32_t* slot) const {
   if (shut) return Result::kShutDown;
-  const std::uint32_t s = reg.findSession(session);
+  return checkAuthenticatedSlot(reg.findSession(session), slot);
+}
+
+Result Keeper::Impl::checkAuthenticated(SessionHandle session, std::uint32_t* slot) const {
+  if (shut) return Result::kShutDown;
+  const std::uint32_t s = reg.fromHandle(session);
+  if (s == detail::kNone) return Result::kStaleHandle;
+  return checkAuthenticatedSlot(s, slot);
+}
+
+Result Keeper::Impl::checkAuthenticatedSlot(std::uint32_t s, std::uint32_t* slot) const {
   if (s == detail::kNone) return Result::kNotConnected;
   if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
   if (reg.sessionSlots[s].user == detail::kNone) return Result::kNotAuthenticated;
@@ -160,7 +172,11 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
 
 Result Keeper::Impl::disconnect(std::string_view session) {
   if (shut) return Result::kShutDown;
-  const std::uint32_t s = reg.findSession(session);
+  return disconnectSlot(reg.findSession(session));
+}
+
+Result Keeper::Impl::disconnectSlot(std::uint32_t s) {
+  if (shut) return Result::kShutDown;
   if (s == detail::kNone) return Result::kNotConnected;
   if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
   runDisconnect(s);
@@ -283,8 +299,9 @@ Keeper::Keeper(KeeperCallbacks callbacks, KeeperOptions options)
     : impl_(std::make_unique<Impl>(std::move(callbacks), std::move(options))) {}
 Keeper::~Keeper() = default;
 
-Result Keeper::connect(std::string_view session) {
-  const Result r = impl_->connect(session);
+Result Keeper::connect(std::string_view session) { return connect(session, nullptr); }
+Result Keeper::connect(std::string_view session, SessionHandle* handle) {
+  const Result r = impl_->connect(session, handle);
   impl_->reg.flush();
   return r;
 }
@@ -294,12 +311,16 @@ Result Keeper::authenticate(std::string_view session, std::string_view user) {
   return r;
 }
 Result Keeper::connectAuthenticated(std::string_view session, std::string_view user) {
+  return connectAuthenticated(session, user, nullptr);
+}
+Result Keeper::connectAuthenticated(std::string_view session, std::string_view user,
+                                    SessionHandle* handle) {
   Impl& im = *impl_;
   if (im.shut) return Result::kShutDown;
   if (user.empty()) return Result::kInvalidId;
   // One registry call: every refusal (id, limit) is checked before anything
   // is allocated, and a refused call calls nothing. No auth deadline.
-  const Result r = im.reg.connect(session, user, nullptr);
+  const Result r = im.reg.connect(session, user, handle);
   if (r == Result::kOk) {
     ++im.authenticatedSessions;
     im.maybeWarn();
@@ -307,7 +328,8 @@ Result Keeper::connectAuthenticated(std::string_view session, std::string_view u
   im.reg.flush();
   return r;
 }
-Result Keeper::trackRoom(std::string_view session, std::string_view room) {
+template <typename Id>
+Result Keeper::trackRoomImpl(Id session, std::string_view room) {
   std::uint32_t s = detail::kNone;
   Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
@@ -317,11 +339,60 @@ Result Keeper::trackRoom(std::string_view session, std::string_view room) {
   impl_->reg.flush();
   return r;
 }
-Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
+template <typename Id>
+Result Keeper::untrackRoomImpl(Id session, std::string_view room) {
   if (impl_->shut) return Result::kShutDown;
-  const Result r = impl_->reg.untrack(impl_->reg.findSession(session), room);
+  Result why = Result::kOk;
+  const std::uint32_t s = impl_->slotOf(session, &why);
+  if (s == detail::kNone) return why;
+  const Result r = impl_->reg.untrack(s, room);
   impl_->reg.flush();
   return r;
+}
+template <typename Id>
+Result Keeper::startTypingImpl(Id session, std::string_view thread) {
+  std::uint32_t s = detail::kNone;
+  Result r = impl_->checkAuthenticated(session, &s);
+  if (r == Result::kOk) {
+    r = impl_->typing.impl_->startSlot(s, thread);
+    if (r == Result::kOk) impl_->maybeWarn();
+  }
+  impl_->reg.flush();
+  return r;
+}
+template <typename Id>
+Result Keeper::stopTypingImpl(Id session, std::string_view thread) {
+  if (impl_->shut) return Result::kShutDown;
+  Result why = Result::kOk;
+  const std::uint32_t s = impl_->slotOf(session, &why);
+  if (s == detail::kNone) return why;
+  const Result r = impl_->typing.impl_->stopSlot(s, thread);
+  impl_->reg.flush();
+  return r;
+}
+template <typename Id>
+Result Keeper::disconnectImpl(Id session, bool forced) {
+  if (impl_->shut) return Result::kShutDown;
+  Result why = Result::kOk;
+  const std::uint32_t s = impl_->slotOf(session, &why);
+  if (s == detail::kNone) return why;
+  const Result r = impl_->disconnectSlot(s);
+  if (r == Result::kOk && forced) ++impl_->forcedCleanups;
+  impl_->reg.flush();
+  return r;
+}
+
+Result Keeper::trackRoom(std::string_view session, std::string_view room) {
+  return trackRoomImpl(session, room);
+}
+Result Keeper::trackRoom(SessionHandle session, std::string_view room) {
+  return trackRoomImpl(session, room);
+}
+Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
+  return untrackRoomImpl(session, room);
+}
+Result Keeper::untrackRoom(SessionHandle session, std::string_view room) {
+  return untrackRoomImpl(session, room);
 }
 std::size_t Keeper::clearRoomTracking(std::string_view session) {
   if (impl_->shut) return 0;
@@ -332,31 +403,23 @@ std::size_t Keeper::clearRoomTracking(std::string_view session) {
   return n;
 }
 Result Keeper::startTyping(std::string_view session, std::string_view thread) {
-  std::uint32_t s = detail::kNone;
-  Result r = impl_->checkAuthenticated(session, &s);
-  if (r == Result::kOk) {
-    r = impl_->typing.impl_->startSlot(s, thread);
-    if (r == Result::kOk) impl_->maybeWarn();
-  }
-  impl_->reg.flush();
-  return r;
+  return startTypingImpl(session, thread);
+}
+Result Keeper::startTyping(SessionHandle session, std::string_view thread) {
+  return startTypingImpl(session, thread);
 }
 Result Keeper::stopTyping(std::string_view session, std::string_view thread) {
-  if (impl_->shut) return Result::kShutDown;
-  const Result r = impl_->typing.impl_->stop(session, thread);
-  impl_->reg.flush();
-  return r;
+  return stopTypingImpl(session, thread);
 }
-Result Keeper::disconnect(std::string_view session) {
-  const Result r = impl_->disconnect(session);
-  impl_->reg.flush();
-  return r;
+Result Keeper::stopTyping(SessionHandle session, std::string_view thread) {
+  return stopTypingImpl(session, thread);
 }
-Result Keeper::forceCleanup(std::string_view session) {
-  const Result r = impl_->disconnect(session);
-  if (r == Result::kOk) ++impl_->forcedCleanups;
-  impl_->reg.flush();
-  return r;
+Result Keeper::disconnect(std::string_view session) { return disconnectImpl(session, false); }
+Result Keeper::disconnect(SessionHandle session) { return disconnectImpl(session, false); }
+Result Keeper::forceCleanup(std::string_view session) { return disconnectImpl(session, true); }
+Result Keeper::forceCleanup(SessionHandle session) { return disconnectImpl(session, true); }
+SessionHandle Keeper::handleOf(std::string_view session) const {
+  return impl_->registry.handleOf(session);
 }
 ShutdownReport Keeper::shutdown() {
   if (impl_->shut) return {};

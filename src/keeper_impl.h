@@ -6,6 +6,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "absl/container/flat_hash_map.h"
 #include "registry_impl.h"
@@ -22,10 +23,27 @@ struct Keeper::Impl {
   Impl(KeeperCallbacks c, KeeperOptions o);
   ~Impl();
 
-  Result connect(std::string_view session);
+  Result connect(std::string_view session, SessionHandle* out);
   Result authenticate(std::string_view session, std::string_view user);
   Result checkAuthenticated(std::string_view session,
                             std::uint32_t* slot = nullptr) const;
+  Result checkAuthenticated(SessionHandle session, std::uint32_t* slot) const;
+  Result checkAuthenticatedSlot(std::uint32_t s, std::uint32_t* slot) const;
+  Result disconnectSlot(std::uint32_t s);
+  // Every session-addressed call exists by id and by handle; both resolve
+  // to a slot (or the refusal to return) and share one body.
+  template <typename Id>
+  std::uint32_t slotOf(Id id, Result* why) const {
+    if constexpr (std::is_same_v<Id, SessionHandle>) {
+      const std::uint32_t s = reg.fromHandle(id);
+      if (s == detail::kNone) *why = Result::kStaleHandle;
+      return s;
+    } else {
+      const std::uint32_t s = reg.findSession(id);
+      if (s == detail::kNone) *why = Result::kNotConnected;
+      return s;
+    }
+  }
   Result disconnect(std::string_view session);
   void runDisconnect(std::uint32_t s);
   ShutdownReport shutdown();

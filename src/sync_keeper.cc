@@ -252,6 +252,31 @@ ShutdownReport SyncKeeper::shutdown() {
   impl_->run([&] { k.timers.cancelAll(); });
   return rep;
 }
+Result SyncKeeper::connect(std::string_view s, SessionHandle* h) {
+  return impl_->run([&] { return impl_->keeper.connect(s, h); });
+}
+Result SyncKeeper::connectAuthenticated(std::string_view s, std::string_view u,
+                                        SessionHandle* h) {
+  return impl_->run([&] { return impl_->keeper.connectAuthenticated(s, u, h); });
+}
+Result SyncKeeper::trackRoom(SessionHandle s, std::string_view r) {
+  return impl_->run([&] { return impl_->keeper.trackRoom(s, r); });
+}
+Result SyncKeeper::untrackRoom(SessionHandle s, std::string_view r) {
+  return impl_->run([&] { return impl_->keeper.untrackRoom(s, r); });
+}
+Result SyncKeeper::startTyping(SessionHandle s, std::string_view t) {
+  return impl_->run([&] { return impl_->keeper.startTyping(s, t); });
+}
+Result SyncKeeper::stopTyping(SessionHandle s, std::string_view t) {
+  return impl_->run([&] { return impl_->keeper.stopTyping(s, t); });
+}
+Result SyncKeeper::disconnect(SessionHandle s) {
+  return impl_->run([&] { return impl_->keeper.disconnect(s); });
+}
+Result SyncKeeper::forceCleanup(SessionHandle s) {
+  return impl_->run([&] { return impl_->keeper.forceCleanup(s); });
+}
 bool SyncKeeper::isShutDown() const {
   std::lock_guard<std::recursive_mutex> g(impl_->mu);
   return impl_->keeper.isShutDown();

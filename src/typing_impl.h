@@ -66,6 +66,7 @@ struct TypingTimerManager::Impl {
   Result start(std::string_view session, std::string_view thread);
   Result startSlot(std::uint32_t s, std::string_view thread);
   Result stop(std::string_view session, std::string_view thread);
+  Result stopSlot(std::uint32_t s, std::string_view thread);
   bool addSession(std::uint32_t idx, std::uint32_t s);
   void unlinkSession(std::uint32_t idx, std::uint32_t sl, std::uint32_t gen);
   void end(std::uint32_t idx, std::uint32_t typer);

@@ -386,6 +386,10 @@ bool TypingTimerManager::Impl::addSession(std::uint32_t idx, std::uint32_t s) {
 Result TypingTimerManager::Impl::stop(std::string_view session, std::string_view thread) {
   const std::uint32_t s = reg.findSession(session);
   if (s == detail::kNone) return Result::kNotConnected;
+  return stopSlot(s, thread);
+}
+
+Result TypingTimerManager::Impl::stopSlot(std::uint32_t s, std::string_view thread) {
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
   auto it = index.find(TypingKeyView{userKeyOf(s), thread});
   if (it == index.end()) return Result::kAlreadyDone;

@@ -1168,3 +1168,48 @@ TEST_CASE("every count returns to 0 and bytes stop growing after a workload",
   INFO("third: " << Catch::StringMaker<MemoryStats>::convert(third));
   CHECK(third.bytes == first.bytes);
 }
+
+TEST_CASE("handle-based calls match the id-based ones and go stale exactly",
+          "[keeper][handle]") {
+  roomkeeper::ManualClock clock;
+  roomkeeper::KeeperOptions opt;
+  opt.clock = &clock;
+  std::vector<std::string> left;
+  roomkeeper::KeeperCallbacks cb;
+  cb.leave = [&](std::string_view s, std::string_view r) {
+    left.push_back(std::string(s) + ">" + std::string(r));
+  };
+  roomkeeper::Keeper k(cb, opt);
+  roomkeeper::SessionHandle h;
+  REQUIRE(k.connect("sock-1", &h) == roomkeeper::Result::kOk);
+  CHECK(h.valid());
+  CHECK(k.handleOf("sock-1") == h);
+  CHECK(k.trackRoom(h, "job:1") == roomkeeper::Result::kNotAuthenticated);
+  REQUIRE(k.authenticate("sock-1", "u1") == roomkeeper::Result::kOk);
+  CHECK(k.trackRoom(h, "job:1") == roomkeeper::Result::kOk);
+  CHECK(k.trackRoom(h, "job:1") == roomkeeper::Result::kAlreadyDone);
+  CHECK(k.registry().isMember("sock-1", "job:1"));
+  CHECK(k.startTyping(h, "7") == roomkeeper::Result::kOk);
+  CHECK(k.startTyping(h, "7") == roomkeeper::Result::kAlreadyDone);
+  CHECK(k.stopTyping(h, "7") == roomkeeper::Result::kOk);
+  CHECK(k.untrackRoom(h, "job:1") == roomkeeper::Result::kOk);
+  CHECK(k.trackRoom(h, "job:2") == roomkeeper::Result::kOk);
+  CHECK(k.disconnect(h) == roomkeeper::Result::kOk);
+  CHECK(left == std::vector<std::string>{"sock-1>job:1", "sock-1>job:2"});
+  // Stale, even after the same id reconnects.
+  CHECK(k.disconnect(h) == roomkeeper::Result::kStaleHandle);
+  roomkeeper::SessionHandle h2;
+  REQUIRE(k.connectAuthenticated("sock-1", "u1", &h2) == roomkeeper::Result::kOk);
+  CHECK(h2 != h);
+  const roomkeeper::MemoryStats before = k.getMemoryStats();
+  CHECK(k.trackRoom(h, "job:3") == roomkeeper::Result::kStaleHandle);
+  CHECK(k.startTyping(h, "7") == roomkeeper::Result::kStaleHandle);
+  CHECK(k.stopTyping(h, "7") == roomkeeper::Result::kStaleHandle);
+  CHECK(k.untrackRoom(h, "job:3") == roomkeeper::Result::kStaleHandle);
+  CHECK(k.forceCleanup(h) == roomkeeper::Result::kStaleHandle);
+  CHECK(k.getMemoryStats().trackedRooms == before.trackedRooms);
+  CHECK(k.getMemoryStats().bytes == before.bytes);
+  CHECK(k.forceCleanup(h2) == roomkeeper::Result::kOk);
+  CHECK(k.getMemoryStats().forcedCleanups == 1);
+  CHECK(k.getMemoryStats().connectedClients == 0);
+}

@@ -147,13 +147,17 @@ class Keeper {
 
   /// A new transport session, not yet authenticated; arms the auth
   /// deadline. kOk; kAlreadyConnected; kInvalidId; kShutDown. O(1).
+  /// With `handle`, stores a SessionHandle for the handle-based calls below.
   Result connect(std::string_view session);
+  Result connect(std::string_view session, SessionHandle* handle);
   /// Binds the user and cancels the auth deadline. kOk; kAlreadyDone (same
   /// user); kUserMismatch; kNotConnected; kTooManySessions; kInvalidId. O(1).
   Result authenticate(std::string_view session, std::string_view user);
   /// connect + authenticate, for transports that authenticate in the
   /// handshake.
   Result connectAuthenticated(std::string_view session, std::string_view user);
+  Result connectAuthenticated(std::string_view session, std::string_view user,
+                              SessionHandle* handle);
 
   /// As SessionRegistry, plus kNotAuthenticated and kShutDown.
   Result trackRoom(std::string_view session, std::string_view room);
@@ -163,6 +167,18 @@ class Keeper {
   /// As TypingTimerManager, plus kNotAuthenticated and kShutDown.
   Result startTyping(std::string_view session, std::string_view thread);
   Result stopTyping(std::string_view session, std::string_view thread);
+
+  /// The same calls by SessionHandle (from connect): no hashing of the
+  /// session id; a handle of a session that has gone gets kStaleHandle,
+  /// even if the same id has connected again.
+  Result trackRoom(SessionHandle session, std::string_view room);
+  Result untrackRoom(SessionHandle session, std::string_view room);
+  Result startTyping(SessionHandle session, std::string_view thread);
+  Result stopTyping(SessionHandle session, std::string_view thread);
+  Result disconnect(SessionHandle session);
+  Result forceCleanup(SessionHandle session);
+  /// The handle of a live session, or the null handle.
+  SessionHandle handleOf(std::string_view session) const;
 
   /// The whole disconnect sequence (see above). kOk; kNotConnected;
   /// kClosing; kShutDown.
@@ -203,6 +219,11 @@ class Keeper {
 
  private:
   friend class SyncKeeper;
+  template <typename Id> Result trackRoomImpl(Id session, std::string_view room);
+  template <typename Id> Result untrackRoomImpl(Id session, std::string_view room);
+  template <typename Id> Result startTypingImpl(Id session, std::string_view thread);
+  template <typename Id> Result stopTypingImpl(Id session, std::string_view thread);
+  template <typename Id> Result disconnectImpl(Id session, bool forced);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

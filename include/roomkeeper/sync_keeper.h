@@ -57,6 +57,17 @@ class SyncKeeper {
   /// Stops the driver first, then as Keeper::shutdown.
   ShutdownReport shutdown();
   bool isShutDown() const;
+  /// By SessionHandle, as Keeper's (handles are safe to use from any thread:
+  /// a stale one gets kStaleHandle).
+  Result connect(std::string_view session, SessionHandle* handle);
+  Result connectAuthenticated(std::string_view session, std::string_view user,
+                              SessionHandle* handle);
+  Result trackRoom(SessionHandle session, std::string_view room);
+  Result untrackRoom(SessionHandle session, std::string_view room);
+  Result startTyping(SessionHandle session, std::string_view thread);
+  Result stopTyping(SessionHandle session, std::string_view thread);
+  Result disconnect(SessionHandle session);
+  Result forceCleanup(SessionHandle session);
   std::size_t broadcast(const BroadcastTargets& targets, std::string_view event,
                         std::string_view payload);
   std::size_t advance();
