@@ -114,6 +114,9 @@ Result Keeper::Impl::authenticate(std::string_view session, std::string_view use
   if (it != connTimers.end()) {
     timers.cancel(it->second);
     connTimers.erase(it);
+    // Not for a table of a few slots: connect/authenticate pairs would
+    // allocate and free it every time.
+    if (connTimers.capacity() > 15) releaseConnTimersIfEmpty();
   }
   return Result::kOk;
 }
@@ -162,12 +165,17 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   typing.impl_->onDisconnect(s);
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
-  if (connTimers.empty() && connTimers.capacity() > 0) {
-    ConnTimers fresh(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
-                     detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
-                         &connBytes));
-    connTimers.swap(fresh);
-  }
+  releaseConnTimersIfEmpty();
+}
+
+void Keeper::Impl::releaseConnTimersIfEmpty() {
+  // A table that emptied keeps its capacity; hand it back so that bytes
+  // follow what is held (authenticated sessions need no deadline).
+  if (!connTimers.empty() || connTimers.capacity() == 0) return;
+  ConnTimers fresh(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
+                   detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
+                       &connBytes));
+  connTimers.swap(fresh);
 }
 
 Result Keeper::Impl::disconnect(std::string_view session) {

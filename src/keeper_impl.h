@@ -46,6 +46,7 @@ struct Keeper::Impl {
   }
   Result disconnect(std::string_view session);
   void runDisconnect(std::uint32_t s);
+  void releaseConnTimersIfEmpty();
   ShutdownReport shutdown();
   void onAuthTimeout(TimerHandle h, std::uint32_t slot);
   void queue(std::function<void()> fn);

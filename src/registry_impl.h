@@ -26,16 +26,16 @@ enum class EventKind : std::uint8_t {
   kCustom,  // Event::fn
 };
 
-struct SessionSlot {
+struct SessionSlot {  // 64 bytes
   detail::Name name;
   detail::EntryList rooms;  // {room slot, position in room's members}
   detail::EntryList typing;  // {typing indicator, unused}: TypingTimerManager's
   std::uint32_t user = detail::kNone;
-  std::uint32_t userPos = 0;
   std::uint32_t generation = 0;  // 0 while free
   std::uint32_t mark = 0;        // broadcast de-duplication stamp
   SessionState state = SessionState::kFree;
 };
+static_assert(sizeof(SessionSlot) == 64, "a session slot is one cache line");
 struct RoomSlot {
   detail::Name name;
   detail::EntryList members;  // {session slot, position in session's rooms}

@@ -227,9 +227,8 @@ Result SessionRegistry::Impl::linkUser(std::uint32_t s, std::string_view user,
     }
     return Result::kOutOfMemory;
   }
-  const std::uint32_t pos = us.sessions.push(Entry{s, 0});
+  us.sessions.push(Entry{s, 0});
   sessionSlots[s].user = u;
-  sessionSlots[s].userPos = pos;
   return Result::kOk;
 }
 
@@ -238,11 +237,13 @@ void SessionRegistry::Impl::unlinkUser(std::uint32_t s) {
   const std::uint32_t u = slot.user;
   if (u == kNone) return;
   UserSlot& us = userSlots[u];
-  const std::uint32_t pos = slot.userPos;
+  // A user's sessions are few (Limits::maxSessionsPerUser): a scan is cheaper
+  // than keeping a back-pointer in every session slot.
   const std::uint32_t last = us.sessions.size() - 1;
-  if (pos != last) {
+  for (std::uint32_t pos = 0; pos <= last; ++pos) {
+    if (us.sessions[pos].slot != s) continue;
     us.sessions[pos] = us.sessions[last];
-    sessionSlots[us.sessions[pos].slot].userPos = pos;
+    break;
   }
   us.sessions.pop(&bytes);
   slot.user = kNone;
