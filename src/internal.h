@@ -110,6 +110,7 @@ class EntryList {
   Entry& operator[](std::uint32_t i) noexcept { return data()[i]; }
   const Entry& operator[](std::uint32_t i) const noexcept { return data()[i]; }
   Entry& back() noexcept { return data()[size_ - 1]; }
+  const Entry& back() const noexcept { return data()[size_ - 1]; }
 
   /// Ensures room for one more; false (nothing changed) if out of memory.
   bool reserveOneMore(std::size_t* bytes) noexcept {
@@ -138,12 +139,17 @@ class EntryList {
 
  private:
   bool reallocTo(std::uint32_t ncap, std::size_t* bytes) noexcept {
-    Entry* fresh = static_cast<Entry*>(std::malloc(ncap * sizeof(Entry)));
-    if (fresh == nullptr) return false;
-    std::memcpy(fresh, data(), size_ * sizeof(Entry));
+    Entry* fresh;
     if (cap_ > 1) {
-      std::free(u_.heap);
+      // realloc: grows in place when it can, and moves large blocks by
+      // remapping pages rather than copying them.
+      fresh = static_cast<Entry*>(std::realloc(u_.heap, ncap * sizeof(Entry)));
+      if (fresh == nullptr) return false;
       if (bytes) *bytes -= cap_ * sizeof(Entry);
+    } else {
+      fresh = static_cast<Entry*>(std::malloc(ncap * sizeof(Entry)));
+      if (fresh == nullptr) return false;
+      if (size_ > 0) fresh[0] = u_.one;
     }
     u_.heap = fresh;
     cap_ = ncap;
