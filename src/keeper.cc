@@ -48,7 +48,10 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
       connTimers(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
                  detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
                      &connBytes)) {
-  timers.setLog(cb.log);
+  // Through the queue: under SyncKeeper the log must not run under the lock.
+  timers.setLog([this](LogLevel level, std::string_view msg) {
+    queueLog(level, std::string(msg));
+  });
   authHandler = timers.addHandler(
       [this](TimerHandle h, std::uint32_t slot) { onAuthTimeout(h, slot); });
   statsHandler = timers.addHandler([this](TimerHandle, std::uint32_t) {
@@ -144,25 +147,33 @@ Result Keeper::Impl::checkAuthenticatedSlot(std::uint32_t s, std::uint32_t* slot
 
 void Keeper::Impl::runDisconnect(std::uint32_t s) {
   SessionSlot& ss = reg.sessionSlots[s];
-  ss.state = SessionState::kClosing;
-  if (ss.user != detail::kNone) --authenticatedSessions;
-  const std::string name(ss.name.view());
-  // 1. The observer, with the rooms as they are now.
+  // 1. The observer, with the rooms as they are now. Built before any state
+  // changes: if it cannot be allocated, nothing has happened yet.
   if (cb.disconnecting) {
+    std::string name(ss.name.view());
     std::vector<std::string> rooms;
     rooms.reserve(ss.rooms.size());
     for (std::uint32_t i = 0; i < ss.rooms.size(); ++i)
       rooms.emplace_back(reg.roomSlots[ss.rooms[i].slot].name.view());
-    queue([this, name, rooms = std::move(rooms)]() { cb.disconnecting(name, rooms); });
+    queue([this, name = std::move(name), rooms = std::move(rooms)]() {
+      cb.disconnecting(name, rooms);
+    });
   }
-  // 2. The connection timer.
-  auto it = connTimers.find(pack(s, ss.generation));
-  if (it != connTimers.end()) {
-    timers.cancel(it->second);
-    connTimers.erase(it);
+  ss.state = SessionState::kClosing;
+  if (ss.user != detail::kNone) --authenticatedSessions;
+  try {
+    // 2. The connection timer.
+    auto it = connTimers.find(pack(s, ss.generation));
+    if (it != connTimers.end()) {
+      timers.cancel(it->second);
+      connTimers.erase(it);
+    }
+    // 3. Typing, with the wildcard for the user's last session.
+    typing.impl_->onDisconnect(s);
+  } catch (...) {
+    // Out of memory while queueing typing callbacks: the session still goes.
+    reg.reportError("disconnect");
   }
-  // 3. Typing, with the wildcard for the user's last session.
-  typing.impl_->onDisconnect(s);
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
   releaseConnTimersIfEmpty();
@@ -185,6 +196,7 @@ Result Keeper::Impl::disconnect(std::string_view session) {
 
 Result Keeper::Impl::disconnectSlot(std::uint32_t s) {
   if (shut) return Result::kShutDown;
+  if (busy()) return Result::kBusy;
   if (s == detail::kNone) return Result::kNotConnected;
   if (reg.sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
   runDisconnect(s);
@@ -359,6 +371,7 @@ Result Keeper::untrackRoomImpl(Id session, std::string_view room) {
 }
 template <typename Id>
 Result Keeper::startTypingImpl(Id session, std::string_view thread) {
+  if (impl_->busy()) return Result::kBusy;
   std::uint32_t s = detail::kNone;
   Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
@@ -371,6 +384,7 @@ Result Keeper::startTypingImpl(Id session, std::string_view thread) {
 template <typename Id>
 Result Keeper::stopTypingImpl(Id session, std::string_view thread) {
   if (impl_->shut) return Result::kShutDown;
+  if (impl_->busy()) return Result::kBusy;
   Result why = Result::kOk;
   const std::uint32_t s = impl_->slotOf(session, &why);
   if (s == detail::kNone) return why;
@@ -403,7 +417,7 @@ Result Keeper::untrackRoom(SessionHandle session, std::string_view room) {
   return untrackRoomImpl(session, room);
 }
 std::size_t Keeper::clearRoomTracking(std::string_view session) {
-  if (impl_->shut) return 0;
+  if (impl_->shut || impl_->busy()) return 0;
   const std::uint32_t s = impl_->reg.findSession(session);
   if (s == detail::kNone) return 0;
   const std::size_t n = impl_->reg.clearRooms(s);
@@ -430,7 +444,7 @@ SessionHandle Keeper::handleOf(std::string_view session) const {
   return impl_->registry.handleOf(session);
 }
 ShutdownReport Keeper::shutdown() {
-  if (impl_->shut) return {};
+  if (impl_->shut || impl_->busy()) return {};
   ShutdownReport rep = impl_->shutdown();
   impl_->reg.flush();
   rep.persistUndelivered = impl_->typing.flushPersistence();
@@ -455,6 +469,7 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
 
 std::size_t Keeper::advance() { return advance(impl_->timers.clock().now()); }
 std::size_t Keeper::advance(SteadyTime now, std::size_t maxFire) {
+  if (impl_->busy()) return 0;  // from inside a registry visitor: not now
   // Timer handlers only queue their callbacks; they run after the batch.
   ++impl_->reg.events.deferred_;
   const std::size_t n = impl_->timers.advance(now, maxFire);

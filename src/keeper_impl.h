@@ -30,6 +30,9 @@ struct Keeper::Impl {
   Result checkAuthenticated(SessionHandle session, std::uint32_t* slot) const;
   Result checkAuthenticatedSlot(std::uint32_t s, std::uint32_t* slot) const;
   Result disconnectSlot(std::uint32_t s);
+  /// Inside a registry visitor (forEachMember and friends): mutations that
+  /// could free what the visitor walks are refused (kBusy).
+  bool busy() const noexcept { return reg.iterating.load(std::memory_order_relaxed) > 0; }
   // Every session-addressed call exists by id and by handle; both resolve
   // to a slot (or the refusal to return) and share one body.
   template <typename Id>

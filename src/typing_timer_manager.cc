@@ -74,6 +74,9 @@ TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallba
       index(0, IndicatorHash{&entries}, IndicatorEq{&entries},
             detail::CountingAllocator<std::uint32_t>(&bytes)) {
   if (opt.timeout.count() < 0) opt.timeout = Millis(0);
+  // A zero backoff would retry a failing database in a busy loop.
+  if (opt.retryInitial < Millis(1)) opt.retryInitial = Millis(1);
+  if (opt.retryMax < opt.retryInitial) opt.retryMax = opt.retryInitial;
   backoff = opt.retryInitial;
   expireHandler = timers.addHandler(
       [this](TimerHandle h, std::uint32_t idx) { onExpire(h, idx); });
@@ -322,17 +325,19 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   SessionSlot& ss = reg.sessionSlots[s];
   if (ss.state != SessionState::kLive) return Result::kClosing;
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
-  // The keystroke path: the session's own indicators, no hash lookup. An
-  // indicator on this list belongs to this session's user.
+  // The keystroke path: the session's own indicators, no hash lookup. (The
+  // user check matters only standalone, for a session bound to a user after
+  // it started typing anonymously.)
+  const std::string_view userKey = userKeyOf(s);
   for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
     Indicator& e = entries[ss.typing[i].slot];
-    if (e.thread.view() == thread) {
+    if (e.thread.view() == thread && e.user.view() == userKey) {
       timers.restart(e.timer, opt.timeout);
       return Result::kAlreadyDone;
     }
   }
   const bool full = ss.typing.size() >= opt.maxTypingPerSession;
-  const std::string_view user = userKeyOf(s);
+  const std::string_view user = userKey;
   auto it = index.find(TypingKeyView{user, thread});
   if (it != index.end()) {
     // Another device of the same user keeps this indicator alive.
@@ -391,6 +396,15 @@ Result TypingTimerManager::Impl::stop(std::string_view session, std::string_view
 
 Result TypingTimerManager::Impl::stopSlot(std::uint32_t s, std::string_view thread) {
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
+  // The session's own indicators first (covers one started before bindUser).
+  const SessionSlot& ss = reg.sessionSlots[s];
+  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
+    const std::uint32_t idx = ss.typing[i].slot;
+    if (entries[idx].thread.view() == thread) {
+      end(idx, s);
+      return Result::kOk;
+    }
+  }
   auto it = index.find(TypingKeyView{userKeyOf(s), thread});
   if (it == index.end()) return Result::kAlreadyDone;
   end(*it, s);

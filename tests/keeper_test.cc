@@ -1213,3 +1213,41 @@ TEST_CASE("handle-based calls match the id-based ones and go stale exactly",
   CHECK(k.getMemoryStats().forcedCleanups == 1);
   CHECK(k.getMemoryStats().connectedClients == 0);
 }
+
+TEST_CASE("Keeper calls from inside a registry visitor are refused, not undefined",
+          "[keeper][reentrancy]") {
+  roomkeeper::ManualClock clock;
+  roomkeeper::KeeperOptions opt;
+  opt.clock = &clock;
+  roomkeeper::Keeper k(roomkeeper::KeeperCallbacks{}, opt);
+  for (int i = 0; i < 6; ++i) {
+    const std::string s = "sock-" + std::to_string(i);
+    REQUIRE(k.connectAuthenticated(s, "u" + std::to_string(i)) == roomkeeper::Result::kOk);
+    REQUIRE(k.trackRoom(s, "r") == roomkeeper::Result::kOk);
+  }
+  const roomkeeper::MemoryStats before = k.getMemoryStats();
+  std::vector<roomkeeper::Result> results;
+  std::size_t visited = k.registry().forEachMember("r", [&](std::string_view s) {
+    results.push_back(k.disconnect(s));
+    results.push_back(k.forceCleanup(s));
+    results.push_back(k.startTyping(s, "t"));
+    results.push_back(k.stopTyping(s, "t"));
+    results.push_back(k.trackRoom(s, "other"));
+    results.push_back(k.untrackRoom(s, "r"));
+    CHECK(k.clearRoomTracking(s) == 0);
+    CHECK(k.advance() == 0);
+    CHECK(k.shutdown().sessionsClosed == 0);
+  });
+  CHECK(visited == 6);
+  for (const roomkeeper::Result r : results) CHECK(r == roomkeeper::Result::kBusy);
+  visited = k.registry().forEachSession([&](std::string_view s) {
+    CHECK(k.disconnect(s) == roomkeeper::Result::kBusy);
+  });
+  CHECK(visited == 6);
+  CHECK_FALSE(k.isShutDown());
+  const roomkeeper::MemoryStats after = k.getMemoryStats();
+  CHECK(after.connectedClients == before.connectedClients);
+  CHECK(after.trackedRooms == before.trackedRooms);
+  CHECK(after.typingTimers == 0);
+  CHECK(after.bytes == before.bytes);
+}

@@ -593,3 +593,25 @@ TEST_CASE("standalone: clearAll ends every indicator", "[typing]") {
   CHECK(rig.rec.persistCount(PersistOp::kTypingStopped) == 3);
   CHECK(rig.typing.clearAll() == 0);
 }
+
+TEST_CASE("standalone: typing started anonymously still stops after bindUser",
+          "[typing]") {
+  roomkeeper::ManualClock clock;
+  roomkeeper::SessionRegistry reg;
+  roomkeeper::TimerService timers(&clock);
+  roomkeeper::TypingTimerManager typing(reg, timers);
+  REQUIRE(reg.connect("s1") == roomkeeper::Result::kOk);
+  REQUIRE(typing.startTyping("s1", "T") == roomkeeper::Result::kOk);
+  REQUIRE(reg.bindUser("s1", "u1") == roomkeeper::Result::kOk);
+  CHECK(typing.isTyping("s1", "T"));
+  CHECK(typing.stopTyping("s1", "T") == roomkeeper::Result::kOk);
+  CHECK_FALSE(typing.isTyping("s1", "T"));
+  // Typing again now starts the user's own indicator.
+  CHECK(typing.startTyping("s1", "T") == roomkeeper::Result::kOk);
+  CHECK(typing.isTyping("u1", "T"));
+  CHECK(typing.stats().indicators == 1);
+  typing.onDisconnect("s1");
+  CHECK(reg.disconnect("s1") == roomkeeper::Result::kOk);
+  CHECK(typing.stats().indicators == 0);
+  CHECK(typing.stats().sessionsTyping == 0);
+}

@@ -159,12 +159,16 @@ class Keeper {
   Result connectAuthenticated(std::string_view session, std::string_view user,
                               SessionHandle* handle);
 
-  /// As SessionRegistry, plus kNotAuthenticated and kShutDown.
+  /// As SessionRegistry, plus kShutDown, and kNotAuthenticated for
+  /// trackRoom (leaving needs no authentication). From inside a registry
+  /// visitor (registry().forEachMember and friends) every mutating Keeper
+  /// call is refused: kBusy (0 or an empty report for the counting ones).
   Result trackRoom(std::string_view session, std::string_view room);
   Result untrackRoom(std::string_view session, std::string_view room);
   std::size_t clearRoomTracking(std::string_view session);
 
-  /// As TypingTimerManager, plus kNotAuthenticated and kShutDown.
+  /// As TypingTimerManager, plus kShutDown, and kNotAuthenticated for
+  /// startTyping.
   Result startTyping(std::string_view session, std::string_view thread);
   Result stopTyping(std::string_view session, std::string_view thread);
 

@@ -132,8 +132,9 @@ class TimerService {
 
   /// Arms a one-shot timer `delay` from clock.now() (a clock reading older
   /// than the latest time advanced to is clamped to it). A delay <= 0 makes it
-  /// due at once: it fires in the next advance(). Delays beyond ~8,900
-  /// years wait in an overflow list and are re-placed as time reaches them.
+  /// due at once: it fires in the next advance(). Any delay a nanoseconds
+  /// can hold (~292 years) is kept exactly, to the tick; a deadline beyond
+  /// SteadyTime::max() never fires.
   /// Returns the handle; the null handle only if `handler` is unknown.
   TimerHandle arm(std::chrono::nanoseconds delay, TimerHandlerId handler,
                   std::uint32_t data);
@@ -180,7 +181,8 @@ class TimerService {
   /// Heap bytes held: slab pages, free list, handler table.
   std::size_t bytes() const noexcept;
   std::uint64_t callbackErrors() const noexcept;
-  /// Returns empty slab pages at the end to the allocator.
+  /// Returns every slab page to the allocator when no timer is pending
+  /// (otherwise does nothing).
   void shrinkToFit();
 
   const Clock& clock() const noexcept;

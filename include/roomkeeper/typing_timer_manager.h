@@ -107,8 +107,11 @@ class TypingTimerManager {
 
   /// kOk: a new indicator (emit + persist). kAlreadyDone: already typing,
   /// the auto-clear was pushed back. Refused, nothing changed:
-  /// kNotConnected, kInvalidId (empty or too long thread),
-  /// kTooManyRooms (maxTypingPerSession), kOutOfMemory. O(1).
+  /// kNotConnected, kClosing (its disconnect is running), kInvalidId (empty
+  /// or too long thread), kTooManyRooms (maxTypingPerSession), kOutOfMemory.
+  /// The user key is fixed when an indicator starts: a session that typed
+  /// anonymously and was then bound to a user keeps its anonymous indicator
+  /// until it ends. O(1).
   Result startTyping(std::string_view session, std::string_view thread);
   /// Ends the user's indicator in the thread. kOk; kAlreadyDone if none;
   /// kNotConnected; kInvalidId. O(1).
@@ -119,14 +122,18 @@ class TypingTimerManager {
   std::size_t clearTypingTimers(std::string_view session);
   /// clearTypingTimers(), then, if this is the user's last session, the
   /// wildcard kTypingStoppedAll persistence call. Call before the
-  /// registry's disconnect. Returns clearTypingTimers()'s count.
+  /// registry's disconnect (and clearAll() before the registry's clear()):
+  /// the registry does not tell this manager. A repeat call repeats the
+  /// wildcard. Returns clearTypingTimers()'s count.
   std::size_t onDisconnect(std::string_view session);
   /// Ends every indicator (shutdown); returns how many.
   std::size_t clearAll();
 
   bool isTyping(std::string_view user, std::string_view thread) const;
-  /// Tries every pending persistence call now, ignoring backoff. Returns how
-  /// many are still undelivered (each logged at error level).
+  /// A last attempt (shutdown): tries the pending persistence calls in order
+  /// now, ignoring backoff, until one fails (or none is left; if a call is
+  /// being delivered on another thread, it tries nothing). Returns how many
+  /// are still undelivered; each is logged at error level and dropped.
   std::size_t flushPersistence();
   TypingStats stats() const noexcept;
   const TypingOptions& options() const noexcept;
