@@ -1,9 +1,71 @@
 #!/usr/bin/env bash
-# The main job: builds what is needed and runs the demo.
+# The main job: the dispatch demo. Builds dispatch_server (a Boost.Beast
+# WebSocket gateway on roomkeeper, typing indicators persisted in SQLite) and
+# dispatch_load, starts the server on an ephemeral loopback port with a
+# fresh database, plays a dispatch day with 500 clients (clean closes,
+# abrupt TCP drops, never-logged-in sockets), prints the server's stats
+# before / at the peak / after, then stops the server with SIGTERM.
+# Exits non-zero unless everything is back to zero and the server exited 0.
+#   usage: scripts/demo.sh [build-dir] [clients]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
+clients="${2:-500}"
 bash "$root/scripts/setup.sh"
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" -j2 --target roomkeeper_basic
-"$build/examples/roomkeeper_basic"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DROOMKEEPER_BUILD_EXAMPLES=ON >/dev/null
+cmake --build "$build" -j2 --target dispatch_server dispatch_load
+bin="$build/examples"
+
+tmp="$(mktemp -d)"
+pid=""
+cleanup() {
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+echo
+echo "== dispatch_server: ephemeral port, auth deadline 2 s, typing auto-clear 5 s, db $tmp/dispatch.db"
+: >"$tmp/server.log"  # exists before the loop below reads it
+"$bin/dispatch_server" --port 0 --threads 2 --db "$tmp/dispatch.db" \
+  --auth-timeout-ms 2000 --typing-timeout-ms 5000 >"$tmp/server.log" 2>&1 &
+pid=$!
+port=""
+for _ in $(seq 200); do
+  port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/server.log")"
+  [ -n "$port" ] && break
+  kill -0 "$pid" 2>/dev/null || break
+  sleep 0.05
+done
+if [ -z "$port" ]; then
+  echo "demo: the server did not start:"; cat "$tmp/server.log"; exit 1
+fi
+echo "   listening on 127.0.0.1:$port  (try: curl http://127.0.0.1:$port/stats)"
+echo
+echo "== dispatch_load: $clients clients"
+status=0
+"$bin/dispatch_load" --port "$port" --clients "$clients" || status=$?
+
+echo
+echo "== SIGTERM to the server"
+kill -TERM "$pid"
+for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+server_status=0
+if kill -0 "$pid" 2>/dev/null; then
+  echo "demo: the server did not exit within 10 s"; server_status=1
+else
+  wait "$pid" || server_status=$?
+fi
+pid=""
+sed 's/^/   server: /' "$tmp/server.log"
+rows="$(sqlite3 "$tmp/dispatch.db" 'SELECT COUNT(*) FROM typing_indicators' 2>/dev/null || echo '?')"
+echo "   server exit status: $server_status; typing rows in the database file: $rows"
+if [ "$status" -eq 0 ] && [ "$server_status" -eq 0 ] && [ "$rows" = "0" ]; then
+  echo
+  echo "demo: PASS"
+  exit 0
+fi
+echo
+echo "demo: FAIL (load generator $status, server $server_status, rows $rows)"
+exit 1

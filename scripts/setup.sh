@@ -3,7 +3,7 @@
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 pkgs=(cmake ninja-build g++ clang libabsl-dev libfmt-dev catch2 libboost-dev
-      libsqlite3-dev sqlite3 libclang-rt-14-dev python3)
+      libsqlite3-dev sqlite3 nlohmann-json3-dev libclang-rt-14-dev python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

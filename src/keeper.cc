@@ -177,6 +177,9 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
   releaseConnTimersIfEmpty();
+  // The last session gone and no timer left: the timer pages go too, so
+  // that bytes return to where they started (no-op inside advance()).
+  if (reg.sessionIndex.empty() && timers.size() == 0) timers.shrinkToFit();
 }
 
 void Keeper::Impl::releaseConnTimersIfEmpty() {

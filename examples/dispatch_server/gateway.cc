@@ -1,0 +1,820 @@
+// SPDX-License-Identifier: MIT
+// The dispatch gateway. Who owns what:
+//   * roomkeeper::SyncKeeper owns every piece of per-socket bookkeeping the
+//     original server kept by hand: rooms, typing timers, auth deadlines,
+//     user -> sockets. Its driver thread fires the timers.
+//   * The gateway keeps one map, "sock-<n>" -> Session, so that roomkeeper's
+//     callbacks (which name sessions by id) reach a live connection. A
+//     session enters it after the WebSocket handshake and leaves it when its
+//     read loop ends, right after roomkeeper's disconnect.
+//   * A Session does all its I/O on its own strand. Anything from another
+//     thread (roomkeeper callbacks: emit, closeSession) is posted there.
+//     Writes are queued; one async_write is outstanding at a time, and a
+//     close waits behind the queued writes.
+#include "gateway.h"
+
+#include <roomkeeper/roomkeeper.h>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/websocket.hpp>
+#include <chrono>
+#include <cstdio>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "demo_token.h"
+#include "typing_store.h"
+
+namespace dispatch {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+using roomkeeper::Result;
+using Clock = std::chrono::steady_clock;
+
+// Close codes beyond RFC 6455's (see docs/protocol.md).
+constexpr std::uint16_t kCloseAuthTimeout = 4001;
+constexpr std::uint16_t kCloseAuthFailed = 4003;
+
+std::string sv(std::string_view s) { return std::string(s); }
+
+/// JSON text; invalid UTF-8 (which Beast's text-frame check already keeps
+/// out) would be replaced rather than throw.
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+/// {"event":<event>,"data":<payload>}; payload is JSON already.
+std::string wireEvent(std::string_view event, std::string_view payload) {
+  std::string out = R"({"event":)";
+  out += json(sv(event)).dump();
+  out += R"(,"data":)";
+  out += payload.empty() ? std::string_view("{}") : payload;
+  out += '}';
+  return out;
+}
+
+class Gateway;
+
+// ---- One WebSocket connection ---------------------------------------------
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Gateway& gw, beast::tcp_stream&& stream)
+      : gw_(gw), ws_(std::move(stream)), ex_(ws_.get_executor()) {}
+
+  void start(http::request<http::empty_body> req);
+
+  // Thread-safe: post to the session's strand.
+  void postSend(std::string msg) {
+    asio::post(ex_, [self = shared_from_this(), m = std::move(msg)]() mutable {
+      self->send(std::move(m));
+    });
+  }
+  void postClose(std::uint16_t code, std::string reason) {
+    asio::post(ex_, [self = shared_from_this(), code, r = std::move(reason)]() {
+      self->requestClose(
+          websocket::close_reason(static_cast<websocket::close_code>(code), r));
+    });
+  }
+  const std::string& id() const { return id_; }
+
+ private:
+  void onAccept(beast::error_code ec);
+  void doRead();
+  void onRead(beast::error_code ec, std::size_t bytes);
+  void finish(beast::error_code ec);
+  void send(std::string msg);
+  void doWrite();
+  void onWrite(beast::error_code ec, std::size_t bytes);
+  void requestClose(websocket::close_reason reason);
+  void teardown();
+  bool takeToken();
+
+  void handleMessage(std::string_view text);
+  void route(const std::string& event, const json& id, const json& data);
+  void onAuthenticate(const std::string& ev, const json& id, const json& data);
+  void joinRoom(const std::string& ev, const json& id, const std::string& room,
+                json extra = json::object());
+  void leaveRoom(const std::string& ev, const json& id, const std::string& room,
+                 json extra = json::object());
+  void onAnalytics(bool subscribe, const std::string& ev, const json& id,
+                   const json& data);
+  void onTyping(bool start, const std::string& ev, const json& id, const json& data);
+  void onMessageSend(const std::string& ev, const json& id, const json& data);
+  void onJobUpdate(const std::string& ev, const json& id, const json& data);
+
+  void ack(const json& id, const std::string& forEvent, json data);
+  void error(const json& id, const std::string& forEvent, std::string_view code,
+             std::string message);
+  void resultError(const json& id, const std::string& forEvent, Result r);
+  /// A field that names an id: a string or an integer matching validId.
+  std::optional<std::string> idField(const json& data, const char* key) const;
+
+  Gateway& gw_;
+  websocket::stream<beast::tcp_stream> ws_;
+  const asio::any_io_executor ex_;  // the strand
+  beast::flat_buffer buffer_;
+  std::string id_;
+  std::deque<std::string> outbox_;
+  bool registered_ = false;      // in the map and connected to roomkeeper
+  bool writing_ = false;         // an async_write is outstanding
+  bool closeRequested_ = false;  // a close waits behind the queued writes
+  bool closing_ = false;         // async_close started
+  bool finished_ = false;        // the read loop ended
+  websocket::close_reason closeReason_;
+  std::optional<Identity> identity_;
+  std::set<std::string> analyticsTypes_;
+  double tokens_ = 0;
+  Clock::time_point refilled_{};
+};
+
+// ---- The server -----------------------------------------------------------
+
+class Gateway {
+ public:
+  Gateway(asio::io_context& ioc, const ServerOptions& opt, TypingStore& store)
+      : ioc_(ioc),
+        opt_(opt),
+        store_(store),
+        acceptor_(asio::make_strand(ioc)),
+        signals_(ioc, SIGINT, SIGTERM),
+        shutdownTimer_(ioc) {
+    roomkeeper::KeeperCallbacks cb;
+    // Rooms live in roomkeeper; plain WebSocket has no transport rooms, so
+    // cb.leave is not needed.
+    cb.emit = [this](std::string_view session, std::string_view event,
+                     std::string_view payload) {
+      if (auto s = findSession(session)) s->postSend(wireEvent(event, payload));
+    };
+    cb.closeSession = [this](std::string_view session, std::string_view reason) {
+      if (auto s = findSession(session)) {
+        const std::uint16_t code = reason == "auth_timeout"
+                                       ? kCloseAuthTimeout
+                                       : std::uint16_t(websocket::close_code::going_away);
+        s->postClose(code, sv(reason));
+      }
+    };
+    cb.persist = [this](const roomkeeper::PersistCall& call) {
+      return store_.apply(call);
+    };
+    cb.log = [this](roomkeeper::LogLevel level, std::string_view msg) {
+      if (level >= roomkeeper::LogLevel::kWarning || opt_.verbose)
+        std::fprintf(stderr, "[%s] %.*s\n",
+                     std::string(roomkeeper::toString(level)).c_str(), int(msg.size()),
+                     msg.data());
+    };
+    roomkeeper::KeeperOptions ko;
+    ko.authTimeout = roomkeeper::Millis(opt.authTimeoutMs);
+    ko.typing.timeout = roomkeeper::Millis(opt.typingTimeoutMs);
+    // Every authenticated socket is in role:, user: and usually crew:, plus
+    // its subscriptions; the original's 2x ratio would warn all the time.
+    ko.warnRoomsPerConnection = 16.0;
+    // The original's 100 typing timers was its traffic; a dispatch day with
+    // hundreds of crews typing at once is normal here.
+    ko.warnTypingTimers = 1000;
+    ko.statsLogInterval = roomkeeper::Millis(opt.statsIntervalMs);
+    keeper_ = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
+  }
+
+  ~Gateway() {
+    keeper_.reset();  // stops the driver before the map goes
+    std::lock_guard<std::mutex> g(sessionsMu_);
+    sessions_.clear();
+  }
+
+  bool listen(std::string* error) {
+    beast::error_code ec;
+    const auto address = asio::ip::make_address(opt_.host, ec);
+    if (ec) return *error = "bad --host: " + ec.message(), false;
+    const tcp::endpoint ep(address, opt_.port);
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(ep, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) return *error = "listen on " + opt_.host + ": " + ec.message(), false;
+    return true;
+  }
+  unsigned short port() const { return acceptor_.local_endpoint().port(); }
+
+  void start() {
+    keeper_->startDriver();
+    signals_.async_wait([this](const beast::error_code& ec, int signo) {
+      if (!ec) beginShutdown(signo);
+    });
+    asio::post(acceptor_.get_executor(), [this] { doAccept(); });
+  }
+
+  roomkeeper::SyncKeeper& keeper() { return *keeper_; }
+  const ServerOptions& options() const { return opt_; }
+  asio::io_context& ioc() { return ioc_; }
+
+  std::string nextSessionId() { return "sock-" + std::to_string(++nextId_); }
+  void addSession(const std::shared_ptr<Session>& s) {
+    std::lock_guard<std::mutex> g(sessionsMu_);
+    sessions_.emplace(s->id(), s);
+  }
+  void removeSession(const std::string& id) {
+    std::lock_guard<std::mutex> g(sessionsMu_);
+    sessions_.erase(id);
+  }
+  std::shared_ptr<Session> findSession(std::string_view id) {
+    std::lock_guard<std::mutex> g(sessionsMu_);
+    auto it = sessions_.find(sv(id));
+    return it == sessions_.end() ? nullptr : it->second;
+  }
+  std::size_t sessionCount() {
+    std::lock_guard<std::mutex> g(sessionsMu_);
+    return sessions_.size();
+  }
+
+  /// roomkeeper's statsJson() plus what only the host knows.
+  std::string statsJson() {
+    std::string s = keeper_->statsJson();
+    s.pop_back();  // the closing brace
+    s += ",\"typingRows\":" + std::to_string(store_.countRows());
+    s += ",\"serverSessions\":" + std::to_string(sessionCount());
+    s += ",\"authTimeoutMs\":" + std::to_string(opt_.authTimeoutMs);
+    s += ",\"typingTimeoutMs\":" + std::to_string(opt_.typingTimeoutMs);
+    s += ",\"shuttingDown\":" + std::string(shuttingDown_ ? "true" : "false") + "}";
+    return s;
+  }
+  std::string metricsText() {
+    std::string s = keeper_->prometheusText();
+    s += "# HELP dispatch_typing_rows Typing indicator rows in SQLite.\n"
+         "# TYPE dispatch_typing_rows gauge\n"
+         "dispatch_typing_rows " +
+         std::to_string(store_.countRows()) + "\n";
+    s += "# HELP dispatch_server_sessions WebSocket sessions in the gateway's map.\n"
+         "# TYPE dispatch_server_sessions gauge\n"
+         "dispatch_server_sessions " +
+         std::to_string(sessionCount()) + "\n";
+    return s;
+  }
+
+ private:
+  void doAccept() {
+    acceptor_.async_accept(asio::make_strand(ioc_),
+                           [this](beast::error_code ec, tcp::socket socket) {
+                             onAccept(ec, std::move(socket));
+                           });
+  }
+  void onAccept(beast::error_code ec, tcp::socket socket);
+
+  void beginShutdown(int signo) {
+    if (shuttingDown_.exchange(true)) return;
+    std::printf("dispatch_server: signal %d: shutting down\n", signo);
+    std::fflush(stdout);
+    asio::post(acceptor_.get_executor(), [this] {
+      beast::error_code ignored;
+      acceptor_.close(ignored);
+    });
+    // serverShutdown to every session, a close (1001) for each, and every
+    // session's disconnect sequence: typing rows deleted, rooms left.
+    const roomkeeper::ShutdownReport rep = keeper_->shutdown();
+    std::printf(
+        "dispatch_server: told %zu sessions; %zu timers cancelled; "
+        "%zu persistence calls undelivered\n",
+        rep.sessionsClosed, rep.timersCancelled, rep.persistUndelivered);
+    std::fflush(stdout);
+    shutdownDeadline_ = Clock::now() + std::chrono::milliseconds(opt_.shutdownGraceMs);
+    pollShutdown();
+  }
+  void pollShutdown() {
+    if (sessionCount() == 0 || Clock::now() >= shutdownDeadline_) {
+      ioc_.stop();
+      return;
+    }
+    shutdownTimer_.expires_after(std::chrono::milliseconds(20));
+    shutdownTimer_.async_wait([this](const beast::error_code&) { pollShutdown(); });
+  }
+
+  asio::io_context& ioc_;
+  ServerOptions opt_;
+  TypingStore& store_;
+  tcp::acceptor acceptor_;
+  asio::signal_set signals_;
+  asio::steady_timer shutdownTimer_;
+  Clock::time_point shutdownDeadline_{};
+  std::atomic<bool> shuttingDown_{false};
+  std::atomic<std::uint64_t> nextId_{0};
+  std::mutex sessionsMu_;
+  std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
+  std::unique_ptr<roomkeeper::SyncKeeper> keeper_;  // last: goes first
+};
+
+// ---- Plain HTTP (GET /metrics, GET /stats) and the upgrade ----------------
+
+class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
+ public:
+  HttpConnection(Gateway& gw, tcp::socket&& socket)
+      : gw_(gw), stream_(std::move(socket)) {}
+
+  void start() {
+    stream_.expires_after(std::chrono::seconds(10));
+    parser_.emplace();
+    parser_->header_limit(8 * 1024);
+    http::async_read(
+        stream_, buffer_, *parser_,
+        beast::bind_front_handler(&HttpConnection::onRead, shared_from_this()));
+  }
+
+ private:
+  void onRead(beast::error_code ec, std::size_t) {
+    if (ec) return;  // closed, timed out or malformed: drop it
+    http::request<http::empty_body> req = parser_->release();
+    const beast::string_view target = req.target();
+    if (websocket::is_upgrade(req)) {
+      if (target != "/" && target != "/ws")
+        return respond(req, http::status::not_found, "text/plain", "not found\n");
+      stream_.expires_never();  // the WebSocket stream keeps its own timeouts
+      std::make_shared<Session>(gw_, std::move(stream_))->start(std::move(req));
+      return;
+    }
+    if (req.method() != http::verb::get)
+      return respond(req, http::status::method_not_allowed, "text/plain", "GET only\n");
+    if (target == "/metrics")
+      return respond(req, http::status::ok, "text/plain; version=0.0.4; charset=utf-8",
+                     gw_.metricsText());
+    if (target == "/stats")
+      return respond(req, http::status::ok, "application/json", gw_.statsJson() + "\n");
+    if (target == "/healthz") return respond(req, http::status::ok, "text/plain", "ok\n");
+    respond(req, http::status::not_found, "text/plain", "not found\n");
+  }
+
+  void respond(const http::request<http::empty_body>& req, http::status status,
+               const char* type, std::string body) {
+    auto res = std::make_shared<http::response<http::string_body>>(status, req.version());
+    res->set(http::field::server, "roomkeeper-dispatch");
+    res->set(http::field::content_type, type);
+    res->keep_alive(false);
+    res->body() = std::move(body);
+    res->prepare_payload();
+    http::async_write(
+        stream_, *res, [self = shared_from_this(), res](beast::error_code, std::size_t) {
+          beast::error_code ignored;
+          self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+        });
+  }
+
+  Gateway& gw_;
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::empty_body>> parser_;
+};
+
+void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
+  if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
+  if (ec) {
+    // EMFILE and friends: log, breathe, go on accepting.
+    std::fprintf(stderr, "dispatch_server: accept: %s\n", ec.message().c_str());
+    auto t = std::make_shared<asio::steady_timer>(acceptor_.get_executor(),
+                                                  std::chrono::milliseconds(50));
+    t->async_wait([this, t](const beast::error_code&) { doAccept(); });
+    return;
+  }
+  std::make_shared<HttpConnection>(*this, std::move(socket))->start();
+  doAccept();
+}
+
+// ---- Session ---------------------------------------------------------------
+
+void Session::start(http::request<http::empty_body> req) {
+  websocket::stream_base::timeout t =
+      websocket::stream_base::timeout::suggested(beast::role_type::server);
+  t.handshake_timeout = std::chrono::seconds(5);  // also bounds the close handshake
+  t.idle_timeout = std::chrono::seconds(30);      // ping, then drop a silent peer
+  t.keep_alive_pings = true;
+  ws_.set_option(t);
+  ws_.set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
+    res.set(http::field::server, "roomkeeper-dispatch");
+  }));
+  ws_.read_message_max(gw_.options().maxMessageBytes);
+  tokens_ = 2 * gw_.options().rateLimit;
+  refilled_ = Clock::now();
+  ws_.async_accept(req,
+                   beast::bind_front_handler(&Session::onAccept, shared_from_this()));
+}
+
+void Session::onAccept(beast::error_code ec) {
+  if (ec) return;  // handshake failed: nothing was registered
+  id_ = gw_.nextSessionId();
+  gw_.addSession(shared_from_this());
+  const Result r = gw_.keeper().connect(id_);  // arms the auth deadline
+  if (r == Result::kOk) {
+    registered_ = true;
+  } else {
+    gw_.removeSession(id_);
+    // Only after shutdown() (ids are unique): the same close as everyone's.
+    requestClose(websocket::close_reason(websocket::close_code::going_away, "shutdown"));
+  }
+  doRead();
+}
+
+void Session::doRead() {
+  ws_.async_read(buffer_,
+                 beast::bind_front_handler(&Session::onRead, shared_from_this()));
+}
+
+void Session::onRead(beast::error_code ec, std::size_t) {
+  if (ec) return finish(ec);
+  const std::string text = beast::buffers_to_string(buffer_.data());
+  buffer_.consume(buffer_.size());
+  if (!closeRequested_ && !finished_) {  // closing: ignore the rest
+    if (!takeToken()) {
+      std::fprintf(stderr, "dispatch_server: %s: rate limit exceeded, closing\n",
+                   id_.c_str());
+      requestClose(
+          websocket::close_reason(websocket::close_code::policy_error, "rate_limit"));
+    } else if (!ws_.got_text()) {
+      error(json(), "", "bad_frame", "binary frames are not supported; send JSON text");
+    } else {
+      handleMessage(text);
+    }
+  }
+  doRead();  // keep reading: even while closing, the peer's close frame must arrive
+}
+
+void Session::finish(beast::error_code ec) {
+  if (finished_) return;
+  finished_ = true;
+  if (registered_) {
+    // A close handshake (either side's), or a frame over the limit: the
+    // ordinary disconnect. Anything else (EOF or reset without a close
+    // frame, timeout): the transport lost it, so forceCleanup (same cleanup,
+    // counted in forcedCleanups).
+    const bool lost = ec != websocket::error::closed &&
+                      ec != websocket::error::message_too_big && !closeRequested_;
+    const Result r = lost ? gw_.keeper().forceCleanup(id_) : gw_.keeper().disconnect(id_);
+    (void)r;  // kNotConnected after an auth timeout, kShutDown after shutdown: fine
+    gw_.removeSession(id_);
+  }
+  outbox_.clear();
+  teardown();
+}
+
+bool Session::takeToken() {
+  const double rate = gw_.options().rateLimit;
+  if (rate <= 0) return true;
+  const Clock::time_point now = Clock::now();
+  tokens_ = std::min(
+      2 * rate, tokens_ + rate * std::chrono::duration<double>(now - refilled_).count());
+  refilled_ = now;
+  if (tokens_ < 1) return false;
+  tokens_ -= 1;
+  return true;
+}
+
+void Session::send(std::string msg) {
+  if (closeRequested_ || finished_) return;
+  if (outbox_.size() >= gw_.options().maxOutbox) {
+    // A peer that does not read: drop it rather than buffer without bound.
+    std::fprintf(stderr, "dispatch_server: %s: send queue full, dropping\n", id_.c_str());
+    return teardown();
+  }
+  outbox_.push_back(std::move(msg));
+  if (!writing_) doWrite();
+}
+
+void Session::doWrite() {
+  if (outbox_.empty()) {
+    if (closeRequested_ && !closing_ && !finished_) {
+      closing_ = true;
+      ws_.async_close(closeReason_, [self = shared_from_this()](beast::error_code ec) {
+        if (ec) self->teardown();  // the read loop ends and cleans up
+      });
+    }
+    return;
+  }
+  writing_ = true;
+  ws_.text(true);
+  ws_.async_write(asio::buffer(outbox_.front()),
+                  beast::bind_front_handler(&Session::onWrite, shared_from_this()));
+}
+
+void Session::onWrite(beast::error_code ec, std::size_t) {
+  writing_ = false;
+  if (ec) return teardown();
+  outbox_.pop_front();
+  doWrite();
+}
+
+void Session::requestClose(websocket::close_reason reason) {
+  if (closeRequested_ || finished_) return;
+  closeRequested_ = true;
+  closeReason_ = reason;
+  if (!writing_) doWrite();
+}
+
+void Session::teardown() {
+  beast::error_code ignored;
+  beast::get_lowest_layer(ws_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+  beast::get_lowest_layer(ws_).socket().close(ignored);
+}
+
+// ---- Messages ----------------------------------------------------------------
+
+void Session::ack(const json& id, const std::string& forEvent, json data) {
+  data["for"] = forEvent;
+  json msg = {{"event", "ack"}, {"data", std::move(data)}};
+  if (!id.is_null()) msg["id"] = id;
+  send(dump(msg));
+}
+
+void Session::error(const json& id, const std::string& forEvent, std::string_view code,
+                    std::string message) {
+  json msg = {{"event", "error"},
+              {"data", {{"for", forEvent}, {"code", sv(code)}, {"message", message}}}};
+  if (!id.is_null()) msg["id"] = id;
+  send(dump(msg));
+}
+
+void Session::resultError(const json& id, const std::string& forEvent, Result r) {
+  error(id, forEvent, roomkeeper::toString(r),
+        "roomkeeper refused: " + sv(roomkeeper::toString(r)));
+}
+
+std::optional<std::string> Session::idField(const json& data, const char* key) const {
+  auto it = data.find(key);
+  if (it == data.end()) return std::nullopt;
+  std::string v;
+  if (it->is_string()) {
+    v = it->get<std::string>();
+  } else if (it->is_number_integer()) {
+    v = it->dump();
+  } else {
+    return std::nullopt;
+  }
+  if (!validId(v)) return std::nullopt;
+  return v;
+}
+
+void Session::handleMessage(std::string_view text) {
+  const json msg = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (msg.is_discarded()) return error(json(), "", "bad_json", "the message is not JSON");
+  if (!msg.is_object()) {
+    return error(json(), "", "bad_request",
+                 R"(expected {"event": "...", "data": {...}})");
+  }
+  json id;
+  if (auto it = msg.find("id"); it != msg.end()) {
+    if (!it->is_number_integer() && !it->is_string())
+      return error(json(), "", "bad_request", "\"id\" must be an integer or a string");
+    if (it->is_string() && it->get_ref<const std::string&>().size() > 64)
+      return error(json(), "", "bad_request", "\"id\" is too long");
+    id = *it;
+  }
+  auto ev = msg.find("event");
+  if (ev == msg.end() || !ev->is_string())
+    return error(id, "", "bad_request", "\"event\" must be a string");
+  const std::string& event = ev->get_ref<const std::string&>();
+  if (event.size() > 64) return error(id, "", "unknown_event", "unknown event");
+  json data = json::object();
+  if (auto d = msg.find("data"); d != msg.end()) {
+    if (!d->is_object())
+      return error(id, event, "bad_request", "\"data\" must be an object");
+    data = *d;
+  }
+  route(event, id, data);
+}
+
+void Session::route(const std::string& ev, const json& id, const json& data) {
+  if (ev == "ping") return ack(id, ev, {{"pong", true}});
+  if (ev == "authenticate") return onAuthenticate(ev, id, data);
+  static const std::set<std::string> kKnown = {
+      "subscribeToJob",     "unsubscribeFromJob",   "thread.subscribe",
+      "thread.unsubscribe", "subscribeToAnalytics", "unsubscribeFromAnalytics",
+      "typing.start",       "typing.stop",          "message.send",
+      "job.update"};
+  if (!kKnown.count(ev)) return error(id, ev, "unknown_event", "unknown event: " + ev);
+  if (!identity_) return error(id, ev, "not_authenticated", "authenticate first");
+
+  if (ev == "subscribeToJob" || ev == "unsubscribeFromJob") {
+    const auto job = idField(data, "jobId");
+    if (!job) return error(id, ev, "bad_request", "data.jobId: [A-Za-z0-9_.-]{1,64}");
+    const std::string room = "job:" + *job;
+    return ev == "subscribeToJob" ? joinRoom(ev, id, room, {{"jobId", *job}})
+                                  : leaveRoom(ev, id, room, {{"jobId", *job}});
+  }
+  if (ev == "thread.subscribe" || ev == "thread.unsubscribe") {
+    const auto thread = idField(data, "threadId");
+    if (!thread)
+      return error(id, ev, "bad_request", "data.threadId: [A-Za-z0-9_.-]{1,64}");
+    const std::string room = "thread:" + *thread;
+    if (ev == "thread.subscribe") return joinRoom(ev, id, room, {{"threadId", *thread}});
+    // Leaving a thread ends this user's typing indicator in it.
+    (void)gw_.keeper().stopTyping(id_, *thread);
+    return leaveRoom(ev, id, room, {{"threadId", *thread}});
+  }
+  if (ev == "subscribeToAnalytics") return onAnalytics(true, ev, id, data);
+  if (ev == "unsubscribeFromAnalytics") return onAnalytics(false, ev, id, data);
+  if (ev == "typing.start") return onTyping(true, ev, id, data);
+  if (ev == "typing.stop") return onTyping(false, ev, id, data);
+  if (ev == "message.send") return onMessageSend(ev, id, data);
+  if (ev == "job.update") return onJobUpdate(ev, id, data);
+}
+
+void Session::onAuthenticate(const std::string& ev, const json& id, const json& data) {
+  if (identity_) return error(id, ev, "already_authenticated", "already authenticated");
+  auto tok = data.find("token");
+  if (tok == data.end() || !tok->is_string())
+    return error(id, ev, "bad_request", "data.token must be a string");
+  std::optional<Identity> who = verifyDemoToken(tok->get_ref<const std::string&>());
+  if (!who) {
+    error(id, ev, "auth_failed", "invalid token");
+    return requestClose(websocket::close_reason(
+        static_cast<websocket::close_code>(kCloseAuthFailed), "auth_failed"));
+  }
+  const Result r = gw_.keeper().authenticate(id_, who->userId);  // cancels the deadline
+  if (r != Result::kOk) return resultError(id, ev, r);
+  identity_ = std::move(who);
+  std::vector<std::string> rooms = {"role:" + identity_->role,
+                                    "user:" + identity_->userId};
+  if (!identity_->crewId.empty()) rooms.push_back("crew:" + identity_->crewId);
+  for (const std::string& room : rooms) {
+    const Result j = gw_.keeper().trackRoom(id_, room);
+    if (!roomkeeper::ok(j)) return resultError(id, ev, j);
+  }
+  ack(id, ev,
+      {{"userId", identity_->userId},
+       {"role", identity_->role},
+       {"crewId", identity_->crewId},
+       {"rooms", rooms}});
+}
+
+void Session::joinRoom(const std::string& ev, const json& id, const std::string& room,
+                       json extra) {
+  const Result r = gw_.keeper().trackRoom(id_, room);
+  if (!roomkeeper::ok(r)) return resultError(id, ev, r);
+  extra["room"] = room;
+  extra["result"] = sv(roomkeeper::toString(r));
+  ack(id, ev, std::move(extra));
+}
+
+void Session::leaveRoom(const std::string& ev, const json& id, const std::string& room,
+                        json extra) {
+  const Result r = gw_.keeper().untrackRoom(id_, room);
+  if (!roomkeeper::ok(r)) return resultError(id, ev, r);
+  extra["room"] = room;
+  extra["result"] = sv(roomkeeper::toString(r));
+  ack(id, ev, std::move(extra));
+}
+
+void Session::onAnalytics(bool subscribe, const std::string& ev, const json& id,
+                          const json& data) {
+  if (identity_->role == "crew")
+    return error(id, ev, "forbidden", "analytics are for admins and dispatchers");
+  const auto type = idField(data, "type");
+  if (!type) return error(id, ev, "bad_request", "data.type: [A-Za-z0-9_.-]{1,64}");
+  const std::string room = "analytics:" + *type;
+  roomkeeper::SyncKeeper& k = gw_.keeper();
+  if (subscribe) {
+    const Result r = k.trackRoom(id_, room);
+    if (!roomkeeper::ok(r)) return resultError(id, ev, r);
+    const Result b = k.trackRoom(id_, "analytics:subscribers");
+    if (!roomkeeper::ok(b)) {
+      if (r == Result::kOk) (void)k.untrackRoom(id_, room);
+      return resultError(id, ev, b);
+    }
+    analyticsTypes_.insert(*type);
+    return ack(id, ev, {{"type", *type}, {"room", room}, {"result", sv(toString(r))}});
+  }
+  const Result r = k.untrackRoom(id_, room);
+  if (!roomkeeper::ok(r)) return resultError(id, ev, r);
+  analyticsTypes_.erase(*type);
+  // The base room goes with the session's last dashboard.
+  if (analyticsTypes_.empty()) (void)k.untrackRoom(id_, "analytics:subscribers");
+  ack(id, ev, {{"type", *type}, {"room", room}, {"result", sv(toString(r))}});
+}
+
+void Session::onTyping(bool start, const std::string& ev, const json& id,
+                       const json& data) {
+  const auto thread = idField(data, "threadId");
+  if (!thread) return error(id, ev, "bad_request", "data.threadId: [A-Za-z0-9_.-]{1,64}");
+  roomkeeper::SyncKeeper& k = gw_.keeper();
+  if (start && !k.isMember(id_, "thread:" + *thread))
+    return error(id, ev, "not_subscribed", "subscribe to the thread first");
+  // roomkeeper emits typingStarted/typingStopped to the thread's other
+  // members, persists the row and arms (or pushes back) the auto-clear.
+  const Result r = start ? k.startTyping(id_, *thread) : k.stopTyping(id_, *thread);
+  if (!roomkeeper::ok(r)) return resultError(id, ev, r);
+  ack(id, ev, {{"threadId", *thread}, {"result", sv(toString(r))}});
+}
+
+void Session::onMessageSend(const std::string& ev, const json& id, const json& data) {
+  const auto thread = idField(data, "threadId");
+  auto text = data.find("text");
+  if (!thread || text == data.end() || !text->is_string() ||
+      text->get_ref<const std::string&>().size() > 4096)
+    return error(id, ev, "bad_request", "data.threadId and data.text (<= 4096 bytes)");
+  const std::string room = "thread:" + *thread;
+  roomkeeper::SyncKeeper& k = gw_.keeper();
+  if (!k.isMember(id_, room))
+    return error(id, ev, "not_subscribed", "subscribe to the thread first");
+  const json payload = {
+      {"threadId", *thread}, {"userId", identity_->userId}, {"text", *text}};
+  roomkeeper::BroadcastTargets to;
+  to.rooms.push_back(room);
+  to.sender = id_;
+  const std::size_t n = k.broadcast(to, "messageCreated", dump(payload));
+  ack(id, ev, {{"threadId", *thread}, {"delivered", n}});
+}
+
+void Session::onJobUpdate(const std::string& ev, const json& id, const json& data) {
+  if (identity_->role == "crew")
+    return error(id, ev, "forbidden", "job updates are for admins and dispatchers");
+  const auto job = idField(data, "jobId");
+  const auto status = idField(data, "status");
+  if (!job || !status) return error(id, ev, "bad_request", "data.jobId and data.status");
+  const json payload = {{"jobId", *job}, {"status", *status}, {"by", identity_->userId}};
+  roomkeeper::BroadcastTargets to;
+  const std::string room = "job:" + *job;
+  to.rooms.push_back(room);
+  to.sender = id_;
+  const std::size_t n = gw_.keeper().broadcast(to, "jobUpdated", dump(payload));
+  ack(id, ev, {{"jobId", *job}, {"delivered", n}});
+}
+
+void raiseFileLimit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+}  // namespace
+
+int runServer(const ServerOptions& opt) {
+  raiseFileLimit();
+  std::string err;
+  std::unique_ptr<TypingStore> store = TypingStore::open(opt.db, &err);
+  if (!store) {
+    std::fprintf(stderr, "dispatch_server: database %s: %s\n", opt.db.c_str(),
+                 err.c_str());
+    return 1;
+  }
+  // Nobody is connected yet, so nobody is typing: rows left by a crash go.
+  const std::int64_t stale = store->clearAll();
+  if (stale > 0)
+    std::printf("dispatch_server: cleared %lld stale typing rows\n",
+                static_cast<long long>(stale));
+
+  asio::io_context ioc(opt.threads);
+  auto gw = std::make_unique<Gateway>(ioc, opt, *store);
+  if (!gw->listen(&err)) {
+    std::fprintf(stderr, "dispatch_server: %s\n", err.c_str());
+    return 1;
+  }
+  std::printf(
+      "dispatch_server: db %s, %d threads, auth timeout %ld ms, typing timeout %ld ms\n",
+      opt.db.c_str(), opt.threads, opt.authTimeoutMs, opt.typingTimeoutMs);
+  std::printf("listening on %s:%u\n", opt.host.c_str(), unsigned(gw->port()));
+  std::fflush(stdout);
+  gw->start();
+
+  std::vector<std::thread> pool;
+  for (int i = 1; i < opt.threads; ++i) pool.emplace_back([&ioc] { ioc.run(); });
+  ioc.run();
+  for (std::thread& t : pool) t.join();
+
+  const roomkeeper::MemoryStats st = gw->keeper().getMemoryStats();
+  const std::size_t left = gw->sessionCount();
+  const std::int64_t rows = store->countRows();
+  gw.reset();
+  std::printf(
+      "dispatch_server: shutdown complete: connectedClients=%zu typingTimers=%zu "
+      "trackedRooms=%zu rooms=%zu connectionTimers=%zu serverSessions=%zu "
+      "typingRows=%lld\n",
+      st.connectedClients, st.typingTimers, st.trackedRooms, st.rooms,
+      st.connectionTimers, left, static_cast<long long>(rows));
+  std::fflush(stdout);
+  const bool clean = st.connectedClients == 0 && st.typingTimers == 0 &&
+                     st.trackedRooms == 0 && st.rooms == 0 && st.connectionTimers == 0 &&
+                     rows == 0;
+  return clean ? 0 : 2;
+}
+
+}  // namespace dispatch

@@ -1,0 +1,36 @@
+// SPDX-License-Identifier: MIT
+// The dispatch example's WebSocket gateway: Boost.Beast in front,
+// roomkeeper::SyncKeeper for rooms, typing and the auth deadline, SQLite
+// (TypingStore) behind roomkeeper's persistence hook. The wire protocol is
+// in docs/protocol.md.
+#ifndef ROOMKEEPER_EXAMPLES_DISPATCH_GATEWAY_H_
+#define ROOMKEEPER_EXAMPLES_DISPATCH_GATEWAY_H_
+
+#include <cstddef>
+#include <string>
+
+namespace dispatch {
+
+struct ServerOptions {
+  std::string host = "127.0.0.1";
+  unsigned short port = 8080;               // 0 = ephemeral
+  int threads = 2;                          // threads running the one io_context
+  std::string db = "dispatch.db";           // ":memory:" for a private database
+  long authTimeoutMs = 30000;               // unauthenticated sockets closed (4001)
+  long typingTimeoutMs = 5000;              // typing auto-clear
+  std::size_t maxMessageBytes = 64 * 1024;  // bigger frames: close 1009
+  double rateLimit = 50;                    // messages per second (burst 2x): close 1008
+  std::size_t maxOutbox = 4096;             // queued outgoing messages per socket
+  long shutdownGraceMs = 3000;              // wait for closes on SIGINT/SIGTERM
+  long statsIntervalMs = 0;                 // periodic stats log line; 0 = off
+  bool verbose = false;                     // info-level roomkeeper log lines
+};
+
+/// Opens the database, binds, prints "listening on <host>:<port>", serves
+/// until SIGINT/SIGTERM, then sends serverShutdown to every client, closes
+/// them and returns 0 (1 on a start-up error, 2 if something was left).
+int runServer(const ServerOptions& options);
+
+}  // namespace dispatch
+
+#endif  // ROOMKEEPER_EXAMPLES_DISPATCH_GATEWAY_H_

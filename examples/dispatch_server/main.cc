@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: MIT
+// dispatch_server: the server roomkeeper came from, done right. A dispatch
+// app's WebSocket gateway (Boost.Beast) whose rooms, typing indicators and
+// auth deadlines are roomkeeper's, with typing persisted in SQLite.
+//
+//   dispatch_server --port 0 --db /tmp/d.db --auth-timeout-ms 2000
+//   dispatch_server --print-token u1:dispatcher:c1   # a demo login token
+//
+// Protocol: docs/protocol.md. Load generator: dispatch_load.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "demo_token.h"
+#include "gateway.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: dispatch_server [flags]\n"
+    "  --host ADDR               listen address (default 127.0.0.1)\n"
+    "  --port N                  port; 0 = ephemeral (default 8080)\n"
+    "  --threads N               threads running the io_context (default 2)\n"
+    "  --db PATH                 SQLite file, created on first run; :memory: ok\n"
+    "                            (default ./dispatch.db)\n"
+    "  --auth-timeout-ms N       close sockets that do not authenticate (30000)\n"
+    "  --typing-timeout-ms N     typing auto-clear (5000)\n"
+    "  --max-message-bytes N     larger frames are closed with 1009 (65536)\n"
+    "  --rate-limit N            messages per second per socket, burst 2N; 0 = off (50)\n"
+    "  --stats-interval-ms N     log a stats line every N ms; 0 = off (0)\n"
+    "  --verbose                 log roomkeeper's info lines too\n"
+    "  --print-token USER:ROLE:CREW   print a demo token and exit\n";
+
+bool parseLong(const char* s, long lo, long hi, long* out) {
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  if (end == s || *end != '\0' || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  dispatch::ServerOptions opt;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i];
+    std::string value;
+    const bool isSwitch = flag == "--verbose" || flag == "--help" || flag == "-h";
+    if (const auto eq = flag.find('='); eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag.resize(eq);
+    } else if (!isSwitch) {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "dispatch_server: %s needs a value\n%s", flag.c_str(),
+                     kUsage);
+        return 1;
+      }
+      value = argv[++i];
+    }
+    long n = 0;
+    auto number = [&](long lo, long hi) {
+      if (parseLong(value.c_str(), lo, hi, &n)) return true;
+      std::fprintf(stderr, "dispatch_server: bad value for %s: %s\n", flag.c_str(),
+                   value.c_str());
+      return false;
+    };
+    if (flag == "--help" || flag == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (flag == "--verbose") {
+      opt.verbose = true;
+    } else if (flag == "--host") {
+      opt.host = value;
+    } else if (flag == "--port") {
+      if (!number(0, 65535)) return 1;
+      opt.port = static_cast<unsigned short>(n);
+    } else if (flag == "--threads") {
+      if (!number(1, 64)) return 1;
+      opt.threads = static_cast<int>(n);
+    } else if (flag == "--db") {
+      opt.db = value;
+    } else if (flag == "--auth-timeout-ms") {
+      if (!number(0, 86400000)) return 1;
+      opt.authTimeoutMs = n;
+    } else if (flag == "--typing-timeout-ms") {
+      if (!number(1, 86400000)) return 1;
+      opt.typingTimeoutMs = n;
+    } else if (flag == "--max-message-bytes") {
+      if (!number(256, 64L << 20)) return 1;
+      opt.maxMessageBytes = static_cast<std::size_t>(n);
+    } else if (flag == "--rate-limit") {
+      if (!number(0, 1000000)) return 1;
+      opt.rateLimit = static_cast<double>(n);
+    } else if (flag == "--stats-interval-ms") {
+      if (!number(0, 86400000)) return 1;
+      opt.statsIntervalMs = n;
+    } else if (flag == "--print-token") {
+      dispatch::Identity id;
+      const auto a = value.find(':');
+      const auto b = a == std::string::npos ? a : value.find(':', a + 1);
+      id.userId = value.substr(0, a);
+      if (a != std::string::npos)
+        id.role = value.substr(a + 1, b == std::string::npos ? b : b - a - 1);
+      if (b != std::string::npos) id.crewId = value.substr(b + 1);
+      const std::string token = dispatch::makeDemoToken(id);
+      if (!dispatch::verifyDemoToken(token)) {
+        std::fprintf(stderr,
+                     "dispatch_server: want USER:ROLE:CREW, role admin|dispatcher|crew, "
+                     "ids [A-Za-z0-9_.-]{1,64}, crew needs a crew id\n");
+        return 1;
+      }
+      std::printf("%s\n", token.c_str());
+      return 0;
+    } else {
+      std::fprintf(stderr, "dispatch_server: unknown flag %s\n%s", flag.c_str(), kUsage);
+      return 1;
+    }
+  }
+  return dispatch::runServer(opt);
+}

@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: MIT
+// dispatch_protocol_test: drives a running dispatch_server over loopback
+// with good and bad input and checks every answer against docs/protocol.md:
+// malformed JSON, unknown events, binary and oversized frames, floods,
+// typing before authentication, bad tokens, the auth deadline, typing relay
+// and auto-clear, HTTP /stats and /metrics, and that after all of it the
+// server holds nothing. With --server-pid it ends by sending SIGTERM and
+// checking the serverShutdown event and the 1001 close.
+//
+// Expects the server to run with short timeouts, as dispatch_e2e.sh starts
+// it: --auth-timeout-ms 800 --typing-timeout-ms 400 (the defaults of
+// --rate-limit 50 and --max-message-bytes 65536).
+#include <signal.h>
+#include <sys/types.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/websocket.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "demo_http.h"
+#include "demo_token.h"
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace websocket = beast::websocket;
+using tcp = asio::ip::tcp;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+std::string gHost = "127.0.0.1";
+unsigned short gPort = 0;
+asio::io_context gIoc;
+
+/// Runs the shared io_context until `done()` or `timeout`.
+bool runUntil(const std::function<bool()>& done, milliseconds timeout) {
+  const auto end = Clock::now() + timeout;
+  gIoc.restart();
+  while (!done()) {
+    const auto now = Clock::now();
+    if (now >= end) return false;
+    gIoc.run_one_for(end - now);
+    gIoc.restart();
+  }
+  return true;
+}
+
+/// One WebSocket client with blocking, deadline-bounded calls.
+class Conn {
+ public:
+  Conn() : ws_(gIoc) {}
+  ~Conn() { drop(); }
+
+  bool open() {
+    beast::error_code result = asio::error::would_block;
+    bool done = false;
+    const tcp::endpoint ep(asio::ip::make_address(gHost), gPort);
+    beast::get_lowest_layer(ws_).expires_after(std::chrono::seconds(5));
+    beast::get_lowest_layer(ws_).async_connect(ep, [&](beast::error_code ec) {
+      if (ec) {
+        result = ec;
+        done = true;
+        return;
+      }
+      beast::get_lowest_layer(ws_).expires_never();
+      ws_.async_handshake(gHost + ":" + std::to_string(gPort), "/",
+                          [&](beast::error_code ec2) {
+                            result = ec2;
+                            done = true;
+                          });
+    });
+    if (!runUntil([&] { return done; }, milliseconds(5000)) || result) return false;
+    ws_.read_message_max(1 << 20);
+    return true;
+  }
+
+  bool sendText(const std::string& text) { return write(text, true); }
+  bool sendBinary(const std::string& bytes) { return write(bytes, false); }
+  bool send(const json& msg) { return sendText(msg.dump()); }
+
+  /// The next message; nullopt on timeout or when the connection ended
+  /// (then closed() is true).
+  std::optional<json> next(milliseconds timeout = milliseconds(3000)) {
+    if (closed_) return std::nullopt;
+    if (!readPending_) {
+      readPending_ = true;
+      readDone_ = false;
+      ws_.async_read(buffer_, [this](beast::error_code ec, std::size_t) {
+        readDone_ = true;
+        readEc_ = ec;
+      });
+    }
+    if (!runUntil([this] { return readDone_; }, timeout)) return std::nullopt;
+    readPending_ = false;
+    if (readEc_) {
+      closed_ = true;
+      // The close code the server sent, also when the transport failed
+      // right after it (a server closing with unread input resets the TCP
+      // connection, and our close reply then fails).
+      closeCode_ = ws_.reason().code;
+      return std::nullopt;
+    }
+    const std::string text = beast::buffers_to_string(buffer_.data());
+    buffer_.consume(buffer_.size());
+    json j = json::parse(text, nullptr, false);
+    if (j.is_discarded()) j = json{{"event", "(not JSON)"}, {"text", text}};
+    return j;
+  }
+  /// Skips messages until one with this event (and, if given, this id).
+  std::optional<json> waitFor(const std::string& event, const json& id = nullptr,
+                              milliseconds timeout = milliseconds(3000)) {
+    const auto end = Clock::now() + timeout;
+    while (Clock::now() < end) {
+      auto m = next(std::chrono::duration_cast<milliseconds>(end - Clock::now()));
+      if (!m) return std::nullopt;
+      if ((*m)["event"] == event &&
+          (id.is_null() || (m->contains("id") && (*m)["id"] == id)))
+        return m;
+    }
+    return std::nullopt;
+  }
+  /// Sends a request with a fresh id and returns its ack or error.
+  std::optional<json> request(const std::string& event, json data = json::object()) {
+    const int id = ++nextId_;
+    if (!send({{"event", event}, {"id", id}, {"data", std::move(data)}}))
+      return std::nullopt;
+    const auto end = Clock::now() + milliseconds(3000);
+    while (Clock::now() < end) {
+      auto m = next(std::chrono::duration_cast<milliseconds>(end - Clock::now()));
+      if (!m) return std::nullopt;
+      if (((*m)["event"] == "ack" || (*m)["event"] == "error") && m->contains("id") &&
+          (*m)["id"] == id)
+        return m;
+    }
+    return std::nullopt;
+  }
+  /// Reads (and discards) until the server closes; the close code, or 0 on
+  /// timeout or a transport error without a close frame.
+  std::uint16_t waitClosed(milliseconds timeout) {
+    const auto end = Clock::now() + timeout;
+    while (!closed_ && Clock::now() < end)
+      next(std::chrono::duration_cast<milliseconds>(end - Clock::now()));
+    return closed_ ? closeCode_ : 0;
+  }
+  bool authenticate(const dispatch::Identity& who) {
+    auto r = request("authenticate", {{"token", dispatch::makeDemoToken(who)}});
+    return r && (*r)["event"] == "ack";
+  }
+  void closeCleanly() {
+    if (closed_) return;
+    bool done = false;
+    ws_.async_close(websocket::close_code::normal,
+                    [&](beast::error_code) { done = true; });
+    runUntil([&] { return done; }, milliseconds(3000));
+    waitClosed(milliseconds(3000));
+  }
+  /// Drops the TCP connection with a reset: no close frame.
+  void drop() {
+    beast::error_code ignored;
+    auto& s = beast::get_lowest_layer(ws_).socket();
+    if (!s.is_open()) return;
+    s.set_option(asio::socket_base::linger(true, 0), ignored);
+    s.close(ignored);
+    runUntil([this] { return !readPending_ || readDone_; }, milliseconds(1000));
+    closed_ = true;
+  }
+  bool closed() const { return closed_; }
+  std::string readError() const { return readEc_.message(); }
+
+ private:
+  bool write(const std::string& data, bool text) {
+    if (closed_) return false;
+    out_ = data;
+    bool done = false;
+    beast::error_code result;
+    ws_.text(text);
+    ws_.async_write(asio::buffer(out_), [&](beast::error_code ec, std::size_t) {
+      result = ec;
+      done = true;
+    });
+    return runUntil([&] { return done; }, milliseconds(5000)) && !result;
+  }
+
+  websocket::stream<beast::tcp_stream> ws_;
+  beast::flat_buffer buffer_;
+  std::string out_;
+  bool readPending_ = false, readDone_ = false, closed_ = false;
+  beast::error_code readEc_;
+  std::uint16_t closeCode_ = 0;
+  int nextId_ = 0;
+};
+
+// ---- A tiny test harness ------------------------------------------------------
+
+int gPassed = 0, gFailed = 0;
+std::string gWhy;
+
+#define EXPECT(cond)                                             \
+  do {                                                           \
+    if (!(cond)) {                                               \
+      gWhy = "line " + std::to_string(__LINE__) + ": " #cond +   \
+             (gWhy.empty() ? std::string() : " (" + gWhy + ")"); \
+      return false;                                              \
+    }                                                            \
+  } while (0)
+
+void run(const char* name, bool (*test)()) {
+  gWhy.clear();
+  const bool ok = test();
+  std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", name, ok ? "" : ": ",
+              ok ? "" : gWhy.c_str());
+  std::fflush(stdout);
+  (ok ? gPassed : gFailed)++;
+}
+
+std::string codeOf(const std::optional<json>& m) {
+  if (!m || !m->contains("data") || !(*m)["data"].contains("code")) return "";
+  return (*m)["data"]["code"].get<std::string>();
+}
+
+std::optional<json> stats() {
+  std::string err;
+  auto r = dispatch::httpGet(gHost, gPort, "/stats", &err);
+  if (!r || r->status != 200) return std::nullopt;
+  json j = json::parse(r->body, nullptr, false);
+  if (!j.is_object()) return std::nullopt;
+  return j;
+}
+
+/// /stats has typingRows == rows and typingTimers == rows, within a second
+/// (persistence runs right after the event that reports the change).
+bool typingIs(int rows) {
+  const auto end = Clock::now() + milliseconds(1000);
+  for (;;) {
+    auto s = stats();
+    if (s && (*s)["typingRows"] == rows && (*s)["typingTimers"] == rows) return true;
+    if (Clock::now() > end) {
+      gWhy = "stats: " + (s ? s->dump() : std::string("unreachable"));
+      return false;
+    }
+    runUntil([] { return false; }, milliseconds(20));
+  }
+}
+
+dispatch::Identity user(const std::string& id, const std::string& role,
+                        const std::string& crew = "c1") {
+  return dispatch::Identity{id, role, role == "admin" ? "" : crew};
+}
+
+// ---- The tests ------------------------------------------------------------------
+
+bool malformedJson() {
+  Conn c;
+  EXPECT(c.open());
+  EXPECT(c.sendText("{\"event\": \"ping\", "));  // cut short
+  auto m = c.waitFor("error");
+  EXPECT(codeOf(m) == "bad_json");
+  EXPECT(c.sendText("not json at all"));
+  EXPECT(codeOf(c.waitFor("error")) == "bad_json");
+  auto pong = c.request("ping");  // the connection still works
+  EXPECT(pong && (*pong)["event"] == "ack" && (*pong)["data"]["pong"] == true);
+  return true;
+}
+
+bool wrongShapes() {
+  Conn c;
+  EXPECT(c.open());
+  for (const char* bad :
+       {"[1,2,3]", "42", "\"ping\"", "{\"data\":{}}", "{\"event\":5}",
+        "{\"event\":\"ping\",\"data\":[1]}", "{\"event\":\"ping\",\"id\":{\"x\":1}}"}) {
+    EXPECT(c.sendText(bad));
+    EXPECT(codeOf(c.waitFor("error")) == "bad_request");
+  }
+  auto r = c.request("ping");
+  EXPECT(r && (*r)["event"] == "ack");
+  return true;
+}
+
+bool unknownEvent() {
+  Conn c;
+  EXPECT(c.open());
+  auto r = c.request("launchRockets", {{"at", "now"}});
+  EXPECT(r && (*r)["event"] == "error" && codeOf(r) == "unknown_event");
+  EXPECT((*r)["data"]["for"] == "launchRockets");
+  EXPECT(c.authenticate(user("u-unknown", "dispatcher")));
+  r = c.request("thread.delete", {{"threadId", "1"}});
+  EXPECT(codeOf(r) == "unknown_event");
+  EXPECT(c.request("ping"));
+  return true;
+}
+
+bool binaryFrame() {
+  Conn c;
+  EXPECT(c.open());
+  EXPECT(c.sendBinary(std::string("\x00\x01\x02", 3)));
+  EXPECT(codeOf(c.waitFor("error")) == "bad_frame");
+  EXPECT(c.request("ping"));
+  return true;
+}
+
+bool typingBeforeAuth() {
+  Conn c;
+  EXPECT(c.open());
+  for (const char* ev :
+       {"typing.start", "typing.stop", "thread.subscribe", "subscribeToJob",
+        "subscribeToAnalytics", "message.send", "job.update"}) {
+    auto r = c.request(ev, {{"threadId", "1"}, {"jobId", "1"}, {"type", "jobs"}});
+    EXPECT(codeOf(r) == "not_authenticated");
+  }
+  EXPECT(c.authenticate(user("u-late", "crew")));  // and then it works
+  auto r = c.request("thread.subscribe", {{"threadId", "1"}});
+  EXPECT(r && (*r)["event"] == "ack");
+  r = c.request("typing.start", {{"threadId", "1"}});
+  EXPECT(r && (*r)["event"] == "ack" && (*r)["data"]["result"] == "ok");
+  return true;
+}
+
+bool badToken() {
+  Conn c;
+  EXPECT(c.open());
+  std::string forged = dispatch::makeDemoToken(user("u1", "admin"));
+  forged.back() = forged.back() == '0' ? '1' : '0';
+  auto r = c.request("authenticate", {{"token", forged}});
+  EXPECT(codeOf(r) == "auth_failed");
+  EXPECT(c.waitClosed(milliseconds(3000)) == 4003);
+
+  Conn d;
+  EXPECT(d.open());
+  r = d.request("authenticate", {{"token", 12345}});
+  EXPECT(codeOf(r) == "bad_request");  // not a string: an error, not a close
+  EXPECT(d.request("ping"));
+  return true;
+}
+
+bool oversizedFrame() {
+  Conn c;
+  EXPECT(c.open());
+  EXPECT(c.authenticate(user("u-big", "dispatcher")));
+  const std::string big = R"({"event":"message.send","data":{"threadId":"1","text":")" +
+                          std::string(70000, 'x') + "\"}}";
+  c.sendText(big);  // may fail half-way once the server has closed
+  const std::uint16_t code = c.waitClosed(milliseconds(3000));
+  gWhy = "close code " + std::to_string(code) + ", " + c.readError();
+  EXPECT(code == 1009);
+  return true;
+}
+
+bool flood() {
+  Conn c;
+  EXPECT(c.open());
+  int sent = 0;
+  for (; sent < 1000; ++sent)
+    if (!c.send({{"event", "ping"}})) break;
+  EXPECT(c.waitClosed(milliseconds(5000)) == 1008);
+  return true;
+}
+
+bool authDeadline() {
+  Conn c;
+  EXPECT(c.open());
+  const auto t0 = Clock::now();
+  EXPECT(c.waitClosed(milliseconds(5000)) == 4001);
+  EXPECT(Clock::now() - t0 < std::chrono::seconds(4));
+  return true;
+}
+
+bool authAndRooms() {
+  Conn c;
+  EXPECT(c.open());
+  auto r = c.request("authenticate",
+                     {{"token", dispatch::makeDemoToken(user("u7", "crew", "c3"))}});
+  EXPECT(r && (*r)["event"] == "ack");
+  EXPECT((*r)["data"]["rooms"] == json({"role:crew", "user:u7", "crew:c3"}));
+  r = c.request("authenticate",
+                {{"token", dispatch::makeDemoToken(user("u7", "crew", "c3"))}});
+  EXPECT(codeOf(r) == "already_authenticated");
+  r = c.request("subscribeToAnalytics", {{"type", "revenue"}});
+  EXPECT(codeOf(r) == "forbidden");
+  r = c.request("job.update", {{"jobId", "9"}, {"status", "done"}});
+  EXPECT(codeOf(r) == "forbidden");
+  r = c.request("subscribeToJob", {{"jobId", "has space"}});
+  EXPECT(codeOf(r) == "bad_request");
+  r = c.request("subscribeToJob", {{"jobId", 9}});
+  EXPECT(r && (*r)["data"]["room"] == "job:9" && (*r)["data"]["result"] == "ok");
+  r = c.request("subscribeToJob", {{"jobId", "9"}});
+  EXPECT(r && (*r)["data"]["result"] == "already_done");
+  r = c.request("unsubscribeFromJob", {{"jobId", "9"}});
+  EXPECT(r && (*r)["data"]["result"] == "ok");
+  r = c.request("unsubscribeFromJob", {{"jobId", "9"}});
+  EXPECT(r && (*r)["data"]["result"] == "already_done");
+
+  Conn d;
+  EXPECT(d.open());
+  EXPECT(d.authenticate(user("u8", "dispatcher", "c3")));
+  r = d.request("subscribeToAnalytics", {{"type", "revenue"}});
+  EXPECT(r && (*r)["event"] == "ack" && (*r)["data"]["room"] == "analytics:revenue");
+  r = d.request("unsubscribeFromAnalytics", {{"type", "revenue"}});
+  EXPECT(r && (*r)["event"] == "ack");
+  return true;
+}
+
+bool typingRelay() {
+  Conn a, b;
+  EXPECT(a.open() && b.open());
+  EXPECT(a.authenticate(user("ua", "dispatcher")));
+  EXPECT(b.authenticate(user("ub", "crew")));
+  auto r = a.request("typing.start", {{"threadId", "tp"}});
+  EXPECT(codeOf(r) == "not_subscribed");
+  EXPECT(a.request("thread.subscribe", {{"threadId", "tp"}}));
+  EXPECT(b.request("thread.subscribe", {{"threadId", "tp"}}));
+
+  r = a.request("typing.start", {{"threadId", "tp"}});
+  EXPECT(r && (*r)["data"]["result"] == "ok");
+  auto ev = b.waitFor("typingStarted");
+  EXPECT(ev && (*ev)["data"]["threadId"] == "tp" && (*ev)["data"]["userId"] == "ua");
+  EXPECT(typingIs(1));
+  r = a.request("typing.start", {{"threadId", "tp"}});  // a keystroke: a restart
+  EXPECT(r && (*r)["data"]["result"] == "already_done");
+  r = a.request("typing.stop", {{"threadId", "tp"}});
+  EXPECT(r && (*r)["data"]["result"] == "ok");
+  ev = b.waitFor("typingStopped");
+  EXPECT(ev && (*ev)["data"]["userId"] == "ua");
+  EXPECT(typingIs(0));
+
+  // The auto-clear (the server runs with --typing-timeout-ms 400): never
+  // before 400 ms after the request was sent.
+  const auto t0 = Clock::now();
+  EXPECT(a.request("typing.start", {{"threadId", "tp"}}));
+  EXPECT(b.waitFor("typingStarted"));
+  ev = b.waitFor("typingStopped", nullptr, milliseconds(3000));
+  EXPECT(ev && (*ev)["data"]["userId"] == "ua");
+  EXPECT(Clock::now() - t0 >= milliseconds(400));
+  EXPECT(typingIs(0));
+
+  // A message reaches the other member, not the sender.
+  r = b.request("message.send", {{"threadId", "tp"}, {"text", "10 minutes out"}});
+  EXPECT(r && (*r)["data"]["delivered"] == 1);
+  ev = a.waitFor("messageCreated");
+  EXPECT(ev && (*ev)["data"]["text"] == "10 minutes out" &&
+         (*ev)["data"]["userId"] == "ub");
+
+  // Typing, then the TCP connection dies: the others hear typingStopped.
+  EXPECT(a.request("typing.start", {{"threadId", "tp"}}));
+  EXPECT(b.waitFor("typingStarted"));
+  a.drop();
+  ev = b.waitFor("typingStopped");
+  EXPECT(ev && (*ev)["data"]["userId"] == "ua");
+  EXPECT(typingIs(0));
+  return true;
+}
+
+bool httpEndpoints() {
+  std::string err;
+  auto r = dispatch::httpGet(gHost, gPort, "/stats", &err);
+  EXPECT(r && r->status == 200);
+  json s = json::parse(r->body, nullptr, false);
+  for (const char* k : {"connectedClients", "typingTimers", "trackedRooms", "rooms",
+                        "connectionTimers", "typingRows", "serverSessions"})
+    EXPECT(s.contains(k));
+  r = dispatch::httpGet(gHost, gPort, "/metrics", &err);
+  EXPECT(r && r->status == 200);
+  EXPECT(r->body.find("roomkeeper_connected_clients ") != std::string::npos);
+  EXPECT(r->body.find("dispatch_typing_rows ") != std::string::npos);
+  r = dispatch::httpGet(gHost, gPort, "/nope", &err);
+  EXPECT(r && r->status == 404);
+  return true;
+}
+
+bool nothingLeft() {
+  // Every connection above is closed (or dropped); the server must be back
+  // to zero once it has noticed.
+  std::optional<json> s;
+  const auto end = Clock::now() + milliseconds(5000);
+  for (;;) {
+    s = stats();
+    bool zero = s.has_value();
+    if (zero)
+      for (const char* k : {"connectedClients", "typingTimers", "trackedRooms", "rooms",
+                            "connectionTimers", "typingRows", "serverSessions"})
+        zero = zero && (*s)[k] == 0;
+    if (zero) break;
+    if (Clock::now() > end) {
+      gWhy = "stats not back to zero: " + (s ? s->dump() : std::string("unreachable"));
+      return false;
+    }
+    runUntil([] { return false; }, milliseconds(100));
+  }
+  EXPECT((*s)["callbackErrors"] == 0);
+  return true;
+}
+
+pid_t gServerPid = 0;
+
+bool serverShutdown() {
+  Conn c;
+  EXPECT(c.open());
+  EXPECT(c.authenticate(user("u-last", "admin")));
+  EXPECT(c.request("thread.subscribe", {{"threadId", "bye"}}));
+  EXPECT(c.request("typing.start", {{"threadId", "bye"}}));
+  Conn idle;  // never authenticates: it hears it too
+  EXPECT(idle.open());
+  EXPECT(kill(gServerPid, SIGTERM) == 0);
+  auto ev = c.waitFor("serverShutdown");
+  EXPECT(ev && (*ev)["data"]["message"] == "Server is shutting down");
+  EXPECT(c.waitClosed(milliseconds(5000)) == 1001);
+  EXPECT(idle.waitFor("serverShutdown"));
+  EXPECT(idle.waitClosed(milliseconds(5000)) == 1001);
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--port")
+      gPort = static_cast<unsigned short>(std::atoi(argv[i + 1]));
+    else if (flag == "--host")
+      gHost = argv[i + 1];
+    else if (flag == "--server-pid")
+      gServerPid = static_cast<pid_t>(std::atoi(argv[i + 1]));
+  }
+  if (gPort == 0) {
+    std::fprintf(stderr,
+                 "usage: dispatch_protocol_test --port N [--host H] [--server-pid P]\n");
+    return 2;
+  }
+  run("malformed JSON: error bad_json, connection still works", malformedJson);
+  run("wrong message shapes: error bad_request", wrongShapes);
+  run("unknown event: error unknown_event", unknownEvent);
+  run("binary frame: error bad_frame", binaryFrame);
+  run("typing and subscribing before auth: error not_authenticated", typingBeforeAuth);
+  run("bad token: error auth_failed, close 4003", badToken);
+  run("oversized frame: close 1009", oversizedFrame);
+  run("flood: close 1008", flood);
+  run("no authenticate: close 4001 at the deadline", authDeadline);
+  run("authenticate, rooms, roles, subscribe results", authAndRooms);
+  run("typing relay, restart, stop, auto-clear, drop; messages", typingRelay);
+  run("GET /stats, /metrics, 404", httpEndpoints);
+  run("after all of it: /stats back to zero, no typing row", nothingLeft);
+  if (gServerPid > 0)
+    run("SIGTERM: serverShutdown to everyone, close 1001", serverShutdown);
+  std::printf("%d passed, %d failed\n", gPassed, gFailed);
+  return gFailed == 0 ? 0 : 1;
+}
