@@ -12,6 +12,9 @@
 // last session typing in it end an indicator the same way: timer cancelled,
 // "typingStopped" emitted once, persistence told.
 //
+// Order: for one change, the emits come first, then the persistence call
+// (so a client may hear typingStopped a moment before the row is deleted).
+//
 // Persistence never loses a call silently: every call goes through a bounded
 // FIFO (order per user and thread is kept because the whole queue is
 // ordered). A call whose hook returns false (or throws) stays at the head and
