@@ -10,4 +10,6 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DROOMKEEPER_WERROR=ON -DROOMKEEPER_BUILD_TESTS=ON -DROOMKEEPER_BUILD_EXAMPLES=ON \
   -DROOMKEEPER_BUILD_BENCH=ON
 cmake --build "$build" -j2
+# Every public header compiles on its own.
+cmake --build "$build" -j2 --target all_verify_interface_header_sets
 ctest --test-dir "$build" --output-on-failure -j2
