@@ -28,8 +28,9 @@ run_tsan() {
 }
 run_cxx20() {
   local b="$root/build-cxx20"
+  # The library and its tests (the examples are built as C++17 elsewhere).
   cmake -S "$root" -B "$b" "${common[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DROOMKEEPER_BUILD_EXAMPLES=ON -DCMAKE_CXX_STANDARD=20 -DBUILD_SHARED_LIBS=ON
+    -DROOMKEEPER_BUILD_EXAMPLES=OFF -DCMAKE_CXX_STANDARD=20 -DBUILD_SHARED_LIBS=ON
   cmake --build "$b" -j2
   ctest --test-dir "$b" --output-on-failure -j2
 }
