@@ -30,14 +30,7 @@
 #include <utility>
 #include <vector>
 
-namespace Catch {
-template <>
-struct StringMaker<roomkeeper::Result> {
-  static std::string convert(roomkeeper::Result r) {
-    return std::string(roomkeeper::toString(r));
-  }
-};
-}  // namespace Catch
+#include "test_support.h"
 
 namespace {
 
@@ -119,18 +112,6 @@ struct Probe {
   }
 };
 
-void requireEmpty(const MemoryStats& s) {
-  CHECK(s.connectedClients == 0);
-  CHECK(s.authenticated == 0);
-  CHECK(s.userSockets == 0);
-  CHECK(s.connectionTimers == 0);
-  CHECK(s.typingTimers == 0);
-  CHECK(s.trackedRooms == 0);
-  CHECK(s.sessionsWithRooms == 0);
-  CHECK(s.rooms == 0);
-  CHECK(s.totalEntries == 0);
-  CHECK(s.pendingPersistence == 0);
-}
 
 }  // namespace
 

@@ -24,48 +24,8 @@
 #include <utility>
 #include <vector>
 
-namespace roomkeeper {
-// Test-only comparison of everything the Keeper holds (counters included).
-inline bool operator==(const MemoryStats& a, const MemoryStats& b) {
-  return a.connectedClients == b.connectedClients && a.authenticated == b.authenticated &&
-         a.userSockets == b.userSockets && a.connectionTimers == b.connectionTimers &&
-         a.typingTimers == b.typingTimers && a.trackedRooms == b.trackedRooms &&
-         a.sessionsWithRooms == b.sessionsWithRooms && a.rooms == b.rooms &&
-         a.totalEntries == b.totalEntries && a.timersPending == b.timersPending &&
-         a.pendingPersistence == b.pendingPersistence &&
-         a.persistDelivered == b.persistDelivered &&
-         a.persistFailures == b.persistFailures && a.persistDropped == b.persistDropped &&
-         a.callbackErrors == b.callbackErrors && a.authTimeouts == b.authTimeouts &&
-         a.forcedCleanups == b.forcedCleanups && a.bytes == b.bytes;
-}
-}  // namespace roomkeeper
+#include "test_support.h"
 
-namespace Catch {
-template <>
-struct StringMaker<roomkeeper::Result> {
-  static std::string convert(roomkeeper::Result r) {
-    return std::string(roomkeeper::toString(r));
-  }
-};
-template <>
-struct StringMaker<roomkeeper::MemoryStats> {
-  static std::string convert(const roomkeeper::MemoryStats& s) {
-    std::ostringstream o;
-    o << "{clients=" << s.connectedClients << " authenticated=" << s.authenticated
-      << " userSockets=" << s.userSockets << " connectionTimers=" << s.connectionTimers
-      << " typingTimers=" << s.typingTimers << " trackedRooms=" << s.trackedRooms
-      << " sessionsWithRooms=" << s.sessionsWithRooms << " rooms=" << s.rooms
-      << " totalEntries=" << s.totalEntries << " timersPending=" << s.timersPending
-      << " pendingPersistence=" << s.pendingPersistence
-      << " persistDelivered=" << s.persistDelivered
-      << " persistFailures=" << s.persistFailures
-      << " persistDropped=" << s.persistDropped << " callbackErrors=" << s.callbackErrors
-      << " authTimeouts=" << s.authTimeouts << " forcedCleanups=" << s.forcedCleanups
-      << " bytes=" << s.bytes << "}";
-    return o.str();
-  }
-};
-}  // namespace Catch
 
 namespace {
 
@@ -202,19 +162,6 @@ struct Rig {
   std::unique_ptr<Keeper> keeper;
 };
 
-void requireEmpty(const MemoryStats& s) {
-  INFO(Catch::StringMaker<MemoryStats>::convert(s));
-  CHECK(s.connectedClients == 0);
-  CHECK(s.authenticated == 0);
-  CHECK(s.userSockets == 0);
-  CHECK(s.connectionTimers == 0);
-  CHECK(s.typingTimers == 0);
-  CHECK(s.trackedRooms == 0);
-  CHECK(s.sessionsWithRooms == 0);
-  CHECK(s.rooms == 0);
-  CHECK(s.totalEntries == 0);
-  CHECK(s.pendingPersistence == 0);
-}
 
 // alice on a1 in thread:42, thread:7 and job:1, typing in 42 and 7; bob on
 // b1 in thread:42 and thread:7.

@@ -20,33 +20,8 @@
 
 #include <catch2/catch.hpp>
 
-namespace roomkeeper {
-// Test-only comparison, found by argument-dependent lookup from Catch.
-inline bool operator==(const RegistryStats& a, const RegistryStats& b) {
-  return a.sessions == b.sessions && a.users == b.users && a.rooms == b.rooms &&
-         a.memberships == b.memberships && a.sessionsWithRooms == b.sessionsWithRooms &&
-         a.bytes == b.bytes && a.callbackErrors == b.callbackErrors;
-}
-}  // namespace roomkeeper
+#include "test_support.h"
 
-namespace Catch {
-template <>
-struct StringMaker<roomkeeper::Result> {
-  static std::string convert(roomkeeper::Result r) {
-    return std::string(roomkeeper::toString(r));
-  }
-};
-template <>
-struct StringMaker<roomkeeper::RegistryStats> {
-  static std::string convert(const roomkeeper::RegistryStats& s) {
-    std::ostringstream o;
-    o << "{sessions=" << s.sessions << " users=" << s.users << " rooms=" << s.rooms
-      << " memberships=" << s.memberships << " sessionsWithRooms=" << s.sessionsWithRooms
-      << " bytes=" << s.bytes << " callbackErrors=" << s.callbackErrors << "}";
-    return o.str();
-  }
-};
-}  // namespace Catch
 
 namespace {
 
