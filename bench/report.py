@@ -60,6 +60,67 @@ def table(rows, keys, base_pred, title):
     return "\n".join(out) + "\n"
 
 
+def find(rows, pred):
+    return next((r for r in rows if pred(r)), None)
+
+
+def targets(by):
+    """The targets of the benchmark issue, checked against this run."""
+    rk = lambda w, ids="string", S=None, name="": (lambda r: r["system"].startswith("roomkeeper")
+                                                   and name in r["system"]
+                                                   and r.get("session_ids", "string") == ids
+                                                   and (S is None or r.get("sessions") == S))
+    sio = find(by["rooms"], lambda r: r["system"].startswith("socket.io"))
+    node = find(by["timers"], lambda r: "setTimeout" in r["system"])
+    asio = find(by["timers"], lambda r: "asio" in r["system"])
+    seed = find(by["dispatch"], lambda r: r["system"].startswith("seed gateway"))
+    w1 = find(by["rooms"], rk("rooms"))
+    w1h = find(by["rooms"], rk("rooms", "handle"))
+    w2 = find(by["timers"], rk("timers"))
+    w3 = find(by["dispatch"], rk("dispatch", "string", 20000, "Keeper"))
+    w3h = find(by["dispatch"], rk("dispatch", "handle", 20000, "Keeper"))
+    w3big = find(by["dispatch"], rk("dispatch", "string", 200000, "Keeper"))
+    w3bigh = find(by["dispatch"], rk("dispatch", "handle", 200000, "Keeper"))
+    out = ["### Targets of the benchmark issue, this run", "",
+           "| target | measured (ids; handles) | met |", "|---|---|---|"]
+
+    def ratio(peer, mine, key):
+        if not peer or not mine or not mine.get(key):
+            return None
+        return peer[key] / mine[key]
+
+    def row(text, want, a, b=None, unit="×", less=False):
+        if a is None:
+            out.append(f"| {text} | – | – |")
+            return
+        shown = f"{a:,.1f}{unit}" + (f"; {b:,.1f}{unit}" if b is not None else "")
+        best = a if b is None else (min(a, b) if less else max(a, b))
+        ok = best <= want if less else best >= want
+        out.append(f"| {text} | {shown} | {'yes' if ok else '**no**'} |")
+
+    row("W1 join ≥ 20× socket.io", 20, ratio(sio, w1, "join_ns_per_op"), ratio(sio, w1h, "join_ns_per_op"))
+    row("W1 disconnect ≥ 20× socket.io", 20, ratio(sio, w1, "disconnect_ns_per_session"),
+        ratio(sio, w1h, "disconnect_ns_per_session"))
+    row("W1 bytes per membership ≤ 1/3 of socket.io's (≥ 3×)", 3,
+        ratio(sio, w1, "bytes_per_membership"))
+    row("W2 restart ≥ 15× Node", 15, ratio(node, w2, "restart_ns_per_op"))
+    row("W2 restart ≥ 20× Boost.Asio", 20, ratio(asio, w2, "restart_ns_per_op"))
+    row("W2 bytes per timer ≤ 32", 32, w2 and w2["bytes_per_timer"], unit=" B", less=True)
+    row("W3 connect ≥ 20× seed gateway", 20, ratio(seed, w3, "connect_ns_per_session"),
+        ratio(seed, w3h, "connect_ns_per_session"))
+    row("W3 typing restart ≥ 20× seed gateway", 20, ratio(seed, w3, "typing_restart_ns_per_op"),
+        ratio(seed, w3h, "typing_restart_ns_per_op"))
+    row("W3 disconnect ≥ 100× seed gateway", 100, ratio(seed, w3, "disconnect_ns_per_session"),
+        ratio(seed, w3h, "disconnect_ns_per_session"))
+    row("W3 bytes per session ≤ 1/5 of the seed's (≥ 5×)", 5, ratio(seed, w3, "bytes_per_session"))
+    grow = (w3big["disconnect_ns_per_session"] / w3["disconnect_ns_per_session"]
+            if w3big and w3 else None)
+    growh = (w3bigh["disconnect_ns_per_session"] / w3h["disconnect_ns_per_session"]
+             if w3bigh and w3h else None)
+    row("W3 disconnect at 200,000 within 1.5× of 20,000", 1.5, grow, growh, unit="×", less=True)
+    return "\n".join(out) + "\n"
+
+
 def main():
     rows = load(sys.argv[1])
     by = {"rooms": [], "timers": [], "dispatch": []}
@@ -81,6 +142,7 @@ def main():
                                  "disconnect_ns_per_session", "bytes_per_session"],
                 lambda r: r["system"].startswith("seed gateway"),
                 "W3 dispatch (the whole gateway)"))
+    print(targets(by))
 
 
 if __name__ == "__main__":
