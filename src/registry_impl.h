@@ -29,7 +29,7 @@ enum class EventKind : std::uint8_t {
 struct SessionSlot {  // 64 bytes
   detail::Name name;
   detail::EntryList rooms;  // {room slot, position in room's members}
-  detail::EntryList typing;  // {typing indicator, unused}: TypingTimerManager's
+  detail::EntryList typing;  // {typing indicator, 1 if started anonymous}: TypingTimerManager's
   std::uint32_t user = detail::kNone;
   std::uint32_t generation = 0;  // 0 while free
   std::uint32_t mark = 0;        // broadcast de-duplication stamp

@@ -325,19 +325,21 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   SessionSlot& ss = reg.sessionSlots[s];
   if (ss.state != SessionState::kLive) return Result::kClosing;
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
-  // The keystroke path: the session's own indicators, no hash lookup. (The
-  // user check matters only standalone, for a session bound to a user after
-  // it started typing anonymously.)
-  const std::string_view userKey = userKeyOf(s);
+  // The keystroke path: the session's own indicators, no hash lookup. An
+  // entry's `pos` is 1 if the indicator was started while the session was
+  // anonymous: it is the session's own only while the session still is
+  // (standalone use can bind a user later; a bound user never changes).
   for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
-    Indicator& e = entries[ss.typing[i].slot];
-    if (e.thread.view() == thread && e.user.view() == userKey) {
+    const detail::Entry mine = ss.typing[i];
+    if (mine.pos != 0 && ss.user != detail::kNone) continue;
+    Indicator& e = entries[mine.slot];
+    if (e.thread.view() == thread) {
       timers.restart(e.timer, opt.timeout);
       return Result::kAlreadyDone;
     }
   }
   const bool full = ss.typing.size() >= opt.maxTypingPerSession;
-  const std::string_view user = userKey;
+  const std::string_view user = userKeyOf(s);
   auto it = index.find(TypingKeyView{user, thread});
   if (it != index.end()) {
     // Another device of the same user keeps this indicator alive.
@@ -383,7 +385,7 @@ bool TypingTimerManager::Impl::addSession(std::uint32_t idx, std::uint32_t s) {
   Indicator& e = entries[idx];
   if (!ss.typing.reserveOneMore(&bytes) || !e.sessions.reserveOneMore(&bytes)) return false;
   if (ss.typing.empty()) ++sessionsTyping;
-  ss.typing.push(detail::Entry{idx, 0});
+  ss.typing.push(detail::Entry{idx, ss.user == detail::kNone ? 1u : 0u});
   e.sessions.push(detail::Entry{s, ss.generation});
   return true;
 }
