@@ -10,6 +10,7 @@
 # server must exit 0 after SIGTERM and leave no row in typing_indicators.
 set -euo pipefail
 mode="$1" server="$2" load="$3" protocol="$4" clients="${5:-60}"
+. "$(dirname "$0")/../scripts/lib/dispatch_server.sh"
 tmp="$(mktemp -d)"
 pid=""
 cleanup() {
@@ -22,14 +23,7 @@ trap cleanup EXIT
 "$server" --port 0 --threads 2 --db "$tmp/dispatch.db" \
   --auth-timeout-ms 800 --typing-timeout-ms 400 >"$tmp/server.log" 2>&1 &
 pid=$!
-port=""
-for _ in $(seq 200); do
-  port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/server.log")"
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
+if ! wait_for_port "$tmp/server.log" "$pid"; then
   echo "dispatch_e2e: the server did not start"; cat "$tmp/server.log"; exit 1
 fi
 echo "dispatch_e2e: server pid $pid on port $port"
@@ -50,12 +44,9 @@ case "$mode" in
 esac
 
 # The server must exit by itself, promptly, with status 0.
-for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-if kill -0 "$pid" 2>/dev/null; then
+if ! wait_exit "$pid"; then
   echo "dispatch_e2e: FAIL: the server did not exit within 10 s of SIGTERM"; status=1
 fi
-server_status=0
-wait "$pid" || server_status=$?
 pid=""
 echo "---- server log"
 cat "$tmp/server.log"

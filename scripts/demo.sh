@@ -12,6 +12,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
 clients="${2:-500}"
 bash "$root/scripts/setup.sh"
+. "$root/scripts/lib/dispatch_server.sh"
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DROOMKEEPER_BUILD_EXAMPLES=ON >/dev/null
 cmake --build "$build" -j2 --target dispatch_server dispatch_load
@@ -31,14 +32,7 @@ echo "== dispatch_server: ephemeral port, auth deadline 2 s, typing auto-clear 5
 "$bin/dispatch_server" --port 0 --threads 2 --db "$tmp/dispatch.db" \
   --auth-timeout-ms 2000 --typing-timeout-ms 5000 >"$tmp/server.log" 2>&1 &
 pid=$!
-port=""
-for _ in $(seq 200); do
-  port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/server.log")"
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
+if ! wait_for_port "$tmp/server.log" "$pid"; then
   echo "demo: the server did not start:"; cat "$tmp/server.log"; exit 1
 fi
 echo "   listening on 127.0.0.1:$port  (try: curl http://127.0.0.1:$port/stats)"
@@ -50,13 +44,7 @@ status=0
 echo
 echo "== SIGTERM to the server"
 kill -TERM "$pid"
-for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-server_status=0
-if kill -0 "$pid" 2>/dev/null; then
-  echo "demo: the server did not exit within 10 s"; server_status=1
-else
-  wait "$pid" || server_status=$?
-fi
+wait_exit "$pid" || echo "demo: the server did not exit within 10 s"
 pid=""
 sed 's/^/   server: /' "$tmp/server.log"
 rows="$(sqlite3 "$tmp/dispatch.db" 'SELECT COUNT(*) FROM typing_indicators' 2>/dev/null || echo '?')"

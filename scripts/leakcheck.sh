@@ -22,6 +22,7 @@ jobs="${JOBS:-2}"
 
 # What this script needs beyond scripts/setup.sh: valgrind.
 bash "$root/scripts/setup.sh"
+. "$root/scripts/lib/dispatch_server.sh"
 if ! dpkg -s valgrind >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   $SUDO apt-get update -qq
@@ -53,14 +54,8 @@ echo "== dispatch_server under valgrind: auth deadline 5 s, typing auto-clear 2 
   "$bin/dispatch_server" --port 0 --threads 2 --db "$out/dispatch.db" \
   --auth-timeout-ms 5000 --typing-timeout-ms 2000 >"$out/server.log" 2>&1 &
 pid=$!
-port=""
-for _ in $(seq 1200); do  # up to 60 s: valgrind starts slowly
-  port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out/server.log")"
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
+# Up to 60 s: valgrind starts slowly.
+if ! wait_for_port "$out/server.log" "$pid" 1200; then
   echo "leakcheck: the server did not start:"; cat "$out/server.log" "$out/valgrind-server.log"
   exit 1
 fi
@@ -77,13 +72,7 @@ sed -n '/^server \/stats/,$p' "$out/load.log" | sed 's/^/   /'
 echo
 echo "== SIGTERM to the server"
 kill -TERM "$pid"
-for _ in $(seq 1200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done  # 120 s
-server_status=0
-if kill -0 "$pid" 2>/dev/null; then
-  echo "leakcheck: the server did not exit within 120 s of SIGTERM"; server_status=1
-else
-  wait "$pid" || server_status=$?
-fi
+wait_exit "$pid" 1200 0.1 || echo "leakcheck: the server did not exit within 120 s of SIGTERM"
 pid=""
 grep -v '^\[warning\] roomkeeper: high connection count' "$out/server.log" | sed 's/^/   server: /'
 

@@ -29,6 +29,7 @@ typing_ms=300
 # What this script needs beyond scripts/setup.sh: gnuplot for the plot,
 # curl for GET /stats.
 bash "$root/scripts/setup.sh"
+. "$root/scripts/lib/dispatch_server.sh"
 extra=(gnuplot-nox curl)
 missing=()
 for p in "${extra[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -65,14 +66,7 @@ echo "== dispatch_server: ephemeral port, auth deadline $auth_ms ms, typing auto
 "$bin/dispatch_server" --port 0 --threads 2 --db "$out/dispatch.db" \
   --auth-timeout-ms "$auth_ms" --typing-timeout-ms "$typing_ms" >"$out/server.log" 2>&1 &
 pid=$!
-port=""
-for _ in $(seq 200); do
-  port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$out/server.log")"
-  [ -n "$port" ] && break
-  kill -0 "$pid" 2>/dev/null || break
-  sleep 0.05
-done
-if [ -z "$port" ]; then
+if ! wait_for_port "$out/server.log" "$pid"; then
   echo "soak: the server did not start:"; cat "$out/server.log"; exit 1
 fi
 url="http://127.0.0.1:$port/stats"
@@ -149,13 +143,7 @@ done
 echo
 echo "== SIGTERM to the server"
 kill -TERM "$pid"
-for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-server_status=0
-if kill -0 "$pid" 2>/dev/null; then
-  echo "soak: the server did not exit within 10 s"; server_status=1
-else
-  wait "$pid" || server_status=$?
-fi
+wait_exit "$pid" || echo "soak: the server did not exit within 10 s"
 pid=""
 grep -v '^\[warning\] roomkeeper: high connection count' "$out/server.log" | sed 's/^/   server: /'
 [ "$server_status" -eq 0 ] || { echo "soak: FAIL: server exit status $server_status"; status=1; }

@@ -1,0 +1,37 @@
+# SPDX-License-Identifier: MIT
+# Shell helpers shared by the scripts that run examples/dispatch_server in
+# the background (demo, e2e test, soak, leak check). Source it; the helpers
+# set variables in the caller's shell (a subshell could not `wait`).
+
+# wait_for_port LOG PID [TRIES]: waits (TRIES x 0.05 s, default 10 s) for the
+# server's "listening on HOST:PORT" line in LOG and sets `port`; returns 1,
+# with `port` empty, if PID exits or time runs out first.
+wait_for_port() {
+  local log="$1" server_pid="$2" tries="${3:-200}"
+  port=""
+  for _ in $(seq "$tries"); do
+    port="$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$log")"
+    [ -n "$port" ] && return 0
+    kill -0 "$server_pid" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
+
+# wait_exit PID [TRIES] [STEP]: waits up to TRIES x STEP seconds (default
+# 200 x 0.05) for PID to exit and sets `server_status` to its exit status.
+# If it is still running, sets `server_status` to 1 and returns 1 (the
+# caller's cleanup kills it).
+wait_exit() {
+  local server_pid="$1" tries="${2:-200}" step="${3:-0.05}"
+  for _ in $(seq "$tries"); do
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep "$step"
+  done
+  server_status=0
+  if kill -0 "$server_pid" 2>/dev/null; then
+    server_status=1
+    return 1
+  fi
+  wait "$server_pid" || server_status=$?
+}
