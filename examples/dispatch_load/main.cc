@@ -378,6 +378,11 @@ void Client::step() {
   reenter(this) {
     yield opConnect();
     if (opEc_) return fail("connect: " + opEc_.message());
+    {
+      // Requests are small and each waits for its reply: no Nagle delay.
+      beast::error_code ignored;
+      beast::get_lowest_layer(ws_).socket().set_option(tcp::no_delay(true), ignored);
+    }
     beast::get_lowest_layer(ws_).expires_never();
     ws_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::client));
     yield opHandshake();

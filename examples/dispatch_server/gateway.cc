@@ -395,6 +395,11 @@ void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
     t->async_wait([this, t](const beast::error_code&) { doAccept(); });
     return;
   }
+  // Every reply is a small frame sent once the request is read: with Nagle's
+  // algorithm on, a reply written while an earlier one is still unacknowledged
+  // waits for the peer's delayed ACK (~40 ms on Linux).
+  beast::error_code ignored;
+  socket.set_option(tcp::no_delay(true), ignored);
   std::make_shared<HttpConnection>(*this, std::move(socket))->start();
   doAccept();
 }

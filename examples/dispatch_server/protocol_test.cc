@@ -3,9 +3,10 @@
 // with good and bad input and checks every answer against docs/protocol.md:
 // malformed JSON, unknown events, binary and oversized frames, floods,
 // typing before authentication, bad tokens, the auth deadline, typing relay
-// and auto-clear, HTTP /stats and /metrics, and that after all of it the
-// server holds nothing. With --server-pid it ends by sending SIGTERM and
-// checking the serverShutdown event and the 1001 close.
+// and auto-clear, HTTP /stats and /metrics, request latency (a Nagle stall
+// would show), and that after all of it the server holds nothing. With
+// --server-pid it ends by sending SIGTERM and checking the serverShutdown
+// event and the 1001 close.
 //
 // Expects the server to run with short timeouts, as dispatch_e2e.sh starts
 // it: --auth-timeout-ms 800 --typing-timeout-ms 400 (the defaults of
@@ -13,19 +14,23 @@
 #include <signal.h>
 #include <sys/types.h>
 
+#include <algorithm>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/websocket.hpp>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "demo_http.h"
@@ -76,6 +81,9 @@ class Conn {
         return;
       }
       beast::get_lowest_layer(ws_).expires_never();
+      // Like any interactive client: small requests go out at once.
+      beast::error_code ignored;
+      beast::get_lowest_layer(ws_).socket().set_option(tcp::no_delay(true), ignored);
       ws_.async_handshake(gHost + ":" + std::to_string(gPort), "/",
                           [&](beast::error_code ec2) {
                             result = ec2;
@@ -146,6 +154,26 @@ class Conn {
         return m;
     }
     return std::nullopt;
+  }
+  /// Sends every request at once, then collects their replies (acks or
+  /// errors, in arrival order); fewer than asked on a timeout.
+  std::vector<json> requestAll(const std::vector<std::pair<std::string, json>>& reqs) {
+    std::set<int> waiting;
+    for (const auto& [event, data] : reqs) {
+      const int id = ++nextId_;
+      if (!send({{"event", event}, {"id", id}, {"data", data}})) return {};
+      waiting.insert(id);
+    }
+    std::vector<json> replies;
+    const auto end = Clock::now() + milliseconds(3000);
+    while (!waiting.empty() && Clock::now() < end) {
+      auto m = next(std::chrono::duration_cast<milliseconds>(end - Clock::now()));
+      if (!m) break;
+      if (((*m)["event"] == "ack" || (*m)["event"] == "error") && m->contains("id") &&
+          (*m)["id"].is_number_integer() && waiting.erase((*m)["id"].get<int>()))
+        replies.push_back(std::move(*m));
+    }
+    return replies;
   }
   /// Reads (and discards) until the server closes; the close code, or 0 on
   /// timeout or a transport error without a close frame.
@@ -502,6 +530,73 @@ bool nothingLeft() {
   return true;
 }
 
+/// The q-quantile (0..1) of `v` by nearest rank; sorts `v`.
+double quantile(std::vector<double>& v, double q) {
+  std::sort(v.begin(), v.end());
+  if (v.empty()) return 0;
+  const std::size_t rank = static_cast<std::size_t>(std::ceil(q * double(v.size())));
+  return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+double msSince(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+/// "N samples: p50 .. ms, p99 .. ms, max .. ms"; sorts `v`.
+std::string summary(std::vector<double>& v) {
+  const double p50 = quantile(v, 0.50), p99 = quantile(v, 0.99);
+  char line[128];
+  std::snprintf(line, sizeof line, "%zu samples: p50 %.2f ms, p99 %.2f ms, max %.2f ms",
+                v.size(), p50, p99, v.empty() ? 0.0 : v.back());
+  return line;
+}
+
+/// Latency on loopback, 50 connections one after the other: TCP connect,
+/// login and four joins, each reply awaited before the next request; then
+/// the four leaves sent at once. The second reply of a burst is written
+/// while the first is still unacknowledged: without TCP_NODELAY on the
+/// server's socket, Nagle's algorithm holds it until the client's delayed
+/// ACK (~40 ms on Linux).
+bool requestRoundTrips() {
+  std::vector<double> login, burst;
+  const std::vector<std::pair<std::string, json>> joins = {
+      {"thread.subscribe", {{"threadId", "rtt"}}},
+      {"subscribeToJob", {{"jobId", "rtt"}}},
+      {"subscribeToAnalytics", {{"type", "rtt"}}},
+      {"thread.subscribe", {{"threadId", "rtt2"}}},
+  };
+  const std::vector<std::pair<std::string, json>> leaves = {
+      {"thread.unsubscribe", {{"threadId", "rtt"}}},
+      {"unsubscribeFromJob", {{"jobId", "rtt"}}},
+      {"unsubscribeFromAnalytics", {{"type", "rtt"}}},
+      {"thread.unsubscribe", {{"threadId", "rtt2"}}},
+  };
+  for (int round = 0; round < 50; ++round) {
+    Conn c;
+    const auto t0 = Clock::now();
+    EXPECT(c.open());
+    EXPECT(c.authenticate(user("u-rtt" + std::to_string(round), "dispatcher")));
+    for (const auto& [event, data] : joins) {
+      auto r = c.request(event, data);
+      EXPECT(r && (*r)["event"] == "ack");
+    }
+    login.push_back(msSince(t0));
+    const auto t1 = Clock::now();
+    auto replies = c.requestAll(leaves);
+    EXPECT(replies.size() == leaves.size());
+    for (const json& r : replies) EXPECT(r["event"] == "ack");
+    burst.push_back(msSince(t1));
+    c.closeCleanly();
+  }
+  const std::string a = summary(login), b = summary(burst);
+  std::printf("     connect + login + 4 joins: %s\n     4 leaves at once: %s\n",
+              a.c_str(), b.c_str());
+  gWhy = "login " + a + "; burst " + b;
+  EXPECT(quantile(login, 0.99) < 5.0);
+  EXPECT(quantile(burst, 0.99) < 5.0);
+  return true;
+}
+
 pid_t gServerPid = 0;
 
 bool serverShutdown() {
@@ -550,6 +645,7 @@ int main(int argc, char** argv) {
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
   run("typing relay, restart, stop, auto-clear, drop; messages", typingRelay);
   run("GET /stats, /metrics, 404", httpEndpoints);
+  run("latency: login + 4 joins, and a burst of 4, p99 < 5 ms", requestRoundTrips);
   run("after all of it: /stats back to zero, no typing row", nothingLeft);
   if (gServerPid > 0)
     run("SIGTERM: serverShutdown to everyone, close 1001", serverShutdown);
