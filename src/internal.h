@@ -316,7 +316,38 @@ class EventQueue {
     if (events_.capacity() > 1024) events_.shrink_to_fit();
     running_ = false;
   }
-  Event& push() { return events_.emplace_back(); }
+  /// Queues one event, filled in by `fill(Event&)`. Never throws: if the
+  /// queue cannot grow or `fill` runs out of memory, nothing is queued and
+  /// the loss is counted (dropped()). State changes never depend on it.
+  template <typename Fill>
+  bool tryPush(Fill&& fill) noexcept {
+    try {
+      Event& ev = events_.emplace_back();
+      try {
+        fill(ev);
+      } catch (...) {
+        events_.pop_back();
+        throw;
+      }
+      return true;
+    } catch (...) {
+      ++dropped_;
+      return false;
+    }
+  }
+  /// Room for `n` more events, so that the events of a change about to be
+  /// committed cannot fail for want of queue space. False: out of memory.
+  bool reserveMore(std::size_t n) noexcept {
+    try {
+      events_.reserve(events_.size() + n);
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+  /// Counts an event lost to an allocation failure outside tryPush.
+  void countDropped() noexcept { ++dropped_; }
+  std::uint64_t dropped() const noexcept { return dropped_; }
   bool empty() const noexcept { return events_.empty(); }
   std::vector<Event> take() {
     std::vector<Event> out;
@@ -327,6 +358,7 @@ class EventQueue {
 
  private:
   std::vector<Event> events_;
+  std::uint64_t dropped_ = 0;
   bool running_ = false;
 };
 

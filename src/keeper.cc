@@ -66,15 +66,20 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
 
 Keeper::Impl::~Impl() = default;
 
-void Keeper::Impl::queue(std::function<void()> fn) {
-  detail::Event& ev = reg.events.push();
-  ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-  ev.fn = std::move(fn);
+void Keeper::Impl::queue(std::function<void()> fn) noexcept {
+  reg.events.tryPush([&](detail::Event& ev) {
+    ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+    ev.fn = std::move(fn);
+  });
 }
 
-void Keeper::Impl::queueLog(LogLevel level, std::string msg) {
+void Keeper::Impl::queueLog(LogLevel level, std::string msg) noexcept {
   if (!cb.log) return;
-  queue([this, level, m = std::move(msg)]() { cb.log(level, m); });
+  try {
+    queue([this, level, m = std::move(msg)]() { cb.log(level, m); });
+  } catch (...) {
+    reg.events.countDropped();  // the closure could not be had
+  }
 }
 
 void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
@@ -85,11 +90,16 @@ void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
   if (it == connTimers.end() || it->second != h) return;
   connTimers.erase(it);
   ++authTimeouts;
-  const std::string name(ss.name.view());
-  queueLog(LogLevel::kInfo,
-           fmt::format("roomkeeper: session {} did not authenticate in time", name));
-  if (cb.closeSession)
-    queue([this, name]() { cb.closeSession(name, "auth_timeout"); });
+  // The session goes whatever happens to the messages about it.
+  try {
+    const std::string name(ss.name.view());
+    queueLog(LogLevel::kInfo,
+             fmt::format("roomkeeper: session {} did not authenticate in time", name));
+    if (cb.closeSession)
+      queue([this, name]() { cb.closeSession(name, "auth_timeout"); });
+  } catch (...) {
+    reg.events.countDropped();
+  }
   runDisconnect(slot);
 }
 
@@ -98,11 +108,21 @@ Result Keeper::Impl::connect(std::string_view session, SessionHandle* out) {
   SessionHandle h;
   const Result r = reg.connect(session, {}, &h);
   if (r != Result::kOk) return r;
-  if (out) *out = h;
   if (opt.authTimeout.count() > 0) {
-    const TimerHandle t = timers.arm(opt.authTimeout, authHandler, h.index);
-    connTimers.emplace(pack(h.index, h.generation), t);
+    // A session without its deadline would never time out: if the timer
+    // (a new timer page) or its table entry cannot be had, the connect is
+    // taken back and refused.
+    TimerHandle t;
+    try {
+      t = timers.arm(opt.authTimeout, authHandler, h.index);
+      connTimers.emplace(pack(h.index, h.generation), t);
+    } catch (...) {
+      timers.cancel(t);
+      reg.undoConnect(h.index);
+      return Result::kOutOfMemory;
+    }
   }
+  if (out) *out = h;
   maybeWarn();
   return Result::kOk;
 }
@@ -147,33 +167,35 @@ Result Keeper::Impl::checkAuthenticatedSlot(std::uint32_t s, std::uint32_t* slot
 
 void Keeper::Impl::runDisconnect(std::uint32_t s) {
   SessionSlot& ss = reg.sessionSlots[s];
-  // 1. The observer, with the rooms as they are now. Built before any state
-  // changes: if it cannot be allocated, nothing has happened yet.
+  // Nothing below throws: every step that allocates (the observer's copy of
+  // the rooms, each queued callback) gives up only its own message when
+  // memory runs out, counted in MemoryStats::eventsDropped. The session
+  // always goes, completely.
+  // 1. The observer, with the rooms as they are now.
   if (cb.disconnecting) {
-    std::string name(ss.name.view());
-    std::vector<std::string> rooms;
-    rooms.reserve(ss.rooms.size());
-    for (std::uint32_t i = 0; i < ss.rooms.size(); ++i)
-      rooms.emplace_back(reg.roomSlots[ss.rooms[i].slot].name.view());
-    queue([this, name = std::move(name), rooms = std::move(rooms)]() {
-      cb.disconnecting(name, rooms);
-    });
+    try {
+      std::string name(ss.name.view());
+      std::vector<std::string> rooms;
+      rooms.reserve(ss.rooms.size());
+      for (std::uint32_t i = 0; i < ss.rooms.size(); ++i)
+        rooms.emplace_back(reg.roomSlots[ss.rooms[i].slot].name.view());
+      queue([this, name = std::move(name), rooms = std::move(rooms)]() {
+        cb.disconnecting(name, rooms);
+      });
+    } catch (...) {
+      reg.events.countDropped();
+    }
   }
   ss.state = SessionState::kClosing;
   if (ss.user != detail::kNone) --authenticatedSessions;
-  try {
-    // 2. The connection timer.
-    auto it = connTimers.find(pack(s, ss.generation));
-    if (it != connTimers.end()) {
-      timers.cancel(it->second);
-      connTimers.erase(it);
-    }
-    // 3. Typing, with the wildcard for the user's last session.
-    typing.impl_->onDisconnect(s);
-  } catch (...) {
-    // Out of memory while queueing typing callbacks: the session still goes.
-    reg.reportError("disconnect");
+  // 2. The connection timer.
+  auto it = connTimers.find(pack(s, ss.generation));
+  if (it != connTimers.end()) {
+    timers.cancel(it->second);
+    connTimers.erase(it);
   }
+  // 3. Typing, with the wildcard for the user's last session.
+  typing.impl_->onDisconnect(s);
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
   releaseConnTimersIfEmpty();
@@ -208,7 +230,18 @@ Result Keeper::Impl::disconnectSlot(std::uint32_t s) {
 
 ShutdownReport Keeper::Impl::shutdown() {
   ShutdownReport rep;
-  if (shut) return rep;
+  if (shut) {
+    rep.result = Result::kShutDown;
+    return rep;
+  }
+  // The one allocation shutdown needs, made before anything changes.
+  std::vector<SessionHandle> all;
+  try {
+    all.reserve(reg.sessionIndex.size());
+  } catch (...) {
+    rep.result = Result::kOutOfMemory;
+    return rep;
+  }
   shut = true;
   // Timers first: nothing may fire while we take everything down.
   for (auto& [key, t] : connTimers)
@@ -218,17 +251,20 @@ ShutdownReport Keeper::Impl::shutdown() {
   if (statsTimer.valid() && timers.cancel(statsTimer)) ++rep.timersCancelled;
   statsTimer = {};
   // Everyone hears it, and the transport is asked to close each session.
-  std::vector<SessionHandle> all;
   for (const std::uint32_t s : reg.sessionIndex)
     if (reg.sessionSlots[s].state == SessionState::kLive)
       all.push_back(SessionHandle{s, reg.sessionSlots[s].generation});
   for (const SessionHandle h : all) {
-    const std::string name(reg.sessionSlots[h.index].name.view());
-    if (cb.emit)
-      queue([this, name]() {
-        cb.emit(name, "serverShutdown", R"({"message":"Server is shutting down"})");
-      });
-    if (cb.closeSession) queue([this, name]() { cb.closeSession(name, "shutdown"); });
+    try {
+      const std::string name(reg.sessionSlots[h.index].name.view());
+      if (cb.emit)
+        queue([this, name]() {
+          cb.emit(name, "serverShutdown", R"({"message":"Server is shutting down"})");
+        });
+      if (cb.closeSession) queue([this, name]() { cb.closeSession(name, "shutdown"); });
+    } catch (...) {
+      reg.events.countDropped();
+    }
   }
   for (const SessionHandle h : all) {
     const std::uint32_t s = reg.fromHandle(h);
@@ -262,7 +298,7 @@ std::size_t Keeper::Impl::maybeWarn() {
   const SteadyTime now = timers.clock().now();
   std::size_t n = 0;
   auto due = [&](std::optional<SteadyTime>& last) {
-    if (last && now - *last < opt.warnInterval) return false;
+    if (last && now - *last < detail::saturatingNanos(opt.warnInterval)) return false;
     last = now;
     return true;
   };
@@ -311,6 +347,7 @@ MemoryStats Keeper::Impl::stats() const noexcept {
   st.callbackErrors = r.callbackErrors + t.callbackErrors + timers.callbackErrors();
   st.authTimeouts = authTimeouts;
   st.forcedCleanups = forcedCleanups;
+  st.eventsDropped = reg.events.dropped();
   st.bytes = r.bytes + t.bytes + timers.bytes() + connBytes;
   return st;
 }
@@ -447,8 +484,10 @@ SessionHandle Keeper::handleOf(std::string_view session) const {
   return impl_->registry.handleOf(session);
 }
 ShutdownReport Keeper::shutdown() {
-  if (impl_->shut || impl_->busy()) return {};
+  if (impl_->shut) return ShutdownReport{Result::kShutDown};
+  if (impl_->busy()) return ShutdownReport{Result::kBusy};
   ShutdownReport rep = impl_->shutdown();
+  if (rep.result != Result::kOk) return rep;
   impl_->reg.flush();
   rep.persistUndelivered = impl_->typing.flushPersistence();
   impl_->typing.impl_->discardPersistence();  // reported; every count is 0
@@ -477,6 +516,10 @@ std::size_t Keeper::advance(SteadyTime now, std::size_t maxFire) {
   ++impl_->reg.events.deferred_;
   const std::size_t n = impl_->timers.advance(now, maxFire);
   --impl_->reg.events.deferred_;
+  // An auth timeout may have taken the last session; inside advance() the
+  // timer pages could not go (a batch was running): hand them back now.
+  if (impl_->reg.sessionIndex.empty() && impl_->timers.size() == 0)
+    impl_->timers.shrinkToFit();
   impl_->reg.flush();
   return n;
 }
@@ -532,6 +575,9 @@ std::vector<Metric> metricsOf(const MemoryStats& s) {
        d(s.authTimeouts)},
       {"forced_cleanups_total", "counter", "Sessions cleaned up by forceCleanup.",
        d(s.forcedCleanups)},
+      {"events_dropped_total", "counter",
+       "Callback messages lost to an allocation failure (the state change was made).",
+       d(s.eventsDropped)},
       {"bytes", "gauge", "Heap bytes held by roomkeeper.", d(s.bytes)},
   };
 }
@@ -554,11 +600,12 @@ std::string Keeper::statsJson() const {
       "\"sessionsWithRooms\":{},\"rooms\":{},\"totalEntries\":{},\"timersPending\":{},"
       "\"pendingPersistence\":{},\"persistDelivered\":{},\"persistFailures\":{},"
       "\"persistDropped\":{},\"callbackErrors\":{},\"authTimeouts\":{},"
-      "\"forcedCleanups\":{},\"bytes\":{}}}",
+      "\"forcedCleanups\":{},\"eventsDropped\":{},\"bytes\":{}}}",
       s.connectedClients, s.authenticated, s.userSockets, s.connectionTimers,
       s.typingTimers, s.trackedRooms, s.sessionsWithRooms, s.rooms, s.totalEntries,
       s.timersPending, s.pendingPersistence, s.persistDelivered, s.persistFailures,
-      s.persistDropped, s.callbackErrors, s.authTimeouts, s.forcedCleanups, s.bytes);
+      s.persistDropped, s.callbackErrors, s.authTimeouts, s.forcedCleanups, s.eventsDropped,
+      s.bytes);
 }
 
 }  // namespace roomkeeper

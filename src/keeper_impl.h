@@ -52,8 +52,9 @@ struct Keeper::Impl {
   void releaseConnTimersIfEmpty();
   ShutdownReport shutdown();
   void onAuthTimeout(TimerHandle h, std::uint32_t slot);
-  void queue(std::function<void()> fn);
-  void queueLog(LogLevel level, std::string msg);
+  /// Never throw: out of memory, the message is dropped and counted.
+  void queue(std::function<void()> fn) noexcept;
+  void queueLog(LogLevel level, std::string msg) noexcept;
   void logStats();
   std::size_t maybeWarn();
   MemoryStats stats() const noexcept;

@@ -86,7 +86,13 @@ struct SessionRegistry::Impl {
   std::size_t forEachTarget(const BroadcastTargets& targets,
                             detail::FunctionRef<void(std::string_view)> visit);
 
-  void pushEvent(EventKind kind, std::string_view a, std::string_view b);
+  /// Never throws: out of memory, the event is dropped and counted.
+  void pushEvent(EventKind kind, std::string_view a, std::string_view b) noexcept;
+  /// Takes back an anonymous connect() that queued no event (its caller
+  /// could not arm what must go with it). Silent: nothing had been told.
+  void undoConnect(std::uint32_t s) noexcept;
+  /// Marks a session slot free (its name and lists already released).
+  void freeSessionSlot(std::uint32_t s) noexcept;
   void deliver(detail::Event& ev) noexcept;
   void flush() noexcept;
   /// Counts and logs the exception being handled; call inside catch.

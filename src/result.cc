@@ -23,6 +23,7 @@ std::string_view toString(Result r) noexcept {
     case Result::kUserMismatch: return "user_mismatch";
     case Result::kBusy: return "busy";
     case Result::kOutOfMemory: return "out_of_memory";
+    case Result::kNotMember: return "not_member";
   }
   return "unknown";
 }

@@ -128,11 +128,31 @@ void SessionRegistry::Impl::flush() noexcept {
 }
 
 void SessionRegistry::Impl::pushEvent(EventKind kind, std::string_view a,
-                                      std::string_view b) {
-  Event& ev = events.push();
-  ev.kind = static_cast<std::uint8_t>(kind);
-  ev.a.assign(a.data(), a.size());
-  ev.b.assign(b.data(), b.size());
+                                      std::string_view b) noexcept {
+  events.tryPush([&](Event& ev) {
+    ev.kind = static_cast<std::uint8_t>(kind);
+    ev.a.assign(a.data(), a.size());
+    ev.b.assign(b.data(), b.size());
+  });
+}
+
+void SessionRegistry::Impl::undoConnect(std::uint32_t s) noexcept {
+  sessionIndex.erase(s);
+  sessionSlots[s].name.reset(&bytes);
+  freeSessionSlot(s);
+}
+
+void SessionRegistry::Impl::freeSessionSlot(std::uint32_t s) noexcept {
+  SessionSlot& slot = sessionSlots[s];
+  slot.generation = 0;
+  slot.state = SessionState::kFree;
+  sessionSlots.release(s);
+  // The last session gone: the index hands its table back (bytes to 0).
+  if (sessionIndex.empty()) {
+    SessionIndex fresh(0, SessionHash{&sessionSlots}, SessionEq{&sessionSlots},
+                       detail::CountingAllocator<std::uint32_t>(&bytes));
+    sessionIndex.swap(fresh);
+  }
 }
 
 bool SessionRegistry::Impl::isMember(std::uint32_t s, std::uint32_t r) const {
@@ -315,7 +335,9 @@ Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
       continue;
     }
 
-    // Allocate first; nothing is visible until every allocation succeeded.
+    // Allocate first; nothing is visible until every allocation succeeded
+    // (the event queue included: room for roomCreated and roomJoined).
+    if (!events.reserveMore(2)) return Result::kOutOfMemory;
     if (!ss.rooms.reserveOneMore(&bytes)) return Result::kOutOfMemory;
     bool created = false;
     if (r == kNone) {
@@ -470,14 +492,7 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
   // Empty unless a standalone TypingTimerManager's onDisconnect was skipped;
   // that list's bytes belong to the manager, which then never sees it again.
   slot.typing.release(nullptr);
-  slot.generation = 0;
-  slot.state = SessionState::kFree;
-  sessionSlots.release(s);
-  if (sessionIndex.empty()) {
-    SessionIndex fresh(0, SessionHash{&sessionSlots}, SessionEq{&sessionSlots},
-                       detail::CountingAllocator<std::uint32_t>(&bytes));
-    sessionIndex.swap(fresh);
-  }
+  freeSessionSlot(s);
   if (userIndex.empty() && userIndex.capacity() > 0) {
     UserIndex fresh(0, UserHash{&userSlots}, UserEq{&userSlots},
                     detail::CountingAllocator<std::uint32_t>(&bytes));

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
 #include "roomkeeper/sync_keeper.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -174,21 +176,49 @@ struct SyncKeeper::Impl {
         std::unique_lock<std::mutex> lk(cvMu);
         if (stopRequested) return;
         if (!wakeRequested) {
-          // Sleep on the host's clock: compute the remaining time on it.
-          if (nd) {
-            const auto wait = *nd - clock.now();
-            if (wait > std::chrono::nanoseconds::zero())
+          // Sleep on the host's clock: compute the remaining time on it. A
+          // far deadline ("never", Millis::max()) is slept in bounded steps:
+          // wait_for adds the duration to now() and would overflow.
+          const SteadyTime now = clock.now();
+          if (nd && *nd != SteadyTime::max()) {
+            if (*nd > now) {
+              const auto wait = std::min<std::chrono::nanoseconds>(
+                  *nd - now, kMaxDriverSleep);
               cv.wait_for(lk, wait, [&] { return stopRequested || wakeRequested; });
+            }
           } else {
-            cv.wait(lk, [&] { return stopRequested || wakeRequested; });
+            cv.wait_for(lk, kMaxDriverSleep,
+                        [&] { return stopRequested || wakeRequested; });
           }
         }
         wakeRequested = false;
         if (stopRequested) return;
       }
-      run([&] { return keeper.advance(); });
+      try {
+        run([&] { return keeper.advance(); });
+      } catch (...) {
+        // Out of memory while advancing: the driver must not take the
+        // process down. Log (outside the lock), back off, try again.
+        logDriverFailure();
+        std::unique_lock<std::mutex> lk(cvMu);
+        cv.wait_for(lk, std::chrono::milliseconds(10), [&] { return stopRequested; });
+      }
     }
   }
+  void logDriverFailure() noexcept {
+    SessionRegistry::Impl& reg = keeper.impl_->reg;
+    {
+      std::lock_guard<std::recursive_mutex> g(mu);
+      ++reg.callbackErrors;
+    }
+    if (!reg.cb.log) return;
+    try {
+      reg.cb.log(LogLevel::kError, "roomkeeper: driver: advance() failed (out of memory?); "
+                                   "retrying in 10 ms");
+    } catch (...) {
+    }
+  }
+  static constexpr std::chrono::hours kMaxDriverSleep{1};
 
   mutable std::recursive_mutex mu;
   Keeper keeper;
@@ -241,15 +271,20 @@ ShutdownReport SyncKeeper::shutdown() {
   if (tDriverOf != impl_.get()) stopDriver();
   Keeper::Impl& k = *impl_->keeper.impl_;
   ShutdownReport rep = impl_->run([&] {
-    if (k.shut) return ShutdownReport{};
+    if (k.shut) return ShutdownReport{Result::kShutDown};
     ShutdownReport r = k.shutdown();
-    r.timersCancelled += k.timers.cancelAll();
+    if (r.result == Result::kOk) r.timersCancelled += k.timers.cancelAll();
     return r;
   });
-  // The last persistence attempt runs outside the lock (it calls the host).
+  if (rep.result != Result::kOk) return rep;
+  // The last persistence attempt runs outside the lock (it calls the host);
+  // it first waits for a call in flight on another thread.
   rep.persistUndelivered = k.typing.impl_->finalFlush();
   k.typing.impl_->discardPersistence();  // reported; every count is 0
-  impl_->run([&] { k.timers.cancelAll(); });
+  impl_->run([&] {
+    k.timers.cancelAll();
+    k.timers.shrinkToFit();  // bytes back to where they started
+  });
   return rep;
 }
 Result SyncKeeper::connect(std::string_view s, SessionHandle* h) {

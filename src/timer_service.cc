@@ -196,8 +196,9 @@ struct TimerService::Impl {
       return i;
     }
     if (highWater == pages.size() * kPage) {
-      pages.reserve(pages.size() + 1);
+      // The page first: if either allocation fails, nothing has grown.
       std::unique_ptr<Node[]> page(new Node[kPage]);
+      pages.reserve(pages.size() + 1);
       for (std::uint32_t k = 0; k < kPage; ++k) {
         page[k].generation = generationBase;
         page[k].state = NodeState::kFree;
@@ -348,6 +349,8 @@ struct TimerService::Impl {
   // A deque: a callback may add a handler while its own runs, and deque
   // growth never moves the elements (a vector's would move the running one).
   std::deque<Handler> handlers;
+  std::vector<bool> handlerLive;
+  std::vector<TimerHandlerId> freeHandlers;
   std::uint64_t errors = 0;
   bool firing = false;
   LogFn log;
@@ -357,16 +360,51 @@ TimerService::TimerService(const Clock* clock) : impl_(std::make_unique<Impl>(cl
 TimerService::~TimerService() = default;
 
 TimerHandlerId TimerService::addHandler(Handler handler) {
-  if (impl_->handlers.size() >= 0xFFFFu)
+  Impl& im = *impl_;
+  if (!im.freeHandlers.empty()) {
+    const TimerHandlerId id = im.freeHandlers.back();
+    im.handlers[id] = std::move(handler);
+    im.handlerLive[id] = true;
+    im.freeHandlers.pop_back();
+    return id;
+  }
+  if (im.handlers.size() >= 0xFFFFu)
     throw std::length_error("roomkeeper::TimerService: more than 65535 handler kinds");
-  impl_->handlers.push_back(std::move(handler));
-  return static_cast<TimerHandlerId>(impl_->handlers.size() - 1);
+  im.freeHandlers.reserve(im.handlers.size() + 1);  // removeHandler never allocates
+  im.handlerLive.push_back(true);
+  try {
+    im.handlers.push_back(std::move(handler));
+  } catch (...) {
+    im.handlerLive.pop_back();
+    throw;
+  }
+  return static_cast<TimerHandlerId>(im.handlers.size() - 1);
+}
+
+bool TimerService::removeHandler(TimerHandlerId handler) {
+  Impl& im = *impl_;
+  if (handler >= im.handlers.size() || !im.handlerLive[handler]) return false;
+  for (std::uint32_t i = 0; i < im.highWater; ++i) {
+    Node& n = im.node(i);
+    if (n.handler != handler) continue;
+    if (n.state == NodeState::kWheel || n.state == NodeState::kDue ||
+        n.state == NodeState::kNextDue) {
+      im.detach(i);
+      im.freeNode(i);
+    }
+  }
+  im.handlerLive[handler] = false;
+  // A callback of this kind may be running: it keeps its own copy alive
+  // (handlers is a deque; the slot is only overwritten by a later add).
+  if (!im.firing) im.handlers[handler] = nullptr;
+  im.freeHandlers.push_back(handler);
+  return true;
 }
 
 TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId handler,
                               std::uint32_t data) {
   Impl& im = *impl_;
-  if (handler >= im.handlers.size()) return {};
+  if (handler >= im.handlers.size() || !im.handlerLive[handler]) return {};
   const std::uint32_t i = im.allocNode();
   Node& n = im.node(i);
   if (++n.generation == 0) n.generation = 1;
@@ -478,8 +516,7 @@ std::size_t TimerService::dueCount() const noexcept { return impl_->dueCount; }
 std::size_t TimerService::size() const noexcept { return impl_->pending; }
 std::size_t TimerService::bytes() const noexcept {
   const Impl& im = *impl_;
-  return im.pages.size() * kPage * sizeof(Node) + im.pages.capacity() * sizeof(void*) +
-         im.handlers.size() * sizeof(Handler);
+  return im.pages.size() * kPage * sizeof(Node) + im.pages.capacity() * sizeof(void*);
 }
 std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->errors; }
 

@@ -3,8 +3,10 @@
 #ifndef ROOMKEEPER_SRC_TYPING_IMPL_H_
 #define ROOMKEEPER_SRC_TYPING_IMPL_H_
 
+#include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -16,9 +18,13 @@
 
 namespace roomkeeper {
 
+/// Who an indicator belongs to: a user id, or (anon) the id of a session
+/// not bound to a user. The two are separate key spaces: an anonymous
+/// session whose id equals a user id is not that user.
 struct TypingKeyView {
   std::string_view user;
   std::string_view thread;
+  bool anon = false;
 };
 
 /// One (user, thread) typing indicator: 64 bytes in a paged slab.
@@ -28,6 +34,7 @@ struct Indicator {
   TimerHandle timer;
   detail::EntryList sessions;  // {session slot, session generation}
   bool live = false;
+  bool anon = false;  // user is a session id (see TypingKeyView)
 };
 using IndicatorSlab = detail::Slab<Indicator>;
 
@@ -44,7 +51,7 @@ struct IndicatorEq {
   bool operator()(std::uint32_t a, std::uint32_t b) const noexcept { return a == b; }
   bool operator()(std::uint32_t a, const TypingKeyView& b) const noexcept {
     const Indicator& e = (*slab)[a];
-    return e.user.view() == b.user && e.thread.view() == b.thread;
+    return e.anon == b.anon && e.user.view() == b.user && e.thread.view() == b.thread;
   }
   bool operator()(const TypingKeyView& a, std::uint32_t b) const noexcept {
     return (*this)(b, a);
@@ -62,7 +69,8 @@ struct TypingTimerManager::Impl {
   Impl(SessionRegistry& r, TimerService& t, TypingCallbacks c, TypingOptions o);
   ~Impl();
 
-  std::string_view userKeyOf(std::uint32_t s) const;
+  TypingKeyView keyOf(std::uint32_t s, std::string_view thread) const;
+  bool isMemberOfThread(std::uint32_t s, std::string_view thread) const;
   Result start(std::string_view session, std::string_view thread);
   Result startSlot(std::uint32_t s, std::string_view thread);
   Result stop(std::string_view session, std::string_view thread);
@@ -75,10 +83,11 @@ struct TypingTimerManager::Impl {
   std::size_t onDisconnect(std::uint32_t s);
   std::size_t clearAll();
   void releaseIdle();
-  void emitToThread(std::uint32_t s, std::string_view userKey, std::string_view thread,
-                    const std::string& event);
-  void persist(PersistOp op, std::string_view user, std::string_view thread);
-  void scheduleDrain(std::uint64_t upTo);
+  void emitToThread(std::uint32_t s, const TypingKeyView& key,
+                    const std::string& event) noexcept;
+  void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
+  void undoStart(std::uint32_t idx) noexcept;
+  void scheduleDrain(std::uint64_t upTo) noexcept;
   std::size_t drain(bool force, std::uint64_t upTo);
   std::size_t discardPersistence();
   std::size_t finalFlush();
@@ -98,8 +107,12 @@ struct TypingTimerManager::Impl {
   TimerHandlerId retryHandler = 0;
   // Persistence.
   std::deque<PersistEntry> queue;
+  std::size_t queueHeap = 0;  // heapOf() of every queued call, in stats().bytes
+  static std::size_t heapOf(const PersistCall& c) noexcept;
   std::uint64_t persistSeq = 0;
   bool inflight = false;
+  std::thread::id inflightThread;           // who delivers it (under mu)
+  std::condition_variable_any inflightDone;  // inflight went false
   std::uint64_t drainUpTo = 0;  // calls with seq <= this are due for delivery
   TimerHandle retryTimer;
   Millis backoff{100};

@@ -2,7 +2,10 @@
 #include "roomkeeper/typing_timer_manager.h"
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
+#include <memory>
+#include <thread>
 #include <exception>
 #include <tuple>
 #include <utility>
@@ -53,14 +56,23 @@ void appendJsonString(std::string& out, std::string_view s) {
 
 }  // namespace
 
+std::size_t TypingTimerManager::Impl::heapOf(const PersistCall& c) noexcept {
+  // What one waiting call holds: its queue element and its strings' heap
+  // blocks (short ids stay in the string itself).
+  auto heap = [](const std::string& str) {
+    return str.capacity() > 15 ? str.capacity() + 1 : 0;
+  };
+  return sizeof(PersistEntry) + heap(c.user) + heap(c.thread);
+}
+
 std::size_t IndicatorHash::operator()(std::uint32_t i) const noexcept {
   const Indicator& e = (*slab)[i];
-  return (*this)(TypingKeyView{e.user.view(), e.thread.view()});
+  return (*this)(TypingKeyView{e.user.view(), e.thread.view(), e.anon});
 }
 std::size_t IndicatorHash::operator()(const TypingKeyView& k) const noexcept {
-  return absl::Hash<std::tuple<absl::string_view, absl::string_view>>{}(
+  return absl::Hash<std::tuple<absl::string_view, absl::string_view, bool>>{}(
       std::make_tuple(absl::string_view(k.user.data(), k.user.size()),
-                      absl::string_view(k.thread.data(), k.thread.size())));
+                      absl::string_view(k.thread.data(), k.thread.size()), k.anon));
 }
 
 TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallbacks c,
@@ -77,6 +89,7 @@ TypingTimerManager::Impl::Impl(SessionRegistry& r, TimerService& t, TypingCallba
   // A zero backoff would retry a failing database in a busy loop.
   if (opt.retryInitial < Millis(1)) opt.retryInitial = Millis(1);
   if (opt.retryMax < opt.retryInitial) opt.retryMax = opt.retryInitial;
+  if (opt.maxPendingPersist < 2) opt.maxPendingPersist = 2;
   backoff = opt.retryInitial;
   expireHandler = timers.addHandler(
       [this](TimerHandle h, std::uint32_t idx) { onExpire(h, idx); });
@@ -104,12 +117,48 @@ TypingTimerManager::Impl::~Impl() {
     }
   }
   timers.cancel(retryTimer);
+  // A shared TimerService gets its two handler slots back.
+  timers.removeHandler(expireHandler);
+  timers.removeHandler(retryHandler);
+  // Calls still queued are lost with the manager: never silently.
+  if (!queue.empty() && cb.log) {
+    try {
+      cb.log(LogLevel::kError,
+             fmt::format("roomkeeper: destroyed with {} undelivered persistence call(s)",
+                         queue.size()));
+      for (const PersistEntry& p : queue)
+        cb.log(LogLevel::kError,
+               fmt::format("roomkeeper: undelivered persistence call {} user={} thread={}",
+                           toString(p.call.op), p.call.user, p.call.thread));
+    } catch (...) {
+      // A destructor must not throw; the host's log failed us.
+    }
+  }
 }
 
-std::string_view TypingTimerManager::Impl::userKeyOf(std::uint32_t s) const {
+TypingKeyView TypingTimerManager::Impl::keyOf(std::uint32_t s,
+                                              std::string_view thread) const {
   const SessionSlot& slot = reg.sessionSlots[s];
-  return slot.user == detail::kNone ? slot.name.view()
-                                    : reg.userSlots[slot.user].name.view();
+  if (slot.user == detail::kNone) return TypingKeyView{slot.name.view(), thread, true};
+  return TypingKeyView{reg.userSlots[slot.user].name.view(), thread, false};
+}
+
+bool TypingTimerManager::Impl::isMemberOfThread(std::uint32_t s,
+                                                std::string_view thread) const {
+  // Only when an indicator starts (never on the keystroke path): one
+  // lookup of the thread's room, its name built on the stack when it fits.
+  const std::size_t n = opt.threadRoomPrefix.size() + thread.size();
+  char buf[512];
+  std::string heap;  // may throw: the caller refuses with kOutOfMemory
+  char* name = buf;
+  if (n > sizeof buf) {
+    heap.resize(n);
+    name = heap.data();
+  }
+  std::memcpy(name, opt.threadRoomPrefix.data(), opt.threadRoomPrefix.size());
+  std::memcpy(name + opt.threadRoomPrefix.size(), thread.data(), thread.size());
+  const std::uint32_t r = reg.findRoom(std::string_view(name, n));
+  return r != detail::kNone && reg.isMember(s, r);
 }
 
 void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
@@ -136,76 +185,114 @@ void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
   }
 }
 
-void TypingTimerManager::Impl::emitToThread(std::uint32_t s, std::string_view userKey,
-                                            std::string_view thread,
-                                            const std::string& event) {
+void TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView& key,
+                                            const std::string& event) noexcept {
   if (!cb.emit) return;
-  std::string room = opt.threadRoomPrefix;
-  room.append(thread.data(), thread.size());
-  std::string payload = "{\"threadId\":";
-  appendJsonString(payload, thread);
-  payload += ",\"userId\":";
-  appendJsonString(payload, userKey);
-  payload += "}";
-  BroadcastTargets targets;
-  targets.rooms.push_back(room);
-  if (s != detail::kNone) targets.sender = reg.sessionSlots[s].name.view();
-  // Not to the typer: skip every session of the same user.
-  const std::string user(userKey);
-  reg.forEachTarget(targets, [&](std::string_view target) {
-    const std::uint32_t t = reg.findSession(target);
-    if (t == detail::kNone || userKeyOf(t) == user) return;
-    detail::Event& ev = reg.events.push();
-    ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-    ev.fn = [this, to = std::string(target), event, payload]() {
-      try {
-        cb.emit(to, event, payload);
-      } catch (...) {
-        reportError("emit");
-      }
-    };
-  });
+  // Out of memory, some members may miss this event (counted as dropped);
+  // the state change it reports has been made and stays made.
+  try {
+    std::string room = opt.threadRoomPrefix;
+    room.append(key.thread.data(), key.thread.size());
+    std::string payload = "{\"threadId\":";
+    appendJsonString(payload, key.thread);
+    payload += ",\"userId\":";
+    appendJsonString(payload, key.user);
+    payload += "}";
+    // One payload for every member, not one copy each.
+    const auto shared = std::make_shared<const std::string>(std::move(payload));
+    BroadcastTargets targets;
+    targets.rooms.push_back(room);
+    if (s != detail::kNone) targets.sender = reg.sessionSlots[s].name.view();
+    // Not to the typer: skip every session of the same user (an anonymous
+    // typer is only its own session, the sender).
+    const std::string user(key.user);
+    const bool anon = key.anon;
+    reg.forEachTarget(targets, [&](std::string_view target) {
+      const std::uint32_t t = reg.findSession(target);
+      if (t == detail::kNone) return;
+      if (!anon && reg.sessionSlots[t].user != detail::kNone &&
+          reg.userSlots[reg.sessionSlots[t].user].name.view() == user)
+        return;
+      reg.events.tryPush([&](detail::Event& ev) {
+        ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+        ev.fn = [this, to = std::string(target), &event, shared]() {
+          try {
+            cb.emit(to, event, *shared);
+          } catch (...) {
+            reportError("emit");
+          }
+        };
+      });
+    });
+  } catch (...) {
+    reg.events.countDropped();
+  }
 }
 
 void TypingTimerManager::Impl::persist(PersistOp op, std::string_view user,
-                                       std::string_view thread) {
+                                       std::string_view thread) noexcept {
   if (!cb.persist) return;
-  if (queue.size() >= opt.maxPendingPersist && !queue.empty()) {
-    // Full: drop the oldest call that is not being delivered right now.
-    const std::size_t victim = inflight && queue.size() > 1 ? 1 : 0;
-    if (!(inflight && victim == 0)) {
-      const PersistEntry dropped = queue[victim];
-      queue.erase(queue.begin() + static_cast<std::ptrdiff_t>(victim));
-      ++dropped_;
-      if (cb.log) {
-        const std::string msg = fmt::format(
+  // Bounded: at most maxPendingPersist calls wait, the one being delivered
+  // included (the bound is clamped to >= 2, so one can always wait behind
+  // a call in flight). Full: the oldest call not in flight is dropped.
+  while (queue.size() >= opt.maxPendingPersist && !queue.empty()) {
+    const std::size_t victim = inflight ? 1 : 0;
+    if (victim >= queue.size()) break;
+    queueHeap -= heapOf(queue[victim].call);
+    const PersistEntry dropped = std::move(queue[victim]);
+    queue.erase(queue.begin() + static_cast<std::ptrdiff_t>(victim));
+    ++dropped_;
+    if (cb.log) {
+      try {
+        std::string msg = fmt::format(
             "roomkeeper: persistence queue full ({}): dropped {} user={} thread={}",
             opt.maxPendingPersist, toString(dropped.call.op), dropped.call.user,
             dropped.call.thread);
-        detail::Event& ev = reg.events.push();
-        ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-        ev.fn = [this, msg]() {
-          try {
-            cb.log(LogLevel::kError, msg);
-          } catch (...) {
-            reportError("log");
-          }
-        };
+        reg.events.tryPush([&](detail::Event& ev) {
+          ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+          ev.fn = [this, m = std::move(msg)]() {
+            try {
+              cb.log(LogLevel::kError, m);
+            } catch (...) {
+              reportError("log");
+            }
+          };
+        });
+      } catch (...) {
+        reg.events.countDropped();
       }
     }
   }
-  queue.push_back(PersistEntry{++persistSeq, PersistCall{op, std::string(user),
-                                                         std::string(thread)}});
+  try {
+    PersistEntry entry{persistSeq + 1, PersistCall{op, std::string(user), std::string(thread)}};
+    const std::size_t heap = heapOf(entry.call);
+    queue.push_back(std::move(entry));
+    ++persistSeq;
+    queueHeap += heap;
+  } catch (...) {
+    // The call cannot even be queued: it is lost, and counted as dropped.
+    ++dropped_;
+    return;
+  }
   if (!retryTimer.valid()) scheduleDrain(persistSeq);
 }
 
-void TypingTimerManager::Impl::scheduleDrain(std::uint64_t upTo) {
+void TypingTimerManager::Impl::scheduleDrain(std::uint64_t upTo) noexcept {
   // One delivery event per call, queued right behind the events of the
   // change that made it (typingStopped emit, then its persistence call), so
   // the host sees them in the order of the changes.
-  detail::Event& ev = reg.events.push();
-  ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-  ev.fn = [this, upTo]() { drain(false, upTo); };
+  const bool queued = reg.events.tryPush([&](detail::Event& ev) {
+    ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+    ev.fn = [this, upTo]() { drain(false, upTo); };
+  });
+  if (queued || retryTimer.valid()) return;
+  // No delivery could be queued: the retry timer delivers instead, so no
+  // call waits for a drain that never comes.
+  try {
+    retryTimer = timers.arm(opt.retryInitial, retryHandler, 0);
+  } catch (...) {
+    // Not even a timer: the next persistence call or advance() will do.
+  }
 }
 
 std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
@@ -224,8 +311,21 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
       if (inflight || queue.empty()) return delivered;
       if (retryTimer.valid() && !force) return delivered;
       if (!force && queue.front().seq > drainUpTo) return delivered;
-      call = queue.front();
+      try {
+        call = queue.front();  // copied: delivered outside the lock
+      } catch (...) {
+        // No memory for the copy: leave the call queued and come back on
+        // the retry timer (never a call stranded without a drain).
+        if (!retryTimer.valid()) {
+          try {
+            retryTimer = timers.arm(backoff, retryHandler, 0);
+          } catch (...) {
+          }
+        }
+        return delivered;
+      }
       inflight = true;
+      inflightThread = std::this_thread::get_id();
     }
     bool ok = false;
     try {
@@ -236,8 +336,13 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
     }
     detail::MaybeLock g(mu);
     inflight = false;
+    inflightThread = std::thread::id();
+    inflightDone.notify_all();
     if (ok) {
-      if (!queue.empty() && queue.front().seq == call.seq) queue.pop_front();
+      if (!queue.empty() && queue.front().seq == call.seq) {
+        queueHeap -= heapOf(queue.front().call);
+        queue.pop_front();
+      }
       ++delivered_;
       ++delivered;
       backoff = opt.retryInitial;
@@ -247,7 +352,8 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
     if (force) return delivered;
     if (!retryTimer.valid() && !queue.empty()) {
       retryTimer = timers.arm(backoff, retryHandler, 0);
-      backoff = std::min(backoff * 2, opt.retryMax);
+      // Doubling Millis::max() would overflow: saturate at retryMax.
+      backoff = backoff > opt.retryMax / 2 ? opt.retryMax : std::min(backoff * 2, opt.retryMax);
     }
     return delivered;
   }
@@ -284,16 +390,17 @@ void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
     unlinkSession(idx, e.sessions[k].slot, e.sessions[k].pos);
   e.sessions.release(&bytes);
   index.erase(idx);
-  const std::string user(e.user.view());
-  const std::string thread(e.thread.view());
-  e.user.reset(&bytes);
-  e.thread.reset(&bytes);
   e.live = false;
   e.timer = {};
+  // The messages copy what they need (and never throw); then the names go.
+  const TypingKeyView key{e.user.view(), e.thread.view(), e.anon};
+  emitToThread(s, key, opt.stoppedEvent);
+  if (!e.anon) persist(PersistOp::kTypingStopped, key.user, key.thread);
+  e.user.reset(&bytes);
+  e.thread.reset(&bytes);
+  e.anon = false;
   entries.release(idx);  // the last one returns every page
   if (index.empty()) releaseIdle();
-  emitToThread(s, user, thread, opt.stoppedEvent);
-  persist(PersistOp::kTypingStopped, user, thread);
 }
 
 void TypingTimerManager::Impl::releaseIdle() {
@@ -339,8 +446,17 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
     }
   }
   const bool full = ss.typing.size() >= opt.maxTypingPerSession;
-  const std::string_view user = userKeyOf(s);
-  auto it = index.find(TypingKeyView{user, thread});
+  if (opt.requireMembership) {
+    bool member = false;
+    try {
+      member = isMemberOfThread(s, thread);
+    } catch (...) {
+      return Result::kOutOfMemory;
+    }
+    if (!member) return Result::kNotMember;
+  }
+  const TypingKeyView key = keyOf(s, thread);
+  auto it = index.find(key);
   if (it != index.end()) {
     // Another device of the same user keeps this indicator alive.
     if (full) return Result::kTooManyRooms;
@@ -350,34 +466,43 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   }
   if (full) return Result::kTooManyRooms;
 
+  // Allocate everything first (slot, names, index entry, the timer and its
+  // page, the list entries, room for the events); commit only then.
+  if (!reg.events.reserveMore(2)) return Result::kOutOfMemory;
   std::uint32_t idx = detail::kNone;
   try {
     idx = entries.alloc();
     Indicator& e = entries[idx];
-    e.user.assign(user, &bytes);
+    e.user.assign(key.user, &bytes);
     e.thread.assign(thread, &bytes);
+    e.anon = key.anon;
+    e.timer = timers.arm(opt.timeout, expireHandler, idx);
     index.insert(idx);
-  } catch (const std::bad_alloc&) {
-    if (idx != detail::kNone) {
-      entries[idx].user.reset(&bytes);
-      entries[idx].thread.reset(&bytes);
-      entries.release(idx);
-    }
+  } catch (...) {
+    if (idx != detail::kNone) undoStart(idx);
     return Result::kOutOfMemory;
   }
   if (!addSession(idx, s)) {
     index.erase(idx);
-    entries[idx].user.reset(&bytes);
-    entries[idx].thread.reset(&bytes);
-    entries.release(idx);
+    undoStart(idx);
     return Result::kOutOfMemory;
   }
   Indicator& e = entries[idx];
   e.live = true;
-  e.timer = timers.arm(opt.timeout, expireHandler, idx);
-  emitToThread(s, e.user.view(), e.thread.view(), opt.startedEvent);
-  persist(PersistOp::kTypingStarted, e.user.view(), e.thread.view());
+  const TypingKeyView made{e.user.view(), e.thread.view(), e.anon};
+  emitToThread(s, made, opt.startedEvent);
+  if (!e.anon) persist(PersistOp::kTypingStarted, made.user, made.thread);
   return Result::kOk;
+}
+
+void TypingTimerManager::Impl::undoStart(std::uint32_t idx) noexcept {
+  Indicator& e = entries[idx];
+  timers.cancel(e.timer);
+  e.timer = {};
+  e.user.reset(&bytes);
+  e.thread.reset(&bytes);
+  e.anon = false;
+  entries.release(idx);
 }
 
 bool TypingTimerManager::Impl::addSession(std::uint32_t idx, std::uint32_t s) {
@@ -407,7 +532,10 @@ Result TypingTimerManager::Impl::stopSlot(std::uint32_t s, std::string_view thre
       return Result::kOk;
     }
   }
-  auto it = index.find(TypingKeyView{userKeyOf(s), thread});
+  // Then the user's indicator kept alive by another device. An anonymous
+  // session has no other device: its own list was the whole answer.
+  if (ss.user == detail::kNone) return Result::kAlreadyDone;
+  auto it = index.find(keyOf(s, thread));
   if (it == index.end()) return Result::kAlreadyDone;
   end(*it, s);
   return Result::kOk;
@@ -417,12 +545,13 @@ std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
   SessionSlot& ss = reg.sessionSlots[s];
   if (ss.typing.empty()) return 0;
   const std::uint32_t gen = ss.generation;
-  std::vector<std::uint32_t> mine;
-  mine.reserve(ss.typing.size());
-  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) mine.push_back(ss.typing[i].slot);
-  ss.typing.release(&bytes);
-  --sessionsTyping;
-  for (const std::uint32_t idx : mine) {
+  // No allocation here (it runs inside disconnect). In the order the
+  // session started them; end() never touches this session's own list
+  // (its entry has left the indicator first), which is released after.
+  std::size_t n = 0;
+  for (std::uint32_t i = 0; i < reg.sessionSlots[s].typing.size(); ++i) {
+    const std::uint32_t idx = reg.sessionSlots[s].typing[i].slot;
+    ++n;
     Indicator& e = entries[idx];
     for (std::uint32_t k = 0; k < e.sessions.size(); ++k) {
       if (e.sessions[k].slot == s && e.sessions[k].pos == gen) {
@@ -433,7 +562,9 @@ std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
     }
     if (e.sessions.empty()) end(idx, s);
   }
-  return mine.size();
+  reg.sessionSlots[s].typing.release(&bytes);
+  --sessionsTyping;
+  return n;
 }
 
 std::size_t TypingTimerManager::Impl::onDisconnect(std::uint32_t s) {
@@ -465,7 +596,7 @@ TypingStats TypingTimerManager::Impl::stats() const noexcept {
   st.persistFailures = failures;
   st.persistDropped = dropped_;
   st.callbackErrors = callbackErrors;
-  st.bytes = bytes;
+  st.bytes = bytes + queueHeap;
   return st;
 }
 
@@ -507,7 +638,7 @@ std::size_t TypingTimerManager::clearAll() {
   return n;
 }
 bool TypingTimerManager::isTyping(std::string_view user, std::string_view thread) const {
-  return impl_->index.find(TypingKeyView{user, thread}) != impl_->index.end();
+  return impl_->index.find(TypingKeyView{user, thread, false}) != impl_->index.end();
 }
 std::size_t TypingTimerManager::flushPersistence() {
   impl_->reg.flush();
@@ -515,6 +646,16 @@ std::size_t TypingTimerManager::flushPersistence() {
 }
 
 std::size_t TypingTimerManager::Impl::finalFlush() {
+  // A call in flight on another thread (one slow write) is waited for
+  // first: the last attempt must include every call, the stops this
+  // shutdown made among them. One in flight further up this thread's own
+  // stack (shutdown from inside persist) cannot be waited for.
+  if (mu != nullptr) {
+    std::unique_lock<std::recursive_mutex> lk(*mu);
+    inflightDone.wait(lk, [&] {
+      return !inflight || inflightThread == std::this_thread::get_id();
+    });
+  }
   // A last attempt, then every call still queued is reported, outside the
   // lock: nothing is dropped silently.
   drain(true, 0);
@@ -544,6 +685,7 @@ std::size_t TypingTimerManager::Impl::discardPersistence() {
   detail::MaybeLock g(mu);
   const std::size_t n = queue.size();
   std::deque<PersistEntry>().swap(queue);
+  queueHeap = 0;
   timers.cancel(retryTimer);
   retryTimer = {};
   return n;

@@ -193,6 +193,7 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
   };
 
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.typing.timeout = Millis(2);  // real auto-clears, on the driver
   opt.authTimeout = Millis(20);    // unauthenticated sessions time out on the driver
   opt.statsLogInterval = Millis(5);
@@ -357,6 +358,7 @@ TEST_CASE("no SyncKeeper callback runs with the lock held", "[concurrency]") {
   cb.roomDeleted = [&](std::string_view) { hit("roomDeleted"); };
   cb.log = [&](LogLevel, std::string_view) { hit("log"); };
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.warnConnections = 1;  // a warning (log) on the second connect
   opt.authTimeout = Millis(0);
   SyncKeeper sk(std::move(cb), opt);
@@ -415,6 +417,7 @@ TEST_CASE("stopDriver from a callback on the driver thread returns false",
     startResults = k->startDriver() ? 1 : 0;
   };
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.typing.timeout = Millis(1);
   SyncKeeper sk(std::move(cb), opt);
   self = &sk;
@@ -464,6 +467,7 @@ TEST_CASE("shutdown from a callback on the driver thread", "[concurrency]") {
       (void)self.load()->shutdown();
   };
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.typing.timeout = Millis(1);
   SyncKeeper sk(std::move(cb), opt);
   self = &sk;
@@ -497,6 +501,7 @@ TEST_CASE("the driver delivers persistence retries armed outside the lock",
     return true;
   };
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.typing.timeout = Millis(60000);   // the driver's next deadline: a minute away
   opt.typing.retryInitial = Millis(5);  // the retry: 5 ms away
   SyncKeeper sk(std::move(cb), opt);
@@ -527,6 +532,7 @@ TEST_CASE("many threads typing in one thread room agree on one indicator",
     return true;
   };
   KeeperOptions opt;
+  opt.typing.requireMembership = false;  // typers need not join here
   opt.authTimeout = Millis(0);
   SyncKeeper sk(std::move(cb), opt);
   // Eight devices of one user, each on its own thread, hammer one thread.
@@ -551,4 +557,43 @@ TEST_CASE("many threads typing in one thread room agree on one indicator",
   CHECK(started == newIndicators);
   CHECK(stopped == started);  // every indicator that started ended exactly once
   requireEmpty(sk.getMemoryStats());
+}
+
+TEST_CASE("shutdown waits for a persistence call in flight, then delivers the rest",
+          "[concurrency][hardening]") {
+  std::mutex m;
+  std::vector<std::string> stored;
+  std::promise<void> entered;
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  KeeperCallbacks cb;
+  cb.persist = [&](const PersistCall& c) {
+    if (first.exchange(false)) {
+      entered.set_value();
+      released.wait();  // one slow write
+    }
+    std::lock_guard<std::mutex> g(m);
+    stored.push_back(std::string(roomkeeper::toString(c.op)) + ":" + c.user + ":" + c.thread);
+    return true;
+  };
+  KeeperOptions opt;
+  opt.typing.requireMembership = false;
+  SyncKeeper sk(std::move(cb), opt);
+  REQUIRE(sk.connectAuthenticated("s1", "u1") == Result::kOk);
+  // The typing start's persistence call runs on this worker and blocks.
+  std::thread worker([&] { (void)sk.startTyping("s1", "7"); });
+  entered.get_future().wait();
+  std::future<ShutdownReport> rep =
+      std::async(std::launch::async, [&] { return sk.shutdown(); });
+  // Shutdown cannot finish while the write is in flight.
+  CHECK(rep.wait_for(50ms) == std::future_status::timeout);
+  release.set_value();
+  const ShutdownReport r = rep.get();
+  worker.join();
+  CHECK(r.persistUndelivered == 0);
+  std::lock_guard<std::mutex> g(m);
+  CHECK(stored == std::vector<std::string>{"typing_started:u1:7", "typing_stopped:u1:7",
+                                           "typing_stopped_all:u1:"});
+  CHECK(sk.getMemoryStats().bytes == 0);
 }

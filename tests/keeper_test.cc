@@ -54,6 +54,8 @@ std::string persistLine(PersistOp op, std::string_view user, std::string_view th
 struct Rig {
   explicit Rig(KeeperOptions o = {}) {
     o.clock = &clock;
+    // The membership rule has its own cases; here typers need not join.
+    o.typing.requireMembership = false;
     keeper = std::make_unique<Keeper>(callbacks(), std::move(o));
   }
 
@@ -241,6 +243,7 @@ std::map<std::string, double> expectedByJsonKey(const MemoryStats& s) {
           {"callbackErrors", d(s.callbackErrors)},
           {"authTimeouts", d(s.authTimeouts)},
           {"forcedCleanups", d(s.forcedCleanups)},
+          {"eventsDropped", d(s.eventsDropped)},
           {"bytes", d(s.bytes)}};
 }
 
@@ -263,6 +266,7 @@ std::map<std::string, double> expectedByMetric(const MemoryStats& s) {
           {"roomkeeper_callback_errors_total", d(s.callbackErrors)},
           {"roomkeeper_auth_timeouts_total", d(s.authTimeouts)},
           {"roomkeeper_forced_cleanups_total", d(s.forcedCleanups)},
+          {"roomkeeper_events_dropped_total", d(s.eventsDropped)},
           {"roomkeeper_bytes", d(s.bytes)}};
 }
 
@@ -1121,6 +1125,7 @@ TEST_CASE("handle-based calls match the id-based ones and go stale exactly",
   roomkeeper::ManualClock clock;
   roomkeeper::KeeperOptions opt;
   opt.clock = &clock;
+  opt.typing.requireMembership = false;  // not about the membership rule
   std::vector<std::string> left;
   roomkeeper::KeeperCallbacks cb;
   cb.leave = [&](std::string_view s, std::string_view r) {
@@ -1197,4 +1202,196 @@ TEST_CASE("Keeper calls from inside a registry visitor are refused, not undefine
   CHECK(after.trackedRooms == before.trackedRooms);
   CHECK(after.typingTimers == 0);
   CHECK(after.bytes == before.bytes);
+}
+
+// ---- Hardening (issue #10) ----------------------------------------------
+
+TEST_CASE("Millis::max() means never, for every duration option", "[keeper][hardening]") {
+  ManualClock clock;
+  KeeperOptions o;
+  o.clock = &clock;
+  o.authTimeout = Millis::max();
+  o.typing.timeout = Millis::max();
+  o.typing.retryInitial = Millis::max();
+  o.typing.retryMax = Millis::max();
+  o.warnInterval = Millis::max();
+  o.statsLogInterval = Millis::max();
+  o.typing.requireMembership = false;
+  int closed = 0, logs = 0;
+  KeeperCallbacks cb;
+  cb.closeSession = [&](std::string_view, std::string_view) { ++closed; };
+  cb.persist = [](const PersistCall&) { return false; };  // retried "never"
+  cb.log = [&](LogLevel, std::string_view) { ++logs; };
+  Keeper k(cb, o);
+  REQUIRE(k.connect("anon") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("s1", "u1") == Result::kOk);
+  REQUIRE(k.startTyping("s1", "7") == Result::kOk);
+  for (int i = 0; i < 3; ++i) {
+    clock.advanceBy(std::chrono::hours(24 * 365));
+    k.advance();
+  }
+  CHECK(closed == 0);
+  CHECK(k.registry().isConnected("anon"));
+  CHECK(k.getMemoryStats().typingTimers == 1);
+  CHECK(k.getMemoryStats().authTimeouts == 0);
+  CHECK(k.getMemoryStats().persistFailures == 1);  // one attempt, no retry yet
+  CHECK(k.nextDeadline().has_value());
+}
+
+TEST_CASE("an anonymous session whose id is a user id is not that user",
+          "[keeper][hardening]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  REQUIRE(k.connectAuthenticated("s1", "alice") == Result::kOk);
+  REQUIRE(k.startTyping("s1", "7") == Result::kOk);
+  REQUIRE(k.connect("alice") == Result::kOk);  // anonymous, id "alice"
+  rig.calls.clear();
+  CHECK(k.stopTyping("alice", "7") == Result::kAlreadyDone);
+  CHECK(k.typing().isTyping("alice", "7"));
+  CHECK(rig.calls.empty());  // nothing emitted, nothing persisted
+  CHECK(k.disconnect("alice") == Result::kOk);
+  CHECK(k.typing().isTyping("alice", "7"));
+  // Standalone, an anonymous indicator never joins or ends a user's.
+  ManualClock clock;
+  roomkeeper::SessionRegistry reg;
+  roomkeeper::TimerService timers(&clock);
+  roomkeeper::TypingOptions to;
+  to.requireMembership = false;
+  std::vector<PersistCall> persisted;
+  roomkeeper::TypingCallbacks tc;
+  tc.persist = [&](const PersistCall& c) {
+    persisted.push_back(c);
+    return true;
+  };
+  roomkeeper::TypingTimerManager typing(reg, timers, tc, to);
+  REQUIRE(reg.connect("bob-session", "bob") == Result::kOk);
+  REQUIRE(reg.connect("bob") == Result::kOk);
+  REQUIRE(typing.startTyping("bob-session", "T") == Result::kOk);
+  CHECK(typing.startTyping("bob", "T") == Result::kOk);  // its own indicator
+  CHECK(typing.stats().indicators == 2);
+  CHECK(typing.stopTyping("bob", "T") == Result::kOk);
+  CHECK(typing.isTyping("bob", "T"));  // the user's indicator is untouched
+  // Only the user's start was persisted: anonymous indicators never are.
+  REQUIRE(persisted.size() == 1);
+  CHECK(persisted[0].user == "bob");
+}
+
+TEST_CASE("startTyping needs membership of the thread's room by default",
+          "[keeper][hardening]") {
+  ManualClock clock;
+  KeeperOptions o;
+  o.clock = &clock;
+  std::vector<std::string> emits;
+  int persisted = 0;
+  KeeperCallbacks cb;
+  cb.emit = [&](std::string_view s, std::string_view e, std::string_view) {
+    emits.push_back(std::string(s) + ":" + std::string(e));
+  };
+  cb.persist = [&](const PersistCall&) {
+    ++persisted;
+    return true;
+  };
+  Keeper k(cb, o);
+  REQUIRE(k.connectAuthenticated("s1", "u1") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("s2", "u2") == Result::kOk);
+  REQUIRE(k.trackRoom("s2", "thread:9") == Result::kOk);
+  const MemoryStats before = k.getMemoryStats();
+  CHECK(k.startTyping("s1", "9") == Result::kNotMember);
+  CHECK(toString(Result::kNotMember) == "not_member");
+  CHECK(emits.empty());
+  CHECK(persisted == 0);
+  CHECK(k.getMemoryStats() == before);
+  REQUIRE(k.trackRoom("s1", "thread:9") == Result::kOk);
+  CHECK(k.startTyping("s1", "9") == Result::kOk);
+  CHECK(emits == std::vector<std::string>{"s2:typingStarted"});
+  CHECK(persisted == 1);
+}
+
+TEST_CASE("the persistence queue stays within its bound with a call in flight",
+          "[keeper][hardening]") {
+  for (std::size_t bound : {0u, 1u, 2u, 3u}) {
+    INFO("maxPendingPersist " << bound);
+    ManualClock clock;
+    KeeperOptions o;
+    o.clock = &clock;
+    o.typing.maxPendingPersist = bound;
+    o.typing.requireMembership = false;
+    Keeper* kp = nullptr;
+    std::size_t maxSeen = 0;
+    int calls = 0;
+    KeeperCallbacks cb;
+    cb.persist = [&](const PersistCall&) {
+      // While this call is in flight, more calls are made.
+      if (++calls == 1) {
+        for (int i = 0; i < 10; ++i) {
+          (void)kp->startTyping("s1", std::to_string(i));
+          maxSeen = std::max(maxSeen, kp->getMemoryStats().pendingPersistence);
+        }
+      }
+      return true;
+    };
+    Keeper k(cb, o);
+    kp = &k;
+    REQUIRE(k.connectAuthenticated("s1", "u1") == Result::kOk);
+    REQUIRE(k.startTyping("s1", "first") == Result::kOk);
+    CHECK(maxSeen <= std::max<std::size_t>(bound, 2));
+    CHECK(k.getMemoryStats().persistDropped > 0);
+  }
+}
+
+TEST_CASE("bytes return to 0 after an auth timeout takes the last session",
+          "[keeper][hardening]") {
+  ManualClock clock;
+  KeeperOptions o;
+  o.clock = &clock;
+  Keeper k({}, o);
+  REQUIRE(k.getMemoryStats().bytes == 0);
+  REQUIRE(k.connect("s1") == Result::kOk);
+  CHECK(k.getMemoryStats().bytes > 0);
+  clock.advanceBy(std::chrono::seconds(31));
+  k.advance();
+  CHECK(k.getMemoryStats().authTimeouts == 1);
+  requireEmpty(k.getMemoryStats());
+  CHECK(k.getMemoryStats().bytes == 0);
+}
+
+TEST_CASE("bytes count the persistence queue", "[keeper][hardening]") {
+  ManualClock clock;
+  KeeperOptions o;
+  o.clock = &clock;
+  o.typing.requireMembership = false;
+  bool up = false;
+  KeeperCallbacks cb;
+  cb.persist = [&](const PersistCall&) { return up; };
+  Keeper k(cb, o);
+  REQUIRE(k.connectAuthenticated("s1", "a-user-id-longer-than-fifteen") == Result::kOk);
+  const std::size_t base = k.getMemoryStats().bytes;
+  for (int i = 0; i < 50; ++i) {
+    REQUIRE(k.startTyping("s1", "a-thread-longer-than-fifteen-" + std::to_string(i)) ==
+            Result::kOk);
+    REQUIRE(k.stopTyping("s1", "a-thread-longer-than-fifteen-" + std::to_string(i)) ==
+            Result::kOk);
+  }
+  const MemoryStats st = k.getMemoryStats();
+  REQUIRE(st.pendingPersistence == 100);
+  // Each waiting call holds at least its two long strings.
+  CHECK(st.bytes >= base + 100 * (30 + 29));
+  up = true;
+  clock.advanceBy(std::chrono::minutes(1));
+  k.advance();
+  CHECK(k.getMemoryStats().pendingPersistence == 0);
+  CHECK(k.disconnect("s1") == Result::kOk);
+  CHECK(k.getMemoryStats().bytes == 0);
+}
+
+TEST_CASE("shutdown's report says why it did nothing", "[keeper][hardening]") {
+  Keeper k;
+  REQUIRE(k.connectAuthenticated("s1", "u1") == Result::kOk);
+  ShutdownReport inVisitor{Result::kOk};
+  k.registry().forEachSession([&](std::string_view) { inVisitor = k.shutdown(); });
+  CHECK(inVisitor.result == Result::kBusy);
+  const ShutdownReport first = k.shutdown();
+  CHECK(first.result == Result::kOk);
+  CHECK(first.sessionsClosed == 1);
+  CHECK(k.shutdown().result == Result::kShutDown);
 }

@@ -101,8 +101,14 @@ struct Recorder {
 // TypingTimerManager on its own SessionRegistry and TimerService.
 struct StandaloneRig {
   static constexpr const char* kName = "standalone";
+  // The rigs test everything but the membership rule (its own cases below
+  // run with the default), so their typers need not join the thread room.
   explicit StandaloneRig(TypingOptions o = {})
-      : typing(reg, timers, callbacks(), std::move(o)) {}
+      : typing(reg, timers, callbacks(), withoutMembershipRule(std::move(o))) {}
+  static TypingOptions withoutMembershipRule(TypingOptions o) {
+    o.requireMembership = false;
+    return o;
+  }
 
   TypingCallbacks callbacks() {
     TypingCallbacks cb;
@@ -165,7 +171,7 @@ struct KeeperRig {
   }
   KeeperOptions options(TypingOptions o) {
     KeeperOptions k;
-    k.typing = std::move(o);
+    k.typing = StandaloneRig::withoutMembershipRule(std::move(o));
     k.clock = &clock;
     return k;
   }
@@ -599,13 +605,17 @@ TEST_CASE("standalone: typing started anonymously still stops after bindUser",
   roomkeeper::ManualClock clock;
   roomkeeper::SessionRegistry reg;
   roomkeeper::TimerService timers(&clock);
-  roomkeeper::TypingTimerManager typing(reg, timers);
+  roomkeeper::TypingOptions o;
+  o.requireMembership = false;
+  roomkeeper::TypingTimerManager typing(reg, timers, {}, o);
   REQUIRE(reg.connect("s1") == roomkeeper::Result::kOk);
   REQUIRE(typing.startTyping("s1", "T") == roomkeeper::Result::kOk);
   REQUIRE(reg.bindUser("s1", "u1") == roomkeeper::Result::kOk);
-  CHECK(typing.isTyping("s1", "T"));
-  CHECK(typing.stopTyping("s1", "T") == roomkeeper::Result::kOk);
+  // An anonymous indicator is the session's own, not a user's.
   CHECK_FALSE(typing.isTyping("s1", "T"));
+  CHECK(typing.stats().indicators == 1);
+  CHECK(typing.stopTyping("s1", "T") == roomkeeper::Result::kOk);
+  CHECK(typing.stats().indicators == 0);
   // Typing again now starts the user's own indicator.
   CHECK(typing.startTyping("s1", "T") == roomkeeper::Result::kOk);
   CHECK(typing.isTyping("u1", "T"));

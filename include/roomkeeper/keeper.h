@@ -127,11 +127,18 @@ struct MemoryStats {
   std::uint64_t callbackErrors = 0;
   std::uint64_t authTimeouts = 0;
   std::uint64_t forcedCleanups = 0;
+  // Callback messages (an emit, an observer call, a log line) that could
+  // not be queued because memory ran out. The state change each would have
+  // reported was made regardless; nothing is left half-done.
+  std::uint64_t eventsDropped = 0;
   std::size_t bytes = 0;              // heap bytes held (index, timers, typing)
 };
 
 /// What shutdown() did.
 struct ShutdownReport {
+  /// kOk: this call shut down. Refused, nothing done: kShutDown (already
+  /// shut down), kBusy (called from inside a registry visitor), kOutOfMemory.
+  Result result = Result::kOk;
   std::size_t sessionsClosed = 0;
   std::size_t timersCancelled = 0;
   std::size_t persistUndelivered = 0;  // each logged at error level

@@ -37,6 +37,8 @@ enum class [[nodiscard]] Result : std::uint8_t {
   kBusy,               // a mutating call from inside a const visitor
                        // (forEachMember and friends): refused
   kOutOfMemory,        // an allocation failed; nothing was changed
+  kNotMember,          // startTyping in a thread whose room the session is
+                       // not a member of (TypingOptions::requireMembership)
 };
 
 /// True for kOk and kAlreadyDone: the state the caller asked for holds.

@@ -70,6 +70,21 @@ namespace roomkeeper {
 using SteadyTime = std::chrono::steady_clock::time_point;
 using Millis = std::chrono::milliseconds;
 
+namespace detail {
+/// `d` in nanoseconds, saturated at nanoseconds::max() (and min()): a plain
+/// conversion of Millis::max() overflows into the past. O(1).
+template <typename Rep, typename Period>
+constexpr std::chrono::nanoseconds saturatingNanos(
+    std::chrono::duration<Rep, Period> d) noexcept {
+  using Ns = std::chrono::nanoseconds;
+  using Wide = std::chrono::duration<long double, std::nano>;
+  const Wide w = std::chrono::duration_cast<Wide>(d);
+  if (w >= Wide(static_cast<long double>(Ns::max().count()))) return Ns::max();
+  if (w <= Wide(static_cast<long double>(Ns::min().count()))) return Ns::min();
+  return std::chrono::duration_cast<Ns>(d);
+}
+}  // namespace detail
+
 /// Where "now" comes from. Never the wall clock.
 class Clock {
  public:
@@ -126,9 +141,16 @@ class TimerService {
   TimerService(const TimerService&) = delete;
   TimerService& operator=(const TimerService&) = delete;
 
-  /// Registers a callback kind. Up to 65535 kinds; one more throws
-  /// std::length_error (a programming error, not an input).
+  /// Registers a callback kind. Up to 65535 kinds at once (ids freed by
+  /// removeHandler are reused); one more throws std::length_error (a
+  /// programming error, not an input).
   TimerHandlerId addHandler(Handler handler);
+  /// Unregisters a callback kind: every pending timer of that kind is
+  /// cancelled (none fires), and the id may be handed out again by a later
+  /// addHandler. False, doing nothing, for an unknown or removed id. From
+  /// inside a timer callback of that very kind: the running callback
+  /// finishes. O(timers ever allocated).
+  bool removeHandler(TimerHandlerId handler);
 
   /// Arms a one-shot timer `delay` from clock.now() (a clock reading older
   /// than the latest time advanced to is clamped to it). A delay <= 0 makes it
@@ -138,11 +160,23 @@ class TimerService {
   /// Returns the handle; the null handle only if `handler` is unknown.
   TimerHandle arm(std::chrono::nanoseconds delay, TimerHandlerId handler,
                   std::uint32_t data);
+  /// Any other duration (Millis, seconds...) is converted saturating: a
+  /// delay too long for nanoseconds (Millis::max(), "never") never fires.
+  template <typename Rep, typename Period>
+  TimerHandle arm(std::chrono::duration<Rep, Period> delay, TimerHandlerId handler,
+                  std::uint32_t data) {
+    return arm(detail::saturatingNanos(delay), handler, data);
+  }
 
   /// Moves a pending (or due, not yet run) timer to `delay` from now, later
   /// or earlier. Returns false, doing nothing, for a stale handle (fired,
   /// cancelled, or never armed). O(1).
   bool restart(TimerHandle timer, std::chrono::nanoseconds delay);
+  /// As above; the delay is converted saturating (see arm()).
+  template <typename Rep, typename Period>
+  bool restart(TimerHandle timer, std::chrono::duration<Rep, Period> delay) {
+    return restart(timer, detail::saturatingNanos(delay));
+  }
 
   /// Cancels a pending or due-not-yet-run timer; it will not fire. Returns
   /// true if it was pending ("cancelled"), false for a stale handle
@@ -178,7 +212,9 @@ class TimerService {
   std::size_t dueCount() const noexcept;
   /// Pending timers (armed, not fired, not cancelled), due ones included.
   std::size_t size() const noexcept;
-  /// Heap bytes held: slab pages, free list, handler table.
+  /// Heap bytes held for timers: slab pages and their page table (0 when
+  /// no page is held). The handler table, a fixed cost per registered kind,
+  /// is not included.
   std::size_t bytes() const noexcept;
   std::uint64_t callbackErrors() const noexcept;
   /// Returns every slab page to the allocator when no timer is pending

@@ -73,9 +73,18 @@ struct TypingOptions {
   std::string startedEvent = "typingStarted";
   std::string stoppedEvent = "typingStopped";
   std::size_t maxTypingPerSession = 32;   // threads one session types in at once
-  std::size_t maxPendingPersist = 10000;  // bounded retry queue
+  // Bounded retry queue: calls waiting, the one in flight included. Values
+  // below 2 are taken as 2 (one in flight, one waiting behind it).
+  std::size_t maxPendingPersist = 10000;
   Millis retryInitial{100};               // backoff: doubles up to retryMax
   Millis retryMax{30000};
+  // A session may start (or join) an indicator only in a thread whose room
+  // (threadRoomPrefix + thread) it is a member of: kNotMember otherwise, so
+  // a client cannot fan typingStarted out to, or write persistence rows for,
+  // a thread it was never let into. Checked when an indicator starts, not
+  // on every keystroke; leaving the room does not end a running indicator
+  // (its auto-clear or the disconnect does).
+  bool requireMembership = true;
 };
 
 struct TypingCallbacks {
@@ -111,13 +120,18 @@ class TypingTimerManager {
   /// kOk: a new indicator (emit + persist). kAlreadyDone: already typing,
   /// the auto-clear was pushed back. Refused, nothing changed:
   /// kNotConnected, kClosing (its disconnect is running), kInvalidId (empty
-  /// or too long thread), kTooManyRooms (maxTypingPerSession), kOutOfMemory.
+  /// or too long thread), kNotMember (requireMembership and the session is
+  /// not in the thread's room), kTooManyRooms (maxTypingPerSession),
+  /// kOutOfMemory.
   /// The user key is fixed when an indicator starts: a session that typed
   /// anonymously and was then bound to a user keeps its anonymous indicator
-  /// until it ends. O(1).
+  /// until it ends. An anonymous session's indicator is its own (a session
+  /// id never matches a user id, even when the strings are equal); it is
+  /// emitted (userId = the session id) but never persisted: persistence is
+  /// per user. O(1).
   Result startTyping(std::string_view session, std::string_view thread);
-  /// Ends the user's indicator in the thread. kOk; kAlreadyDone if none;
-  /// kNotConnected; kInvalidId. O(1).
+  /// Ends the user's indicator in the thread (an anonymous session: only
+  /// its own). kOk; kAlreadyDone if none; kNotConnected; kInvalidId. O(1).
   Result stopTyping(std::string_view session, std::string_view thread);
   /// The session stops contributing to every indicator it typed in; an
   /// indicator no other session of the user keeps alive ends. Returns the
@@ -132,6 +146,7 @@ class TypingTimerManager {
   /// Ends every indicator (shutdown); returns how many.
   std::size_t clearAll();
 
+  /// True while `user` (a user id, never an anonymous session) types there.
   bool isTyping(std::string_view user, std::string_view thread) const;
   /// A last attempt (shutdown): tries the pending persistence calls in order
   /// now, ignoring backoff, until one fails (or none is left; if a call is
