@@ -85,7 +85,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Session(Gateway& gw, beast::tcp_stream&& stream)
       : gw_(gw), ws_(std::move(stream)), ex_(ws_.get_executor()) {}
 
-  void start(http::request<http::empty_body> req);
+  void start(http::request<http::string_body> req);
 
   // Thread-safe: post to the session's strand.
   void postSend(std::string msg) {
@@ -325,7 +325,11 @@ class Gateway {
   std::unique_ptr<roomkeeper::SyncKeeper> keeper_;  // last: goes first
 };
 
-// ---- Plain HTTP (GET /metrics, GET /stats) and the upgrade ----------------
+// ---- Plain HTTP (GET /metrics, /stats, /healthz) and the upgrade -----------
+
+/// A request body is read (so that the answer is not lost to a reset) and
+/// ignored; a larger one gets 413.
+constexpr std::uint64_t kMaxHttpBody = 16 * 1024;
 
 class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
  public:
@@ -336,6 +340,7 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
     stream_.expires_after(std::chrono::seconds(10));
     parser_.emplace();
     parser_->header_limit(8 * 1024);
+    parser_->body_limit(kMaxHttpBody);
     http::async_read(
         stream_, buffer_, *parser_,
         beast::bind_front_handler(&HttpConnection::onRead, shared_from_this()));
@@ -343,46 +348,85 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
 
  private:
   void onRead(beast::error_code ec, std::size_t) {
-    if (ec) return;  // closed, timed out or malformed: drop it
-    http::request<http::empty_body> req = parser_->release();
+    if (ec) return onReadError(ec);
+    http::request<http::string_body> req = parser_->release();
+    // The query string is not part of the route: /stats?x=1 is /stats.
     const beast::string_view target = req.target();
+    const beast::string_view path = target.substr(0, target.find('?'));
+    head_ = req.method() == http::verb::head;
+    version_ = req.version();
     if (websocket::is_upgrade(req)) {
-      if (target != "/" && target != "/ws")
-        return respond(req, http::status::not_found, "text/plain", "not found\n");
+      if (path != "/" && path != "/ws")
+        return respond(http::status::not_found, "text/plain", "not found\n");
       stream_.expires_never();  // the WebSocket stream keeps its own timeouts
       std::make_shared<Session>(gw_, std::move(stream_))->start(std::move(req));
       return;
     }
-    if (req.method() != http::verb::get)
-      return respond(req, http::status::method_not_allowed, "text/plain", "GET only\n");
-    if (target == "/metrics")
-      return respond(req, http::status::ok, "text/plain; version=0.0.4; charset=utf-8",
+    if (req.method() != http::verb::get && !head_)
+      return respond(http::status::method_not_allowed, "text/plain", "GET or HEAD\n");
+    if (path == "/metrics")
+      return respond(http::status::ok, "text/plain; version=0.0.4; charset=utf-8",
                      gw_.metricsText());
-    if (target == "/stats")
-      return respond(req, http::status::ok, "application/json", gw_.statsJson() + "\n");
-    if (target == "/healthz") return respond(req, http::status::ok, "text/plain", "ok\n");
-    respond(req, http::status::not_found, "text/plain", "not found\n");
+    if (path == "/stats")
+      return respond(http::status::ok, "application/json", gw_.statsJson() + "\n");
+    if (path == "/healthz") return respond(http::status::ok, "text/plain", "ok\n");
+    respond(http::status::not_found, "text/plain", "not found\n");
   }
 
-  void respond(const http::request<http::empty_body>& req, http::status status,
-               const char* type, std::string body) {
-    auto res = std::make_shared<http::response<http::string_body>>(status, req.version());
+  /// A request Beast could not parse gets a 4xx; a peer that went away or
+  /// stayed silent past the deadline gets nothing.
+  void onReadError(beast::error_code ec) {
+    if (ec.category() != http::make_error_code(http::error::end_of_stream).category() ||
+        ec == http::error::end_of_stream || ec == http::error::partial_message)
+      return;
+    if (parser_->is_header_done()) version_ = parser_->get().version();
+    if (ec == http::error::body_limit)
+      return respond(http::status::payload_too_large, "text/plain", "body too large\n");
+    if (ec == http::error::header_limit)
+      return respond(http::status::request_header_fields_too_large, "text/plain",
+                     "header too large\n");
+    respond(http::status::bad_request, "text/plain", "bad request\n");
+  }
+
+  /// Writes the response (headers only for HEAD), then closes politely: our
+  /// side first, then whatever the peer still sends is read and discarded
+  /// until it closes too (at most 2 s), so that the kernel never answers
+  /// unread input with a reset that would destroy the response in flight.
+  void respond(http::status status, const char* type, std::string body) {
+    auto res = std::make_shared<http::response<http::string_body>>(status, version_);
     res->set(http::field::server, "roomkeeper-dispatch");
     res->set(http::field::content_type, type);
+    if (status == http::status::method_not_allowed)
+      res->set(http::field::allow, "GET, HEAD");
     res->keep_alive(false);
     res->body() = std::move(body);
-    res->prepare_payload();
+    res->prepare_payload();  // Content-Length of the body a GET would get
+    if (head_) res->body().clear();
     http::async_write(
-        stream_, *res, [self = shared_from_this(), res](beast::error_code, std::size_t) {
+        stream_, *res,
+        [self = shared_from_this(), res](beast::error_code ec, std::size_t) {
+          if (ec) return;
           beast::error_code ignored;
           self->stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+          self->stream_.expires_after(std::chrono::seconds(2));
+          self->drain();
+        });
+  }
+  void drain() {
+    stream_.async_read_some(
+        asio::buffer(scratch_),
+        [self = shared_from_this()](beast::error_code ec, std::size_t) {
+          if (!ec) self->drain();
         });
   }
 
   Gateway& gw_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
-  std::optional<http::request_parser<http::empty_body>> parser_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  bool head_ = false;
+  unsigned version_ = 11;
+  char scratch_[4096];
 };
 
 void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
@@ -406,7 +450,7 @@ void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
 
 // ---- Session ---------------------------------------------------------------
 
-void Session::start(http::request<http::empty_body> req) {
+void Session::start(http::request<http::string_body> req) {
   websocket::stream_base::timeout t =
       websocket::stream_base::timeout::suggested(beast::role_type::server);
   t.handshake_timeout = std::chrono::seconds(5);  // also bounds the close handshake

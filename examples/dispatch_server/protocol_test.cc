@@ -18,6 +18,7 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/websocket.hpp>
 #include <chrono>
@@ -507,6 +508,111 @@ bool httpEndpoints() {
   return true;
 }
 
+/// What came back for a hand-written HTTP request: the status, the header
+/// block and every byte after it, read until the server closed.
+struct RawReply {
+  int status = 0;
+  std::string headers, body;
+};
+
+/// Sends `request` as it is and reads until EOF; nullopt (and gWhy) if the
+/// connection failed, was reset, or did not close within 3 s.
+std::optional<RawReply> rawHttp(const std::string& request) {
+  tcp::socket s(gIoc);
+  beast::error_code ec = asio::error::would_block;
+  s.async_connect(tcp::endpoint(asio::ip::make_address(gHost), gPort),
+                  [&](beast::error_code e) { ec = e; });
+  if (!runUntil([&] { return ec != asio::error::would_block; }, milliseconds(3000)) || ec)
+    return gWhy = "connect: " + ec.message(), std::nullopt;
+  // Write and read at once: a server that answers before it has read a
+  // large body must still get its answer through.
+  bool wrote = false, eof = false;
+  beast::error_code readEc;
+  std::string in;
+  char chunk[4096];
+  asio::async_write(s, asio::buffer(request),
+                    [&](beast::error_code, std::size_t) { wrote = true; });
+  std::function<void()> readMore = [&] {
+    s.async_read_some(asio::buffer(chunk), [&](beast::error_code e, std::size_t n) {
+      in.append(chunk, n);
+      if (e) {
+        readEc = e;
+        eof = true;
+        return;
+      }
+      readMore();
+    });
+  };
+  readMore();
+  const bool done = runUntil([&] { return eof && wrote; }, milliseconds(3000));
+  beast::error_code ignored;
+  s.close(ignored);
+  runUntil([&] { return eof && wrote; }, milliseconds(1000));
+  if (!done) return gWhy = "no EOF within 3 s, read " + in, std::nullopt;
+  if (readEc != asio::error::eof)
+    return gWhy = "read: " + readEc.message() + " after " + in, std::nullopt;
+  const auto split = in.find("\r\n\r\n");
+  if (in.rfind("HTTP/1.1 ", 0) != 0 || split == std::string::npos)
+    return gWhy = "not an HTTP response: " + in, std::nullopt;
+  return RawReply{std::atoi(in.c_str() + 9), in.substr(0, split + 2),
+                  in.substr(split + 4)};
+}
+
+std::string rawRequest(const std::string& method, const std::string& target,
+                       const std::string& body = "") {
+  std::string r =
+      method + " " + target + " HTTP/1.1\r\nHost: " + gHost + "\r\nConnection: close\r\n";
+  if (!body.empty() || method == "POST" || method == "PUT")
+    r += "Content-Type: application/json\r\nContent-Length: " +
+         std::to_string(body.size()) + "\r\n";
+  return r + "\r\n" + body;
+}
+
+bool hasHeader(const RawReply& r, const std::string& line) {
+  return r.headers.find("\r\n" + line + "\r\n") != std::string::npos;
+}
+
+bool httpMethodsAndQueries() {
+  // A body on a method that is not allowed: 405, not a dropped connection.
+  for (const char* method : {"POST", "PUT", "DELETE", "PATCH"}) {
+    auto r = rawHttp(rawRequest(method, "/stats", "{}"));
+    EXPECT(r);
+    gWhy = method;
+    EXPECT(r->status == 405);
+    EXPECT(hasHeader(*r, "Allow: GET, HEAD"));
+  }
+  // GET with a body: the body is ignored.
+  auto r = rawHttp(rawRequest("GET", "/stats", R"({"ignored":true})"));
+  EXPECT(r && r->status == 200);
+  EXPECT(json::parse(r->body, nullptr, false).contains("connectedClients"));
+  // HEAD: the headers a GET would get, no body at all.
+  r = rawHttp(rawRequest("HEAD", "/healthz"));
+  EXPECT(r && r->status == 200);
+  EXPECT(hasHeader(*r, "Content-Length: 3"));
+  EXPECT(r->body.empty());
+  r = rawHttp(rawRequest("HEAD", "/nope"));
+  EXPECT(r && r->status == 404 && r->body.empty());
+  // The query string does not change the route.
+  r = rawHttp(rawRequest("GET", "/stats?x=1"));
+  EXPECT(r && r->status == 200);
+  EXPECT(json::parse(r->body, nullptr, false).contains("serverSessions"));
+  r = rawHttp(rawRequest("GET", "/healthz?probe=1"));
+  EXPECT(r && r->status == 200 && r->body == "ok\n");
+  r = rawHttp(rawRequest("GET", "/metrics?name[]=x"));
+  EXPECT(r && r->status == 200);
+  EXPECT(r->body.find("dispatch_typing_rows ") != std::string::npos);
+  r = rawHttp(rawRequest("GET", "/nope?x=/stats"));
+  EXPECT(r && r->status == 404);
+  // A body over the limit (16 KiB): 413, and the answer survives the rest
+  // of the body still arriving.
+  r = rawHttp(rawRequest("POST", "/stats", std::string(1 << 20, 'x')));
+  EXPECT(r && r->status == 413);
+  // Not HTTP: 400.
+  r = rawHttp("HELLO THERE\r\n\r\n");
+  EXPECT(r && r->status == 400);
+  return true;
+}
+
 bool nothingLeft() {
   // Every connection above is closed (or dropped); the server must be back
   // to zero once it has noticed.
@@ -645,6 +751,8 @@ int main(int argc, char** argv) {
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
   run("typing relay, restart, stop, auto-clear, drop; messages", typingRelay);
   run("GET /stats, /metrics, 404", httpEndpoints);
+  run("HTTP: 405 (also with a body), GET with a body, HEAD, queries, 413, 400",
+      httpMethodsAndQueries);
   run("latency: login + 4 joins, and a burst of 4, p99 < 5 ms", requestRoundTrips);
   run("after all of it: /stats back to zero, no typing row", nothingLeft);
   if (gServerPid > 0)
