@@ -79,6 +79,7 @@ struct SessionRegistry::Impl {
   Result track(std::uint32_t s, std::string_view room);
   Result untrack(std::uint32_t s, std::string_view room);
   void removeMembership(std::uint32_t s, std::uint32_t pos);
+  void leaveRoomSide(std::uint32_t s, detail::Entry e) noexcept;
   std::size_t clearRooms(std::uint32_t s);
   Result disconnect(std::uint32_t s);
   void finishDisconnect(std::uint32_t s);

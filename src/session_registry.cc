@@ -374,14 +374,13 @@ Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
   }
 }
 
-void SessionRegistry::Impl::removeMembership(std::uint32_t s, std::uint32_t pos) {
-  SessionSlot& ss = sessionSlots[s];
-  const Entry e = ss.rooms[pos];
+void SessionRegistry::Impl::leaveRoomSide(std::uint32_t s, Entry e) noexcept {
+  // The room side of one membership: events, the room's member list, the
+  // room itself if it empties. The session's own list is the caller's.
   const std::uint32_t r = e.slot;
   RoomSlot& rs = roomSlots[r];
   if (wantMembershipEvents)
-    pushEvent(EventKind::kMembershipEnded, ss.name.view(), rs.name.view());
-
+    pushEvent(EventKind::kMembershipEnded, sessionSlots[s].name.view(), rs.name.view());
   // Swap-remove from the room's member list, fixing the mirror entry.
   const std::uint32_t lastR = rs.members.size() - 1;
   if (e.pos != lastR) {
@@ -390,17 +389,7 @@ void SessionRegistry::Impl::removeMembership(std::uint32_t s, std::uint32_t pos)
     sessionSlots[moved.slot].rooms[moved.pos].pos = e.pos;
   }
   rs.members.pop(&bytes);
-  // Swap-remove from the session's room list.
-  const std::uint32_t lastS = ss.rooms.size() - 1;
-  if (pos != lastS) {
-    const Entry moved = ss.rooms[lastS];
-    ss.rooms[pos] = moved;
-    roomSlots[moved.slot].members[moved.pos].pos = pos;
-  }
-  ss.rooms.pop(&bytes);
   --memberships;
-  if (ss.rooms.empty()) --sessionsWithRooms;
-
   if (rs.members.empty()) {
     if (cb.roomDeleted) pushEvent(EventKind::kRoomDeleted, {}, rs.name.view());
     roomIndex.erase(r);
@@ -413,6 +402,23 @@ void SessionRegistry::Impl::removeMembership(std::uint32_t s, std::uint32_t pos)
       roomIndex.swap(fresh);
     }
   }
+}
+
+void SessionRegistry::Impl::removeMembership(std::uint32_t s, std::uint32_t pos) {
+  const Entry e = sessionSlots[s].rooms[pos];
+  leaveRoomSide(s, e);
+  // The session's list keeps join order (socket.io's): the rooms after
+  // `pos` move up one, and their mirrors in the rooms are told. O(rooms of
+  // the session after pos), bounded by Limits::maxRoomsPerSession.
+  detail::EntryList& mine = sessionSlots[s].rooms;
+  const std::uint32_t n = mine.size();
+  for (std::uint32_t i = pos + 1; i < n; ++i) {
+    const Entry moved = mine[i];
+    mine[i - 1] = moved;
+    roomSlots[moved.slot].members[moved.pos].pos = i - 1;
+  }
+  mine.pop(&bytes);
+  if (mine.empty()) --sessionsWithRooms;
 }
 
 Result SessionRegistry::Impl::untrack(std::uint32_t s, std::string_view room) {
@@ -454,11 +460,13 @@ std::size_t SessionRegistry::Impl::clearRooms(std::uint32_t s) {
       __builtin_prefetch(&sessionSlots[moved.slot].rooms[moved.pos], 1);
     }
   }
-  std::size_t n = 0;
-  while (!sessionSlots[s].rooms.empty()) {
-    removeMembership(s, sessionSlots[s].rooms.size() - 1);
-    ++n;
-  }
+  // In join order, as socket.io leaves them; the session's own list is
+  // released in one go at the end.
+  const std::uint32_t n = sessionSlots[s].rooms.size();
+  if (n == 0) return 0;
+  for (std::uint32_t i = 0; i < n; ++i) leaveRoomSide(s, sessionSlots[s].rooms[i]);
+  sessionSlots[s].rooms.release(&bytes);
+  --sessionsWithRooms;
   return n;
 }
 
@@ -523,6 +531,15 @@ std::size_t SessionRegistry::Impl::forEachTarget(
     if (s != kNone) sessionSlots[s].mark = excluded;
   }
   std::vector<SessionHandle> chosen;
+  if (targets.rooms.empty()) {
+    // No room named: every session (socket.io's io.emit / io.except().emit).
+    chosen.reserve(sessionIndex.size());
+    for (const std::uint32_t s : sessionIndex) {
+      const SessionSlot& ss = sessionSlots[s];
+      if (ss.state == SessionState::kLive && ss.mark != excluded)
+        chosen.push_back(SessionHandle{s, ss.generation});
+    }
+  }
   for (std::string_view room : targets.rooms) {
     const std::uint32_t r = findRoom(room);
     if (r == kNone) continue;

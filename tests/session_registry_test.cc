@@ -478,15 +478,37 @@ TEST_CASE("broadcast: union of rooms, deduplicated, minus except and sender",
     CHECK(reg.broadcast(t, "e", "p") == 3);
     CHECK(rec.emits == 6);
   }
-  SECTION("every target excluded, no rooms") {
+  SECTION("every target excluded") {
     BroadcastTargets t;
     t.rooms = {"r1"};
     t.except = {"r1"};
     CHECK(reg.broadcast(t, "e", "p") == 0);
-    t.rooms.clear();
-    t.except.clear();
-    CHECK(reg.broadcast(t, "e", "p") == 0);
     CHECK(rec.emits == 0);
+  }
+  SECTION("no rooms named: every session, as socket.io's io.emit") {
+    BroadcastTargets t;
+    CHECK(reg.broadcast(t, "all", "p") == 6);
+    CHECK(sorted(rec.take()) == Strings{"emit:a:all:p", "emit:b:all:p", "emit:c:all:p",
+                                        "emit:d:all:p", "emit:e:all:p", "emit:f:all:p"});
+    // io.except("r2").emit(...), and from a sender (socket.broadcast.emit).
+    t.except = {"r2"};
+    t.sender = "a";
+    CHECK(reg.broadcast(t, "all", "p") == 2);
+    CHECK(sorted(rec.take()) == Strings{"emit:b:all:p", "emit:f:all:p"});
+  }
+  SECTION("rooms are left in join order, as socket.io leaves them") {
+    REQUIRE(reg.trackRoom("a", "x1") == Result::kOk);
+    REQUIRE(reg.trackRoom("a", "x2") == Result::kOk);
+    REQUIRE(reg.trackRoom("a", "x3") == Result::kOk);
+    REQUIRE(reg.untrackRoom("a", "x1") == Result::kOk);  // from the middle
+    REQUIRE(reg.trackRoom("a", "x4") == Result::kOk);
+    CHECK(reg.roomsOf("a") == Strings{"r1", "x2", "x3", "x4"});
+    rec.take();
+    CHECK(reg.clearRoomTracking("a") == 4);
+    Strings leaves;
+    for (const std::string& e : rec.take())
+      if (e.rfind("leave:", 0) == 0) leaves.push_back(e);
+    CHECK(leaves == Strings{"leave:a:r1", "leave:a:x2", "leave:a:x3", "leave:a:x4"});
   }
   SECTION("consecutive broadcasts do not leak de-duplication marks") {
     BroadcastTargets t1;

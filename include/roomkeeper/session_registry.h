@@ -51,7 +51,8 @@
 //
 // Complexity: connect, disconnect's per-room work, trackRoom, untrackRoom,
 // isMember are O(1) expected (isMember and trackRoom scan the shorter of the
-// session's room list and the room's member list; the session side is
+// session's room list and the room's member list, and untrackRoom moves the
+// session's later rooms up one to keep join order; the session side is
 // bounded by Limits::maxRoomsPerSession). clearRoomTracking and disconnect
 // are O(rooms of that session). getMemoryStats is O(1).
 #ifndef ROOMKEEPER_SESSION_REGISTRY_H_
@@ -122,7 +123,8 @@ struct RegistryStats {
 };
 
 /// Who receives a broadcast, with socket.io's semantics: the union of
-/// `rooms` (each session once), minus every member of an `except` room,
+/// `rooms` (each session once) -- every connected session when `rooms` is
+/// empty (socket.io's io.emit) --, minus every member of an `except` room,
 /// minus `sender` (may be empty).
 struct BroadcastTargets {
   std::vector<std::string_view> rooms;
@@ -183,7 +185,8 @@ class SessionRegistry {
   Result untrackRoom(SessionHandle session, std::string_view room);
 
   /// Leaves every room of the session; the session stays connected. Returns
-  /// how many rooms were left (0 for an unknown session). O(its rooms).
+  /// how many rooms were left (0 for an unknown session). Rooms are left in
+  /// the order they were joined (socket.io's), as by disconnect. O(its rooms).
   std::size_t clearRoomTracking(std::string_view session);
   std::size_t clearRoomTracking(SessionHandle session);
 
