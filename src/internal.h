@@ -349,6 +349,8 @@ class EventQueue {
   void countDropped() noexcept { ++dropped_; }
   std::uint64_t dropped() const noexcept { return dropped_; }
   bool empty() const noexcept { return events_.empty(); }
+  /// True while drain() delivers (a callback is running).
+  bool running() const noexcept { return running_; }
   std::vector<Event> take() {
     std::vector<Event> out;
     out.swap(events_);

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 #include "roomkeeper/keeper.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <type_traits>
 #include <utility>
@@ -357,7 +359,15 @@ MemoryStats Keeper::Impl::stats() const noexcept {
 Keeper::Keeper() : Keeper(KeeperCallbacks{}) {}
 Keeper::Keeper(KeeperCallbacks callbacks, KeeperOptions options)
     : impl_(std::make_unique<Impl>(std::move(callbacks), std::move(options))) {}
-Keeper::~Keeper() = default;
+Keeper::~Keeper() {
+  if (impl_ && impl_->reg.events.running()) {
+    std::fputs(
+        "roomkeeper: a Keeper was destroyed from inside one of its own callbacks; "
+        "destroy it after the call that runs the callback returns. Aborting.\n",
+        stderr);
+    std::abort();
+  }
+}
 
 Result Keeper::connect(std::string_view session) { return connect(session, nullptr); }
 Result Keeper::connect(std::string_view session, SessionHandle* handle) {
@@ -455,6 +465,14 @@ Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
 }
 Result Keeper::untrackRoom(SessionHandle session, std::string_view room) {
   return untrackRoomImpl(session, room);
+}
+std::size_t Keeper::clearRoomTracking(SessionHandle session) {
+  if (impl_->shut || impl_->busy()) return 0;
+  const std::uint32_t s = impl_->reg.fromHandle(session);
+  if (s == detail::kNone) return 0;
+  const std::size_t n = impl_->reg.clearRooms(s);
+  impl_->reg.flush();
+  return n;
 }
 std::size_t Keeper::clearRoomTracking(std::string_view session) {
   if (impl_->shut || impl_->busy()) return 0;

@@ -598,28 +598,33 @@ SessionRegistry::SessionRegistry(SessionRegistry&&) noexcept = default;
 SessionRegistry& SessionRegistry::operator=(SessionRegistry&&) noexcept = default;
 
 Result SessionRegistry::connect(std::string_view session, std::string_view user) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const Result r = impl_->connect(session, user, nullptr);
   impl_->flush();
   return r;
 }
 Result SessionRegistry::connect(std::string_view session, std::string_view user,
                                 SessionHandle* handle) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const Result r = impl_->connect(session, user, handle);
   impl_->flush();
   return r;
 }
 Result SessionRegistry::bindUser(std::string_view session, std::string_view user) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const Result r = impl_->bindUser(session, user);
   impl_->flush();
   return r;
 }
 Result SessionRegistry::disconnect(std::string_view session) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   if (impl_->iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
   const Result r = impl_->disconnect(impl_->findSession(session));
   impl_->flush();
   return r;
 }
 Result SessionRegistry::disconnect(SessionHandle session) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   if (impl_->iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
   const std::uint32_t s = impl_->fromHandle(session);
   if (s == kNone) return Result::kStaleHandle;
@@ -628,11 +633,13 @@ Result SessionRegistry::disconnect(SessionHandle session) {
   return r;
 }
 Result SessionRegistry::trackRoom(std::string_view session, std::string_view room) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const Result r = impl_->track(impl_->findSession(session), room);
   impl_->flush();
   return r;
 }
 Result SessionRegistry::trackRoom(SessionHandle session, std::string_view room) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->fromHandle(session);
   if (s == kNone) return Result::kStaleHandle;
   const Result r = impl_->track(s, room);
@@ -640,11 +647,13 @@ Result SessionRegistry::trackRoom(SessionHandle session, std::string_view room) 
   return r;
 }
 Result SessionRegistry::untrackRoom(std::string_view session, std::string_view room) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const Result r = impl_->untrack(impl_->findSession(session), room);
   impl_->flush();
   return r;
 }
 Result SessionRegistry::untrackRoom(SessionHandle session, std::string_view room) {
+  if (!impl_) return Result::kShutDown;  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->fromHandle(session);
   if (s == kNone) return Result::kStaleHandle;
   const Result r = impl_->untrack(s, room);
@@ -652,6 +661,7 @@ Result SessionRegistry::untrackRoom(SessionHandle session, std::string_view room
   return r;
 }
 std::size_t SessionRegistry::clearRoomTracking(std::string_view session) {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
   const std::uint32_t s = impl_->findSession(session);
   if (s == kNone) return 0;
@@ -660,6 +670,7 @@ std::size_t SessionRegistry::clearRoomTracking(std::string_view session) {
   return n;
 }
 std::size_t SessionRegistry::clearRoomTracking(SessionHandle session) {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
   const std::uint32_t s = impl_->fromHandle(session);
   if (s == kNone) return 0;
@@ -668,6 +679,7 @@ std::size_t SessionRegistry::clearRoomTracking(SessionHandle session) {
   return n;
 }
 std::size_t SessionRegistry::clear() {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   if (impl_->iterating.load(std::memory_order_relaxed) > 0) return 0;
   const std::size_t n = impl_->clearAll();
   impl_->flush();
@@ -675,46 +687,56 @@ std::size_t SessionRegistry::clear() {
 }
 
 bool SessionRegistry::isConnected(std::string_view session) const {
+  if (!impl_) return false;  // moved-from: holds nothing, refuses everything
   return impl_->findSession(session) != kNone;
 }
 bool SessionRegistry::isConnected(SessionHandle session) const {
+  if (!impl_) return false;  // moved-from: holds nothing, refuses everything
   return impl_->fromHandle(session) != kNone;
 }
 SessionHandle SessionRegistry::handleOf(std::string_view session) const {
+  if (!impl_) return {};  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->findSession(session);
   if (s == kNone) return {};
   return SessionHandle{s, impl_->sessionSlots[s].generation};
 }
 std::string_view SessionRegistry::idOf(SessionHandle session) const {
+  if (!impl_) return {};  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->fromHandle(session);
   return s == kNone ? std::string_view() : impl_->sessionSlots[s].name.view();
 }
 std::string_view SessionRegistry::userOf(std::string_view session) const {
+  if (!impl_) return {};  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->findSession(session);
   if (s == kNone) return {};
   const std::uint32_t u = impl_->sessionSlots[s].user;
   return u == kNone ? std::string_view() : impl_->userSlots[u].name.view();
 }
 bool SessionRegistry::isMember(std::string_view session, std::string_view room) const {
+  if (!impl_) return false;  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->findSession(session);
   if (s == kNone) return false;
   const std::uint32_t r = impl_->findRoom(room);
   return r != kNone && impl_->isMember(s, r);
 }
 std::size_t SessionRegistry::roomSize(std::string_view room) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t r = impl_->findRoom(room);
   return r == kNone ? 0 : impl_->roomSlots[r].members.size();
 }
 std::size_t SessionRegistry::roomCount(std::string_view session) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->findSession(session);
   return s == kNone ? 0 : impl_->sessionSlots[s].rooms.size();
 }
 bool SessionRegistry::roomExists(std::string_view room) const {
+  if (!impl_) return false;  // moved-from: holds nothing, refuses everything
   return impl_->findRoom(room) != kNone;
 }
 
 std::size_t SessionRegistry::forEachMemberImpl(
     std::string_view room, detail::FunctionRef<void(std::string_view)> visit) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t r = impl_->findRoom(room);
   if (r == kNone) return 0;
   IterGuard guard(impl_->iterating);
@@ -726,6 +748,7 @@ std::size_t SessionRegistry::forEachMemberImpl(
 }
 std::size_t SessionRegistry::forEachRoomOfImpl(
     std::string_view session, detail::FunctionRef<void(std::string_view)> visit) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t s = impl_->findSession(session);
   if (s == kNone) return 0;
   IterGuard guard(impl_->iterating);
@@ -737,6 +760,7 @@ std::size_t SessionRegistry::forEachRoomOfImpl(
 }
 std::size_t SessionRegistry::forEachSessionOfUserImpl(
     std::string_view user, detail::FunctionRef<void(std::string_view)> visit) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t u = impl_->findUser(user);
   if (u == kNone) return 0;
   IterGuard guard(impl_->iterating);
@@ -748,6 +772,7 @@ std::size_t SessionRegistry::forEachSessionOfUserImpl(
 }
 std::size_t SessionRegistry::forEachSessionImpl(
     detail::FunctionRef<void(std::string_view)> visit) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   IterGuard guard(impl_->iterating);
   std::size_t n = 0;
   for (std::uint32_t s : impl_->sessionIndex) {
@@ -758,6 +783,7 @@ std::size_t SessionRegistry::forEachSessionImpl(
 }
 std::size_t SessionRegistry::forEachTargetImpl(
     const BroadcastTargets& targets, detail::FunctionRef<void(std::string_view)> visit) {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::size_t n = impl_->forEachTarget(targets, visit);
   impl_->flush();
   return n;
@@ -779,6 +805,7 @@ std::vector<std::string> SessionRegistry::sessionsOfUser(std::string_view user) 
   return out;
 }
 std::size_t SessionRegistry::sessionCountOfUser(std::string_view user) const {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   const std::uint32_t u = impl_->findUser(user);
   return u == kNone ? 0 : impl_->userSlots[u].sessions.size();
 }
@@ -786,6 +813,7 @@ std::size_t SessionRegistry::sessionCountOfUser(std::string_view user) const {
 std::size_t SessionRegistry::broadcast(const BroadcastTargets& targets,
                                        std::string_view event,
                                        std::string_view payload) {
+  if (!impl_) return 0;  // moved-from: holds nothing, refuses everything
   if (!impl_->cb.emit) return 0;
   Impl& im = *impl_;
   const std::size_t n = im.forEachTarget(targets, [&](std::string_view s) {
@@ -800,6 +828,7 @@ std::size_t SessionRegistry::broadcast(const BroadcastTargets& targets,
 }
 
 RegistryStats SessionRegistry::getMemoryStats() const noexcept {
+  if (!impl_) return {};  // moved-from: holds nothing, refuses everything
   RegistryStats st;
   st.sessions = impl_->sessionIndex.size();
   st.users = impl_->userIndex.size();
@@ -810,6 +839,9 @@ RegistryStats SessionRegistry::getMemoryStats() const noexcept {
   st.callbackErrors = impl_->callbackErrors;
   return st;
 }
-const Limits& SessionRegistry::limits() const noexcept { return impl_->limits; }
+const Limits& SessionRegistry::limits() const noexcept {
+  static const Limits kDefaults{};
+  return impl_ ? impl_->limits : kDefaults;
+}
 
 }  // namespace roomkeeper

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -22,6 +24,9 @@ namespace {
 // on the driver thread neither joins itself nor waits for a stopDriver()
 // that is joining it.
 thread_local const void* tDriverOf = nullptr;
+// How many deliveries of which SyncKeeper run on this thread's stack.
+thread_local const void* tDeliveringFor = nullptr;
+thread_local int tDeliveringDepth = 0;
 }  // namespace
 
 struct SyncKeeper::Impl {
@@ -72,6 +77,19 @@ struct SyncKeeper::Impl {
     }
   }
   void deliver(std::vector<detail::Event>& events) {
+    if (events.empty()) return;
+    struct Mark {
+      const void* prev;
+      int prevDepth;
+      explicit Mark(const void* self) : prev(tDeliveringFor), prevDepth(tDeliveringDepth) {
+        tDeliveringFor = self;
+        tDeliveringDepth = 1;
+      }
+      ~Mark() {
+        tDeliveringFor = prev;
+        tDeliveringDepth = prevDepth;
+      }
+    } mark(this);
     for (detail::Event& ev : events) {
       if (ev.kind == static_cast<std::uint8_t>(EventKind::kCustom)) {
         try {
@@ -235,7 +253,16 @@ struct SyncKeeper::Impl {
 
 SyncKeeper::SyncKeeper(KeeperCallbacks callbacks, KeeperOptions options)
     : impl_(std::make_unique<Impl>(std::move(callbacks), std::move(options))) {}
-SyncKeeper::~SyncKeeper() { stopDriver(); }
+SyncKeeper::~SyncKeeper() {
+  if (tDriverOf == impl_.get() || tDeliveringFor == impl_.get()) {
+    std::fputs(
+        "roomkeeper: a SyncKeeper was destroyed from inside one of its own callbacks "
+        "(or on its driver thread); destroy it after the call returns. Aborting.\n",
+        stderr);
+    std::abort();
+  }
+  stopDriver();
+}
 
 Result SyncKeeper::connect(std::string_view s) {
   return impl_->run([&] { return impl_->keeper.connect(s); });
@@ -322,6 +349,27 @@ std::size_t SyncKeeper::broadcast(const BroadcastTargets& t, std::string_view e,
 }
 std::size_t SyncKeeper::advance() {
   return impl_->run([&] { return impl_->keeper.advance(); });
+}
+std::size_t SyncKeeper::clearRoomTracking(SessionHandle s) {
+  return impl_->run([&] { return impl_->keeper.clearRoomTracking(s); });
+}
+SessionHandle SyncKeeper::handleOf(std::string_view s) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.handleOf(s);
+}
+std::size_t SyncKeeper::advance(SteadyTime now, std::size_t maxFire) {
+  return impl_->run([&] { return impl_->keeper.advance(now, maxFire); });
+}
+std::size_t SyncKeeper::checkThresholds() {
+  return impl_->run([&] { return impl_->keeper.checkThresholds(); });
+}
+std::vector<std::string> SyncKeeper::roomsOf(std::string_view s) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.registry().roomsOf(s);
+}
+std::vector<std::string> SyncKeeper::membersOf(std::string_view r) const {
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  return impl_->keeper.registry().membersOf(r);
 }
 std::optional<SteadyTime> SyncKeeper::nextDeadline() const {
   std::lock_guard<std::recursive_mutex> g(impl_->mu);

@@ -597,3 +597,47 @@ TEST_CASE("shutdown waits for a persistence call in flight, then delivers the re
                                            "typing_stopped_all:u1:"});
   CHECK(sk.getMemoryStats().bytes == 0);
 }
+
+#include <sys/wait.h>
+#include <unistd.h>
+TEST_CASE("destroying a SyncKeeper on its driver thread is refused loudly",
+          "[concurrency][hardening]") {
+#if defined(__SANITIZE_THREAD__)
+  return;  // ThreadSanitizer does not follow a fork that starts threads
+#endif
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::freopen("/dev/null", "w", stderr);
+    SyncKeeper* sk = nullptr;
+    KeeperCallbacks cb;
+    cb.closeSession = [&](std::string_view, std::string_view) { delete sk; };
+    KeeperOptions opt;
+    opt.authTimeout = Millis(1);
+    sk = new SyncKeeper(cb, opt);
+    (void)sk->connect("s1");
+    (void)sk->startDriver();
+    std::this_thread::sleep_for(2s);  // the driver times s1 out and aborts
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGABRT);
+}
+
+TEST_CASE("SyncKeeper has the handle, query and bounded-advance calls",
+          "[concurrency][hardening]") {
+  KeeperOptions opt;
+  SyncKeeper sk({}, opt);
+  roomkeeper::SessionHandle h;
+  REQUIRE(sk.connectAuthenticated("s1", "u1", &h) == Result::kOk);
+  CHECK(sk.handleOf("s1") == h);
+  REQUIRE(sk.trackRoom(h, "a") == Result::kOk);
+  REQUIRE(sk.trackRoom(h, "b") == Result::kOk);
+  CHECK(sk.roomsOf("s1") == std::vector<std::string>{"a", "b"});
+  CHECK(sk.membersOf("a") == std::vector<std::string>{"s1"});
+  CHECK(sk.clearRoomTracking(h) == 2);
+  CHECK(sk.roomsOf("s1").empty());
+  CHECK(sk.advance(std::chrono::steady_clock::now(), 1) == 0);
+  CHECK(sk.checkThresholds() == 0);
+}

@@ -1395,3 +1395,58 @@ TEST_CASE("shutdown's report says why it did nothing", "[keeper][hardening]") {
   CHECK(first.sessionsClosed == 1);
   CHECK(k.shutdown().result == Result::kShutDown);
 }
+
+// Runs `f` in a child process; true if the child died of SIGABRT.
+#include <sys/wait.h>
+#include <unistd.h>
+static bool abortsInChild(const std::function<void()>& f) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::freopen("/dev/null", "w", stderr);
+    f();
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
+TEST_CASE("destroying a Keeper from its own callback is refused loudly",
+          "[keeper][hardening]") {
+  CHECK(abortsInChild([] {
+    Keeper* k = nullptr;
+    KeeperCallbacks cb;
+    cb.closeSession = [&](std::string_view, std::string_view) { delete k; };
+    k = new Keeper(cb);
+    (void)k->connectAuthenticated("s1", "u1");
+    (void)k->shutdown();
+  }));
+  // Destroyed after the call returns: fine.
+  CHECK_FALSE(abortsInChild([] {
+    auto k = std::make_unique<Keeper>();
+    (void)k->connectAuthenticated("s1", "u1");
+    (void)k->shutdown();
+    k.reset();
+  }));
+}
+
+TEST_CASE("a moved-from registry is empty and refuses, never crashes",
+          "[keeper][hardening]") {
+  roomkeeper::SessionRegistry a;
+  REQUIRE(a.connect("s1", "u1") == Result::kOk);
+  REQUIRE(a.trackRoom("s1", "r") == Result::kOk);
+  roomkeeper::SessionRegistry b(std::move(a));
+  CHECK(b.isMember("s1", "r"));
+  const roomkeeper::RegistryStats st = a.getMemoryStats();  // NOLINT: use after move
+  CHECK(st.sessions == 0);
+  CHECK(st.bytes == 0);
+  CHECK(a.connect("s2") == Result::kShutDown);
+  CHECK(a.trackRoom("s1", "r") == Result::kShutDown);
+  CHECK_FALSE(a.isConnected("s1"));
+  CHECK(a.roomsOf("s1").empty());
+  CHECK(a.forEachSession([](std::string_view) {}) == 0);
+  CHECK(a.clearRoomTracking("s1") == 0);
+  CHECK(a.limits().maxRoomsPerSession == roomkeeper::Limits{}.maxRoomsPerSession);
+  a = std::move(b);  // revived
+  CHECK(a.isMember("s1", "r"));
+}

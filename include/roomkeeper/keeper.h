@@ -148,6 +148,10 @@ class Keeper {
  public:
   Keeper();
   explicit Keeper(KeeperCallbacks callbacks, KeeperOptions options = {});
+  /// Destroying a Keeper from inside one of its own callbacks (closeSession
+  /// during shutdown, say) cannot be made safe -- the call that runs the
+  /// callback still needs the object -- so it is refused loudly: a message
+  /// on stderr, then std::abort(). Destroy it after the call returns.
   ~Keeper();
   Keeper(const Keeper&) = delete;
   Keeper& operator=(const Keeper&) = delete;
@@ -188,6 +192,7 @@ class Keeper {
   Result stopTyping(SessionHandle session, std::string_view thread);
   Result disconnect(SessionHandle session);
   Result forceCleanup(SessionHandle session);
+  std::size_t clearRoomTracking(SessionHandle session);
   /// The handle of a live session, or the null handle.
   SessionHandle handleOf(std::string_view session) const;
 

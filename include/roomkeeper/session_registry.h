@@ -137,6 +137,9 @@ class SessionRegistry {
   SessionRegistry();
   explicit SessionRegistry(RegistryCallbacks callbacks, Limits limits = {});
   ~SessionRegistry();
+  /// Moving hands everything over. The moved-from registry holds nothing
+  /// and is safe to use: queries answer as for an empty registry (stats all
+  /// 0), mutating calls return kShutDown; assigning to it revives it.
   SessionRegistry(SessionRegistry&&) noexcept;
   SessionRegistry& operator=(SessionRegistry&&) noexcept;
   SessionRegistry(const SessionRegistry&) = delete;

@@ -31,6 +31,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "roomkeeper/keeper.h"
 
@@ -39,6 +40,10 @@ namespace roomkeeper {
 class SyncKeeper {
  public:
   explicit SyncKeeper(KeeperCallbacks callbacks = {}, KeeperOptions options = {});
+  /// Stops the driver. Destroying a SyncKeeper from inside one of its own
+  /// callbacks (on the driver thread or any other) cannot be made safe --
+  /// the call running the callback still needs the object -- so it is
+  /// refused loudly: a message on stderr, then std::abort().
   ~SyncKeeper();
   SyncKeeper(const SyncKeeper&) = delete;
   SyncKeeper& operator=(const SyncKeeper&) = delete;
@@ -68,15 +73,23 @@ class SyncKeeper {
   Result stopTyping(SessionHandle session, std::string_view thread);
   Result disconnect(SessionHandle session);
   Result forceCleanup(SessionHandle session);
+  std::size_t clearRoomTracking(SessionHandle session);
+  SessionHandle handleOf(std::string_view session) const;
   std::size_t broadcast(const BroadcastTargets& targets, std::string_view event,
                         std::string_view payload);
   std::size_t advance();
+  std::size_t advance(SteadyTime now, std::size_t maxFire = static_cast<std::size_t>(-1));
   std::optional<SteadyTime> nextDeadline() const;
+  /// As Keeper::checkThresholds; the warnings are logged outside the lock.
+  std::size_t checkThresholds();
 
   /// Queries, under the lock.
   bool isConnected(std::string_view session) const;
   bool isMember(std::string_view session, std::string_view room) const;
   std::size_t roomSize(std::string_view room) const;
+  /// Copies, taken under the lock (views could not outlive it).
+  std::vector<std::string> roomsOf(std::string_view session) const;
+  std::vector<std::string> membersOf(std::string_view room) const;
   MemoryStats getMemoryStats() const;
   std::string prometheusText() const;
   std::string statsJson() const;
