@@ -141,6 +141,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::deque<std::string> outbox_;
   bool registered_ = false;      // in the map and connected to roomkeeper
   bool writing_ = false;         // an async_write is outstanding
+  bool reading_ = false;         // an async_read_some is outstanding
   bool closeRequested_ = false;  // a close waits behind the queued writes
   bool closing_ = false;         // async_close started
   bool finished_ = false;        // the read loop ended
@@ -460,7 +461,11 @@ void Session::start(http::request<http::string_body> req) {
   ws_.set_option(websocket::stream_base::decorator([](websocket::response_type& res) {
     res.set(http::field::server, "roomkeeper-dispatch");
   }));
-  ws_.read_message_max(gw_.options().maxMessageBytes);
+  // The size limit is ours (onRead), not Beast's: Beast answers a frame over
+  // its limit with close 1009 and then closes the socket with the rest of
+  // the frame unread, so the kernel resets the connection and the client,
+  // still writing, usually loses the close frame (1006).
+  ws_.read_message_max(0);
   tokens_ = 2 * gw_.options().rateLimit;
   refilled_ = Clock::now();
   ws_.async_accept(req,
@@ -483,12 +488,27 @@ void Session::onAccept(beast::error_code ec) {
 }
 
 void Session::doRead() {
-  ws_.async_read(buffer_,
-                 beast::bind_front_handler(&Session::onRead, shared_from_this()));
+  // At most one byte past the limit: enough to know a message is too big.
+  const std::size_t room = gw_.options().maxMessageBytes + 1 - buffer_.size();
+  reading_ = true;
+  ws_.async_read_some(buffer_, room,
+                      beast::bind_front_handler(&Session::onRead, shared_from_this()));
 }
 
 void Session::onRead(beast::error_code ec, std::size_t) {
+  reading_ = false;
   if (ec) return finish(ec);
+  if (buffer_.size() > gw_.options().maxMessageBytes) {
+    // Too big: no more reading here. The close handshake (doWrite's
+    // async_close) sends 1009, then reads and discards the rest of this
+    // frame and anything after it until the client's close frame arrives,
+    // so the client can read our close before the TCP connection goes.
+    // Beast bounds that with the handshake timeout (5 s).
+    buffer_.consume(buffer_.size());
+    return requestClose(
+        websocket::close_reason(websocket::close_code::too_big, "too_big"));
+  }
+  if (!ws_.is_message_done()) return doRead();
   const std::string text = beast::buffers_to_string(buffer_.data());
   buffer_.consume(buffer_.size());
   if (!closeRequested_ && !finished_) {  // closing: ignore the rest
@@ -510,12 +530,11 @@ void Session::finish(beast::error_code ec) {
   if (finished_) return;
   finished_ = true;
   if (registered_) {
-    // A close handshake (either side's), or a frame over the limit: the
-    // ordinary disconnect. Anything else (EOF or reset without a close
-    // frame, timeout): the transport lost it, so forceCleanup (same cleanup,
-    // counted in forcedCleanups).
-    const bool lost = ec != websocket::error::closed &&
-                      ec != websocket::error::message_too_big && !closeRequested_;
+    // A close handshake (either side's, including ours for a frame over the
+    // limit): the ordinary disconnect. Anything else (EOF or reset without a
+    // close frame, timeout): the transport lost it, so forceCleanup (same
+    // cleanup, counted in forcedCleanups).
+    const bool lost = ec != websocket::error::closed && !closeRequested_;
     const Result r = lost ? gw_.keeper().forceCleanup(id_) : gw_.keeper().disconnect(id_);
     (void)r;  // kNotConnected after an auth timeout, kShutDown after shutdown: fine
     gw_.removeSession(id_);
@@ -552,7 +571,10 @@ void Session::doWrite() {
     if (closeRequested_ && !closing_ && !finished_) {
       closing_ = true;
       ws_.async_close(closeReason_, [self = shared_from_this()](beast::error_code ec) {
-        if (ec) self->teardown();  // the read loop ends and cleans up
+        // With a read outstanding, the read loop ends (closed or failed)
+        // and cleans up; without one (a frame over the limit), here.
+        if (!self->reading_) return self->finish(websocket::error::closed);
+        if (ec) self->teardown();
       });
     }
     return;

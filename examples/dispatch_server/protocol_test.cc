@@ -374,16 +374,28 @@ bool badToken() {
   return true;
 }
 
+/// A frame over --max-message-bytes gets close 1009, also when it is many
+/// times the limit and the client is still writing it: the server has to
+/// read and discard the rest before it closes the TCP connection, or the
+/// client gets a reset (1006) instead of the close frame.
 bool oversizedFrame() {
-  Conn c;
-  EXPECT(c.open());
-  EXPECT(c.authenticate(user("u-big", "dispatcher")));
-  const std::string big = R"({"event":"message.send","data":{"threadId":"1","text":")" +
-                          std::string(70000, 'x') + "\"}}";
-  c.sendText(big);  // may fail half-way once the server has closed
-  const std::uint16_t code = c.waitClosed(milliseconds(3000));
-  gWhy = "close code " + std::to_string(code) + ", " + c.readError();
-  EXPECT(code == 1009);
+  for (const std::size_t size :
+       {std::size_t(70000), std::size_t(5) << 20, std::size_t(20) << 20}) {
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      Conn c;
+      EXPECT(c.open());
+      EXPECT(c.authenticate(user("u-big", "dispatcher")));
+      const std::string big =
+          R"({"event":"message.send","data":{"threadId":"1","text":")" +
+          std::string(size, 'x') + "\"}}";
+      const bool sent = c.sendText(big);
+      const std::uint16_t code = c.waitClosed(milliseconds(5000));
+      gWhy = std::to_string(size) + " bytes, attempt " + std::to_string(attempt) +
+             ": write " + (sent ? "completed" : "failed") + ", close code " +
+             std::to_string(code) + ", " + c.readError();
+      EXPECT(code == 1009);
+    }
+  }
   return true;
 }
 
@@ -657,14 +669,14 @@ std::string summary(std::vector<double>& v) {
   return line;
 }
 
-/// Latency on loopback, 50 connections one after the other: TCP connect,
+/// Latency on loopback, 100 connections one after the other: TCP connect,
 /// login and four joins, each reply awaited before the next request; then
 /// the four leaves sent at once. The second reply of a burst is written
 /// while the first is still unacknowledged: without TCP_NODELAY on the
 /// server's socket, Nagle's algorithm holds it until the client's delayed
-/// ACK (~40 ms on Linux).
+/// ACK (~40 ms on Linux), in every round. A shared two-core machine can
+/// stall any one round for a few ms, so the best of three rounds counts.
 bool requestRoundTrips() {
-  std::vector<double> login, burst;
   const std::vector<std::pair<std::string, json>> joins = {
       {"thread.subscribe", {{"threadId", "rtt"}}},
       {"subscribeToJob", {{"jobId", "rtt"}}},
@@ -677,29 +689,33 @@ bool requestRoundTrips() {
       {"unsubscribeFromAnalytics", {{"type", "rtt"}}},
       {"thread.unsubscribe", {{"threadId", "rtt2"}}},
   };
-  for (int round = 0; round < 50; ++round) {
-    Conn c;
-    const auto t0 = Clock::now();
-    EXPECT(c.open());
-    EXPECT(c.authenticate(user("u-rtt" + std::to_string(round), "dispatcher")));
-    for (const auto& [event, data] : joins) {
-      auto r = c.request(event, data);
-      EXPECT(r && (*r)["event"] == "ack");
+  gWhy.clear();
+  for (int round = 0; round < 3; ++round) {
+    std::vector<double> login, burst;
+    for (int i = 0; i < 100; ++i) {
+      Conn c;
+      const auto t0 = Clock::now();
+      EXPECT(c.open());
+      EXPECT(c.authenticate(user("u-rtt" + std::to_string(i), "dispatcher")));
+      for (const auto& [event, data] : joins) {
+        auto r = c.request(event, data);
+        EXPECT(r && (*r)["event"] == "ack");
+      }
+      login.push_back(msSince(t0));
+      const auto t1 = Clock::now();
+      auto replies = c.requestAll(leaves);
+      EXPECT(replies.size() == leaves.size());
+      for (const json& r : replies) EXPECT(r["event"] == "ack");
+      burst.push_back(msSince(t1));
+      c.closeCleanly();
     }
-    login.push_back(msSince(t0));
-    const auto t1 = Clock::now();
-    auto replies = c.requestAll(leaves);
-    EXPECT(replies.size() == leaves.size());
-    for (const json& r : replies) EXPECT(r["event"] == "ack");
-    burst.push_back(msSince(t1));
-    c.closeCleanly();
+    const std::string a = summary(login), b = summary(burst);
+    std::printf("     round %d: connect + login + 4 joins: %s\n", round + 1, a.c_str());
+    std::printf("     round %d: 4 leaves at once:          %s\n", round + 1, b.c_str());
+    if (quantile(login, 0.99) < 5.0 && quantile(burst, 0.99) < 5.0) return true;
+    gWhy += (gWhy.empty() ? "" : "; ") + ("login " + a + ", burst " + b);
   }
-  const std::string a = summary(login), b = summary(burst);
-  std::printf("     connect + login + 4 joins: %s\n     4 leaves at once: %s\n",
-              a.c_str(), b.c_str());
-  gWhy = "login " + a + "; burst " + b;
-  EXPECT(quantile(login, 0.99) < 5.0);
-  EXPECT(quantile(burst, 0.99) < 5.0);
+  EXPECT(!"p99 < 5 ms in one of three rounds");
   return true;
 }
 
@@ -745,7 +761,7 @@ int main(int argc, char** argv) {
   run("binary frame: error bad_frame", binaryFrame);
   run("typing and subscribing before auth: error not_authenticated", typingBeforeAuth);
   run("bad token: error auth_failed, close 4003", badToken);
-  run("oversized frame: close 1009", oversizedFrame);
+  run("oversized frames (68 KiB, 5 MB, 20 MB; 3 each): close 1009", oversizedFrame);
   run("flood: close 1008", flood);
   run("no authenticate: close 4001 at the deadline", authDeadline);
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
