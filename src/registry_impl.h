@@ -33,8 +33,13 @@ struct SessionSlot {  // 64 bytes
   std::uint32_t user = detail::kNone;
   std::uint32_t generation = 0;  // 0 while free
   std::uint32_t mark = 0;        // broadcast de-duplication stamp
-  SessionState state = SessionState::kFree;
+  // Position in the user's session list (O(1) unlink however many sessions
+  // a user has); 24 bits, so a user has at most kMaxUserSessions.
+  std::uint32_t userPos : 24;
+  SessionState state : 8;
+  SessionSlot() noexcept : userPos(0), state(SessionState::kFree) {}
 };
+inline constexpr std::size_t kMaxUserSessions = (std::size_t{1} << 24) - 1;
 static_assert(sizeof(SessionSlot) == 64, "a session slot is one cache line");
 struct RoomSlot {
   detail::Name name;

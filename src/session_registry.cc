@@ -234,8 +234,9 @@ Result SessionRegistry::Impl::linkUser(std::uint32_t s, std::string_view user,
       return Result::kOutOfMemory;
     }
     *newUser = true;
-  } else if (limits.maxSessionsPerUser != 0 &&
-             userSlots[u].sessions.size() >= limits.maxSessionsPerUser) {
+  } else if ((limits.maxSessionsPerUser != 0 &&
+              userSlots[u].sessions.size() >= limits.maxSessionsPerUser) ||
+             userSlots[u].sessions.size() >= kMaxUserSessions) {
     return Result::kTooManySessions;
   }
   UserSlot& us = userSlots[u];
@@ -247,7 +248,8 @@ Result SessionRegistry::Impl::linkUser(std::uint32_t s, std::string_view user,
     }
     return Result::kOutOfMemory;
   }
-  us.sessions.push(Entry{s, 0});
+  // Below kMaxUserSessions (checked above): fits the 24-bit field.
+  sessionSlots[s].userPos = us.sessions.push(Entry{s, 0}) & 0xFFFFFFu;
   sessionSlots[s].user = u;
   return Result::kOk;
 }
@@ -257,13 +259,13 @@ void SessionRegistry::Impl::unlinkUser(std::uint32_t s) {
   const std::uint32_t u = slot.user;
   if (u == kNone) return;
   UserSlot& us = userSlots[u];
-  // A user's sessions are few (Limits::maxSessionsPerUser): a scan is cheaper
-  // than keeping a back-pointer in every session slot.
+  // Swap-remove at the session's own position, fixing the moved session's.
+  const std::uint32_t pos = slot.userPos;
   const std::uint32_t last = us.sessions.size() - 1;
-  for (std::uint32_t pos = 0; pos <= last; ++pos) {
-    if (us.sessions[pos].slot != s) continue;
-    us.sessions[pos] = us.sessions[last];
-    break;
+  if (pos != last) {
+    const Entry moved = us.sessions[last];
+    us.sessions[pos] = moved;
+    sessionSlots[moved.slot].userPos = pos & 0xFFFFFFu;
   }
   us.sessions.pop(&bytes);
   slot.user = kNone;

@@ -2099,3 +2099,32 @@ TEST_CASE("randomized model test: the registry matches std::map/std::set",
 }
 
 }  // namespace
+
+TEST_CASE("a user with very many sessions (no per-user limit): each unlink is exact",
+          "[registry][hardening]") {
+  Limits limits;
+  limits.maxSessionsPerUser = 0;
+  SessionRegistry reg({}, limits);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i)
+    REQUIRE(reg.connect("s" + std::to_string(i), "busy-user") == Result::kOk);
+  CHECK(reg.sessionCountOfUser("busy-user") == static_cast<std::size_t>(n));
+  // Leave in a scrambled order; the user's list stays exactly the rest.
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = (i * 7919) % n;  // 7919 is prime: a permutation
+  for (int k = 0; k < n; ++k) {
+    REQUIRE(reg.disconnect("s" + std::to_string(order[k])) == Result::kOk);
+    if (k % 4999 == 0) {
+      const std::vector<std::string> left = reg.sessionsOfUser("busy-user");
+      REQUIRE(left.size() == static_cast<std::size_t>(n - k - 1));
+      std::set<std::string> unique(left.begin(), left.end());
+      CHECK(unique.size() == left.size());
+      for (int j = k + 1; j < std::min(n, k + 50); ++j)
+        CHECK(unique.count("s" + std::to_string(order[j])) == 1);
+    }
+  }
+  const RegistryStats st = reg.getMemoryStats();
+  CHECK(st.users == 0);
+  CHECK(st.sessions == 0);
+  CHECK(st.bytes == 0);
+}

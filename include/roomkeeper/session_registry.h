@@ -77,6 +77,7 @@ struct Limits {
   std::size_t maxRoomsPerSession = 128;  // kTooManyRooms (Centrifuge's 128)
   std::size_t maxIdLength = 255;         // kInvalidId, for session, user, room
   std::size_t maxSessionsPerUser = 64;   // kTooManySessions; 0 = unlimited
+                                         // (up to 16,777,215; O(1) unlink)
   std::size_t maxMembersPerRoom = 0;     // kRoomFull; 0 = unlimited
 };
 
