@@ -882,9 +882,19 @@ int runServer(const ServerOptions& opt) {
       st.connectedClients, st.typingTimers, st.trackedRooms, st.rooms,
       st.connectionTimers, left, static_cast<long long>(rows));
   std::fflush(stdout);
+  // serverSessions counts too: a connection still in the map had not
+  // finished its close handshake when the grace period ran out.
   const bool clean = st.connectedClients == 0 && st.typingTimers == 0 &&
                      st.trackedRooms == 0 && st.rooms == 0 && st.connectionTimers == 0 &&
-                     rows == 0;
+                     left == 0 && rows == 0;
+  if (!clean) {
+    std::printf(
+        "dispatch_server: exit status 2: something was left (every count above "
+        "should be 0; serverSessions are connections whose close had not finished "
+        "within the %ld ms grace)\n",
+        opt.shutdownGraceMs);
+    std::fflush(stdout);
+  }
   return clean ? 0 : 2;
 }
 

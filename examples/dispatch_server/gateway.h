@@ -28,7 +28,8 @@ struct ServerOptions {
 
 /// Opens the database, binds, prints "listening on <host>:<port>", serves
 /// until SIGINT/SIGTERM, then sends serverShutdown to every client, closes
-/// them and returns 0 (1 on a start-up error, 2 if something was left).
+/// them and returns 0 (1 on a start-up error, 2 if something was left,
+/// including a connection still open when the shutdown grace ran out).
 int runServer(const ServerOptions& options);
 
 }  // namespace dispatch

@@ -30,6 +30,8 @@ constexpr const char* kUsage =
     "  --max-message-bytes N     larger frames are closed with 1009 (65536)\n"
     "  --rate-limit N            messages per second per socket, burst 2N; 0 = off (50)\n"
     "  --stats-interval-ms N     log a stats line every N ms; 0 = off (0)\n"
+    "  --shutdown-grace-ms N     at SIGINT/SIGTERM, wait up to N ms for the\n"
+    "                            connections to close (3000); exit 2 if any is left\n"
     "  --verbose                 log roomkeeper's info lines too\n"
     "  --print-token USER:ROLE:CREW   print a demo token and exit\n";
 
@@ -94,6 +96,9 @@ int main(int argc, char** argv) {
     } else if (flag == "--rate-limit") {
       if (!number(0, 1000000)) return 1;
       opt.rateLimit = static_cast<double>(n);
+    } else if (flag == "--shutdown-grace-ms") {
+      if (!number(0, 600000)) return 1;
+      opt.shutdownGraceMs = n;
     } else if (flag == "--stats-interval-ms") {
       if (!number(0, 86400000)) return 1;
       opt.statsIntervalMs = n;

@@ -35,3 +35,13 @@ wait_exit() {
   fi
   wait "$server_pid" || server_status=$?
 }
+
+# http_get PORT PATH: prints the body of GET http://127.0.0.1:PORT/PATH,
+# with bash's /dev/tcp (no curl needed); prints nothing on failure.
+http_get() {
+  local reply
+  reply="$(exec 5<>"/dev/tcp/127.0.0.1/$1" &&
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$2" >&5 &&
+    timeout 5 cat <&5)" 2>/dev/null || return 0
+  printf '%s\n' "${reply#*$'\r\n\r\n'}"
+}
