@@ -28,7 +28,8 @@ trap cleanup EXIT
 
 : >"$tmp/server.log"  # exists before the loop below reads it
 "$server" --port 0 --threads 2 --db "$tmp/dispatch.db" \
-  --auth-timeout-ms 800 --typing-timeout-ms 400 "${extra[@]}" >"$tmp/server.log" 2>&1 &
+  --auth-timeout-ms 800 --typing-timeout-ms 400 --max-outbox 1024 "${extra[@]}" \
+  >"$tmp/server.log" 2>&1 &
 pid=$!
 if ! wait_for_port "$tmp/server.log" "$pid"; then
   echo "dispatch_e2e: the server did not start"; cat "$tmp/server.log"; exit 1

@@ -83,7 +83,7 @@ class Gateway;
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Gateway& gw, beast::tcp_stream&& stream)
-      : gw_(gw), ws_(std::move(stream)), ex_(ws_.get_executor()) {}
+      : gw_(gw), ws_(std::move(stream)), ex_(ws_.get_executor()), dropTimer_(ex_) {}
 
   void start(http::request<http::string_body> req);
 
@@ -136,6 +136,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Gateway& gw_;
   websocket::stream<beast::tcp_stream> ws_;
   const asio::any_io_executor ex_;  // the strand
+  asio::steady_timer dropTimer_;    // bounds the close of a peer that stopped reading
   beast::flat_buffer buffer_;
   std::string id_;
   std::deque<std::string> outbox_;
@@ -540,6 +541,7 @@ void Session::finish(beast::error_code ec) {
     gw_.removeSession(id_);
   }
   outbox_.clear();
+  dropTimer_.cancel();
   teardown();
 }
 
@@ -558,9 +560,25 @@ bool Session::takeToken() {
 void Session::send(std::string msg) {
   if (closeRequested_ || finished_) return;
   if (outbox_.size() >= gw_.options().maxOutbox) {
-    // A peer that does not read: drop it rather than buffer without bound.
-    std::fprintf(stderr, "dispatch_server: %s: send queue full, dropping\n", id_.c_str());
-    return teardown();
+    // A peer that does not read: close it rather than buffer without bound.
+    // What is queued is dropped, except the message being written (a frame
+    // cannot be cut); the close frame follows it, so the client, if it
+    // reads again, learns why (1008 send_queue_full) instead of seeing a
+    // bare reset. If it has not read that far within 5 s, drop the TCP
+    // connection.
+    std::fprintf(stderr, "dispatch_server: %s: send queue full, closing\n", id_.c_str());
+    if (writing_) {
+      outbox_.erase(outbox_.begin() + 1, outbox_.end());
+    } else {
+      outbox_.clear();
+    }
+    requestClose(
+        websocket::close_reason(websocket::close_code::policy_error, "send_queue_full"));
+    dropTimer_.expires_after(std::chrono::seconds(5));
+    dropTimer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (!ec && !self->finished_) self->teardown();
+    });
+    return;
   }
   outbox_.push_back(std::move(msg));
   if (!writing_) doWrite();

@@ -29,6 +29,8 @@ constexpr const char* kUsage =
     "  --typing-timeout-ms N     typing auto-clear (5000)\n"
     "  --max-message-bytes N     larger frames are closed with 1009 (65536)\n"
     "  --rate-limit N            messages per second per socket, burst 2N; 0 = off (50)\n"
+    "  --max-outbox N            queued messages per socket before a client that\n"
+    "                            does not read is closed with 1008 (4096)\n"
     "  --stats-interval-ms N     log a stats line every N ms; 0 = off (0)\n"
     "  --shutdown-grace-ms N     at SIGINT/SIGTERM, wait up to N ms for the\n"
     "                            connections to close (3000); exit 2 if any is left\n"
@@ -99,6 +101,9 @@ int main(int argc, char** argv) {
     } else if (flag == "--shutdown-grace-ms") {
       if (!number(0, 600000)) return 1;
       opt.shutdownGraceMs = n;
+    } else if (flag == "--max-outbox") {
+      if (!number(1, 1 << 20)) return 1;
+      opt.maxOutbox = static_cast<std::size_t>(n);
     } else if (flag == "--stats-interval-ms") {
       if (!number(0, 86400000)) return 1;
       opt.statsIntervalMs = n;

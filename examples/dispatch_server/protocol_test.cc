@@ -9,8 +9,8 @@
 // event and the 1001 close.
 //
 // Expects the server to run with short timeouts, as dispatch_e2e.sh starts
-// it: --auth-timeout-ms 800 --typing-timeout-ms 400 (the defaults of
-// --rate-limit 50 and --max-message-bytes 65536).
+// it: --auth-timeout-ms 800 --typing-timeout-ms 400 --max-outbox 1024 (the
+// defaults of --rate-limit 50 and --max-message-bytes 65536).
 #include <signal.h>
 #include <sys/types.h>
 
@@ -70,10 +70,20 @@ class Conn {
   Conn() : ws_(gIoc) {}
   ~Conn() { drop(); }
 
-  bool open() {
+  /// Connects and makes the WebSocket handshake. A `receiveBuffer` (bytes)
+  /// caps the kernel's receive buffer, so that a client that does not read
+  /// backs up the server sooner.
+  bool open(int receiveBuffer = 0) {
     beast::error_code result = asio::error::would_block;
     bool done = false;
     const tcp::endpoint ep(asio::ip::make_address(gHost), gPort);
+    if (receiveBuffer > 0) {
+      auto& s = beast::get_lowest_layer(ws_).socket();
+      beast::error_code ec;
+      s.open(ep.protocol(), ec);
+      if (!ec) s.set_option(asio::socket_base::receive_buffer_size(receiveBuffer), ec);
+      if (ec) return false;
+    }
     beast::get_lowest_layer(ws_).expires_after(std::chrono::seconds(5));
     beast::get_lowest_layer(ws_).async_connect(ep, [&](beast::error_code ec) {
       if (ec) {
@@ -120,6 +130,7 @@ class Conn {
       // right after it (a server closing with unread input resets the TCP
       // connection, and our close reply then fails).
       closeCode_ = ws_.reason().code;
+      closeReason_.assign(ws_.reason().reason.data(), ws_.reason().reason.size());
       return std::nullopt;
     }
     const std::string text = beast::buffers_to_string(buffer_.data());
@@ -207,6 +218,8 @@ class Conn {
     closed_ = true;
   }
   bool closed() const { return closed_; }
+  /// The reason text of the server's close frame (after waitClosed).
+  const std::string& closeReason() const { return closeReason_; }
   std::string readError() const { return readEc_.message(); }
 
  private:
@@ -229,6 +242,7 @@ class Conn {
   bool readPending_ = false, readDone_ = false, closed_ = false;
   beast::error_code readEc_;
   std::uint16_t closeCode_ = 0;
+  std::string closeReason_;
   int nextId_ = 0;
 };
 
@@ -406,6 +420,52 @@ bool flood() {
   for (; sent < 1000; ++sent)
     if (!c.send({{"event", "ping"}})) break;
   EXPECT(c.waitClosed(milliseconds(5000)) == 1008);
+  return true;
+}
+
+/// A client that stops reading while events pile up for it: once its send
+/// queue is full (--max-outbox, 1024 in dispatch_e2e.sh) the server closes
+/// it with 1008 "send_queue_full". Forty senders, each in a thread of its
+/// own that only the reader also joined, post 90 messages of 4000 bytes
+/// each (14 MB, far more than the kernel buffers and the queue hold). Then
+/// the reader reads again: the close frame must come after what was in
+/// flight, with its code and reason, not a bare reset.
+bool sendQueueFull() {
+  constexpr int kSenders = 40, kMessages = 90;
+  Conn reader;
+  EXPECT(reader.open(16 * 1024));
+  EXPECT(reader.authenticate(user("u-slow", "dispatcher")));
+  for (int i = 0; i < kSenders; ++i)
+    EXPECT(reader.request("thread.subscribe", {{"threadId", "sq" + std::to_string(i)}}));
+  std::vector<std::unique_ptr<Conn>> senders;
+  const std::string text(4000, 'm');
+  for (int i = 0; i < kSenders; ++i) {
+    senders.push_back(std::make_unique<Conn>());
+    Conn& s = *senders.back();
+    EXPECT(s.open());
+    EXPECT(s.authenticate(user("u-sq" + std::to_string(i), "dispatcher")));
+    EXPECT(s.request("thread.subscribe", {{"threadId", "sq" + std::to_string(i)}}));
+    for (int k = 0; k < kMessages; ++k)
+      EXPECT(
+          s.send({{"event", "message.send"},
+                  {"data", {{"threadId", "sq" + std::to_string(i)}, {"text", text}}}}));
+  }
+  // Every sender hears its acks: the server has handled every message.
+  for (auto& s : senders) {
+    int acks = 0;
+    while (acks < kMessages && s->waitFor("ack")) ++acks;
+    EXPECT(acks == kMessages);
+  }
+  int received = 0;
+  while (reader.next(milliseconds(3000))) ++received;
+  gWhy = "after " + std::to_string(received) + " messages: close code " +
+         std::to_string(reader.waitClosed(milliseconds(0))) + " reason \"" +
+         reader.closeReason() + "\", " + reader.readError();
+  EXPECT(reader.closed());
+  EXPECT(received < kSenders * kMessages);  // it was cut off, not served
+  EXPECT(reader.waitClosed(milliseconds(0)) == 1008);
+  EXPECT(reader.closeReason() == "send_queue_full");
+  for (auto& s : senders) s->closeCleanly();
   return true;
 }
 
@@ -763,6 +823,7 @@ int main(int argc, char** argv) {
   run("bad token: error auth_failed, close 4003", badToken);
   run("oversized frames (68 KiB, 5 MB, 20 MB; 3 each): close 1009", oversizedFrame);
   run("flood: close 1008", flood);
+  run("a client that stops reading: close 1008 send_queue_full", sendQueueFull);
   run("no authenticate: close 4001 at the deadline", authDeadline);
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
   run("typing relay, restart, stop, auto-clear, drop; messages", typingRelay);
