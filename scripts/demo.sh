@@ -11,12 +11,9 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build="${1:-$root/build}"
 clients="${2:-500}"
-bash "$root/scripts/setup.sh"
+bash "$root/scripts/setup.sh" demo
 . "$root/scripts/lib/dispatch_server.sh"
-cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DROOMKEEPER_BUILD_EXAMPLES=ON >/dev/null
-cmake --build "$build" -j2 --target dispatch_server dispatch_load
-bin="$build/examples"
+. "$root/scripts/lib/build.sh"
 
 tmp="$(mktemp -d)"
 pid=""
@@ -25,6 +22,15 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
+
+# The configuration scripts/test.sh uses, so the two share build/; only the
+# demo's two programs (and the library) are built here.
+echo "== configure $build (as scripts/test.sh does), build dispatch_server and dispatch_load"
+if ! configure_build "$root" "$build" >"$tmp/cmake.log" 2>&1; then
+  cat "$tmp/cmake.log"; echo "demo: cmake failed"; exit 1
+fi
+cmake --build "$build" -j2 --target dispatch_server dispatch_load
+bin="$build/examples"
 
 echo
 echo "== dispatch_server: ephemeral port, auth deadline 2 s, typing auto-clear 5 s, db $tmp/dispatch.db"

@@ -1,15 +1,69 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian 12 machine lacks to build and test roomkeeper.
-# Idempotent: does nothing when everything is there.
+# Installs, with apt-get, what a fresh Debian 12 machine lacks for one job,
+# and says what it installs and why. Idempotent: one line when all is there.
+#   usage: scripts/setup.sh [demo|test|ci]     (no argument: ci, everything)
+#
+#   demo  what scripts/demo.sh needs. That includes Catch2 and Python,
+#         which the demo itself does not use: demo.sh configures build/
+#         exactly as test.sh does (tests and benchmark on) so that the
+#         README's two commands share one build, and CMake needs them
+#         to configure it.
+#   test  what scripts/test.sh needs: the same list, since it builds the
+#         same tree.
+#   ci    test plus the fuzzing toolchain (clang and libFuzzer's runtime)
+#         for scripts/fuzz.sh; scripts/checks.sh and fuzz.sh call setup.sh
+#         with no argument, which is this.
 set -euo pipefail
-pkgs=(cmake ninja-build g++ clang libabsl-dev libfmt-dev catch2 libboost-dev
-      libsqlite3-dev sqlite3 nlohmann-json3-dev libclang-rt-14-dev python3)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+profile="${1:-ci}"
+case "$profile" in
+  demo | test | ci) ;;
+  *) echo "usage: scripts/setup.sh [demo|test|ci]" >&2; exit 2 ;;
+esac
+
+# package|why
+wanted=(
+  "cmake|configures the build (CMake 3.25)"
+  "ninja-build|runs the build"
+  "g++|compiles the library, tests and examples (GCC 12, C++17)"
+  "libabsl-dev|the library's hash maps (Abseil)"
+  "libfmt-dev|the library's log and stats formatting (fmt)"
+  "libboost-dev|the dispatch demo's WebSocket server and clients (Beast, Asio); the benchmark's Asio peer"
+  "libsqlite3-dev|the dispatch demo stores typing indicators in SQLite"
+  "nlohmann-json3-dev|the dispatch demo's JSON messages"
+  "sqlite3|the demo and its end-to-end test count the rows left in the database file"
+  "catch2|the unit tests (configured in the shared build, also by demo.sh)"
+  "python3|the benchmark smoke test's output check (configured in the shared build)"
+)
+if [ "$profile" = ci ]; then
+  wanted+=(
+    "clang|scripts/fuzz.sh builds the fuzzer with clang"
+    "libclang-rt-14-dev|libFuzzer's runtime for clang 14 (scripts/fuzz.sh)"
+  )
 fi
+
+missing=() reasons=()
+for entry in "${wanted[@]}"; do
+  pkg="${entry%%|*}"
+  dpkg -s "$pkg" >/dev/null 2>&1 && continue
+  missing+=("$pkg")
+  reasons+=("${entry#*|}")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup ($profile): all ${#wanted[@]} packages are installed"
+  exit 0
+fi
+
+echo "setup ($profile): installing ${#missing[@]} of ${#wanted[@]} packages with apt-get:"
+for i in "${!missing[@]}"; do
+  printf '  %-20s %s\n' "${missing[$i]}" "${reasons[$i]}"
+done
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+start=$(date +%s)
+echo "setup: apt-get update (the package lists)"
+$SUDO apt-get update -qq
+echo "setup: apt-get install (with their dependencies; a few minutes on a fresh machine)"
+# One line a package as dpkg sets it up, so that progress shows.
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" |
+  sed -un 's/^Setting up \([^ ]*\) .*/  set up \1/p'
+echo "setup ($profile): done in $(( $(date +%s) - start )) s"
