@@ -43,6 +43,16 @@ case "$mode" in
     kill -TERM "$pid" 2>/dev/null || true
     ;;
   protocol)
+    # --print-token: exp (the 4th field) is now + --token-ttl, 24 h without it.
+    for ttl in 60 ""; do
+      tok="$("$server" --print-token u1:dispatcher:c1 ${ttl:+--token-ttl "$ttl"})"
+      want=$(( $(date +%s) + ${ttl:-86400} )) exp="$(echo "$tok" | cut -d: -f4)"
+      if [ "$(echo "$tok" | cut -d: -f1-3)" != u1:dispatcher:c1 ] ||
+         [ "$exp" -lt $(( want - 5 )) ] || [ "$exp" -gt "$want" ]; then
+        echo "dispatch_e2e: FAIL: --print-token ${ttl:+--token-ttl $ttl }gave $tok (want exp ~$want)"
+        status=1
+      fi
+    done
     # The protocol test sends SIGTERM itself, as its last case (a second
     # one could land after the server has restored the default handler).
     "$protocol" --port "$port" --server-pid "$pid" || status=$?

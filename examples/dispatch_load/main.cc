@@ -398,7 +398,9 @@ void Client::step() {
                   " code " + std::to_string(closeCode_));
     }
 
-    yield request("authenticate", {{"token", dispatch::makeDemoToken(plan_.who)}});
+    yield request(
+        "authenticate",
+        {{"token", dispatch::makeDemoToken(plan_.who, dispatch::unixNow() + 3600)}});
     if (!replied()) return;
     yield request("thread.subscribe", {{"threadId", plan_.threadId}});
     if (!replied()) return;

@@ -730,13 +730,21 @@ void Session::onAuthenticate(const std::string& ev, const json& id, const json& 
   auto tok = data.find("token");
   if (tok == data.end() || !tok->is_string())
     return error(id, ev, "bad_request", "data.token must be a string");
-  std::optional<Identity> who = verifyDemoToken(tok->get_ref<const std::string&>());
-  if (!who) {
+  Identity who;
+  const TokenCheck check =
+      verifyDemoToken(tok->get_ref<const std::string&>(), unixNow(), &who);
+  if (check == TokenCheck::kInvalid) {
     error(id, ev, "auth_failed", "invalid token");
     return requestClose(websocket::close_reason(
         static_cast<websocket::close_code>(kCloseAuthFailed), "auth_failed"));
   }
-  const Result r = gw_.keeper().authenticate(id_, who->userId);  // cancels the deadline
+  // An expired token is an ordinary event in a client's life, not an attack:
+  // the connection stays open, unauthenticated (the auth deadline still
+  // runs), so that the client can send a fresh one.
+  if (check == TokenCheck::kExpired)
+    return error(id, ev, "token_expired", "the token has expired; send a fresh one");
+  // On refusal (too_many_sessions) nothing changes: still unauthenticated.
+  const Result r = gw_.keeper().authenticate(id_, who.userId);  // cancels the deadline
   if (r != Result::kOk) return resultError(id, ev, r);
   identity_ = std::move(who);
   std::vector<std::string> rooms = {"role:" + identity_->role,

@@ -4,9 +4,11 @@
 // auth deadlines are roomkeeper's, with typing persisted in SQLite.
 //
 //   dispatch_server --port 0 --db /tmp/d.db --auth-timeout-ms 2000
-//   dispatch_server --print-token u1:dispatcher:c1   # a demo login token
+//   dispatch_server --print-token u1:dispatcher:c1   # a demo login token (24 h)
+//   dispatch_server --print-token u1:dispatcher:c1 --token-ttl 600
 //
 // Protocol: docs/protocol.md. Load generator: dispatch_load.
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -35,7 +37,9 @@ constexpr const char* kUsage =
     "  --shutdown-grace-ms N     at SIGINT/SIGTERM, wait up to N ms for the\n"
     "                            connections to close (3000); exit 2 if any is left\n"
     "  --verbose                 log roomkeeper's info lines too\n"
-    "  --print-token USER:ROLE:CREW   print a demo token and exit\n";
+    "  --print-token USER:ROLE:CREW   print a demo token and exit\n"
+    "  --token-ttl SECONDS       with --print-token: the token expires after\n"
+    "                            SECONDS (86400)\n";
 
 bool parseLong(const char* s, long lo, long hi, long* out) {
   char* end = nullptr;
@@ -45,10 +49,34 @@ bool parseLong(const char* s, long lo, long hi, long* out) {
   return true;
 }
 
+/// --print-token USER:ROLE:CREW [--token-ttl SECONDS].
+int printDemoToken(const std::string& spec, long ttlSeconds) {
+  dispatch::Identity id;
+  const auto a = spec.find(':');
+  const auto b = a == std::string::npos ? a : spec.find(':', a + 1);
+  id.userId = spec.substr(0, a);
+  if (a != std::string::npos)
+    id.role = spec.substr(a + 1, b == std::string::npos ? b : b - a - 1);
+  if (b != std::string::npos) id.crewId = spec.substr(b + 1);
+  const std::int64_t now = dispatch::unixNow();
+  const std::string token = dispatch::makeDemoToken(id, now + ttlSeconds);
+  dispatch::Identity check;
+  if (dispatch::verifyDemoToken(token, now, &check) != dispatch::TokenCheck::kOk) {
+    std::fprintf(stderr,
+                 "dispatch_server: want USER:ROLE:CREW, role admin|dispatcher|crew, "
+                 "ids [A-Za-z0-9_.-]{1,64}, crew needs a crew id\n");
+    return 1;
+  }
+  std::printf("%s\n", token.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   dispatch::ServerOptions opt;
+  std::string printToken;
+  long tokenTtl = dispatch::kDemoTokenTtlSeconds;
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     std::string value;
@@ -108,26 +136,15 @@ int main(int argc, char** argv) {
       if (!number(0, 86400000)) return 1;
       opt.statsIntervalMs = n;
     } else if (flag == "--print-token") {
-      dispatch::Identity id;
-      const auto a = value.find(':');
-      const auto b = a == std::string::npos ? a : value.find(':', a + 1);
-      id.userId = value.substr(0, a);
-      if (a != std::string::npos)
-        id.role = value.substr(a + 1, b == std::string::npos ? b : b - a - 1);
-      if (b != std::string::npos) id.crewId = value.substr(b + 1);
-      const std::string token = dispatch::makeDemoToken(id);
-      if (!dispatch::verifyDemoToken(token)) {
-        std::fprintf(stderr,
-                     "dispatch_server: want USER:ROLE:CREW, role admin|dispatcher|crew, "
-                     "ids [A-Za-z0-9_.-]{1,64}, crew needs a crew id\n");
-        return 1;
-      }
-      std::printf("%s\n", token.c_str());
-      return 0;
+      printToken = value;
+    } else if (flag == "--token-ttl") {
+      if (!number(1, 10L * 365 * 86400)) return 1;
+      tokenTtl = n;
     } else {
       std::fprintf(stderr, "dispatch_server: unknown flag %s\n%s", flag.c_str(), kUsage);
       return 1;
     }
   }
+  if (!printToken.empty()) return printDemoToken(printToken, tokenTtl);
   return dispatch::runServer(opt);
 }

@@ -64,6 +64,11 @@ bool runUntil(const std::function<bool()>& done, milliseconds timeout) {
   return true;
 }
 
+/// A demo token for `who`, good for an hour.
+std::string token(const dispatch::Identity& who) {
+  return dispatch::makeDemoToken(who, dispatch::unixNow() + 3600);
+}
+
 /// One WebSocket client with blocking, deadline-bounded calls.
 class Conn {
  public:
@@ -196,7 +201,7 @@ class Conn {
     return closed_ ? closeCode_ : 0;
   }
   bool authenticate(const dispatch::Identity& who) {
-    auto r = request("authenticate", {{"token", dispatch::makeDemoToken(who)}});
+    auto r = request("authenticate", {{"token", token(who)}});
     return r && (*r)["event"] == "ack";
   }
   void closeCleanly() {
@@ -311,6 +316,7 @@ bool malformedJson() {
   EXPECT(c.sendText("{\"event\": \"ping\", "));  // cut short
   auto m = c.waitFor("error");
   EXPECT(codeOf(m) == "bad_json");
+  EXPECT((*m)["data"]["for"] == "" && !m->contains("id"));
   EXPECT(c.sendText("not json at all"));
   EXPECT(codeOf(c.waitFor("error")) == "bad_json");
   auto pong = c.request("ping");  // the connection still works
@@ -321,12 +327,35 @@ bool malformedJson() {
 bool wrongShapes() {
   Conn c;
   EXPECT(c.open());
-  for (const char* bad :
-       {"[1,2,3]", "42", "\"ping\"", "{\"data\":{}}", "{\"event\":5}",
-        "{\"event\":\"ping\",\"data\":[1]}", "{\"event\":\"ping\",\"id\":{\"x\":1}}"}) {
-    EXPECT(c.sendText(bad));
-    EXPECT(codeOf(c.waitFor("error")) == "bad_request");
+  // The message, and the error's "for" and "id": "" and no id where the
+  // event (or the id, which is read first) could not be read.
+  struct Case {
+    const char* text;
+    const char* forEvent;
+    json id;
+  };
+  const Case cases[] = {
+      {"[1,2,3]", "", nullptr},
+      {"42", "", nullptr},
+      {"\"ping\"", "", nullptr},
+      {"{\"data\":{},\"id\":3}", "", 3},
+      {"{\"event\":5,\"id\":\"x\"}", "", "x"},
+      {"{\"event\":\"ping\",\"data\":[1],\"id\":4}", "ping", 4},
+      {"{\"event\":\"ping\",\"id\":{\"x\":1}}", "", nullptr},
+  };
+  for (const Case& k : cases) {
+    EXPECT(c.sendText(k.text));
+    auto m = c.waitFor("error");
+    gWhy = k.text;
+    EXPECT(codeOf(m) == "bad_request");
+    EXPECT((*m)["data"]["for"] == k.forEvent);
+    EXPECT(k.id.is_null() ? !m->contains("id") : (*m)["id"] == k.id);
   }
+  gWhy.clear();
+  // An event name over 64 characters is not echoed.
+  EXPECT(c.sendText(json{{"event", std::string(65, 'e')}, {"id", 5}}.dump()));
+  auto m = c.waitFor("error");
+  EXPECT(codeOf(m) == "unknown_event" && (*m)["data"]["for"] == "" && (*m)["id"] == 5);
   auto r = c.request("ping");
   EXPECT(r && (*r)["event"] == "ack");
   return true;
@@ -374,17 +403,105 @@ bool typingBeforeAuth() {
 bool badToken() {
   Conn c;
   EXPECT(c.open());
-  std::string forged = dispatch::makeDemoToken(user("u1", "admin"));
+  std::string forged = token(user("u1", "admin"));
   forged.back() = forged.back() == '0' ? '1' : '0';
   auto r = c.request("authenticate", {{"token", forged}});
   EXPECT(codeOf(r) == "auth_failed");
   EXPECT(c.waitClosed(milliseconds(3000)) == 4003);
 
+  // Missing or not a string: bad_request, and the connection stays open
+  // and unauthenticated.
   Conn d;
   EXPECT(d.open());
   r = d.request("authenticate", {{"token", 12345}});
-  EXPECT(codeOf(r) == "bad_request");  // not a string: an error, not a close
+  EXPECT(codeOf(r) == "bad_request");
+  r = d.request("authenticate", json::object());
+  EXPECT(codeOf(r) == "bad_request");
   EXPECT(d.request("ping"));
+  EXPECT(codeOf(d.request("thread.subscribe", {{"threadId", "1"}})) ==
+         "not_authenticated");
+  EXPECT(d.authenticate(user("u-after-bad", "crew")));
+
+  // A token without exp (the old format), correctly signed: invalid.
+  const std::string claims = "u1:admin:";
+  Conn e;
+  EXPECT(e.open());
+  r = e.request("authenticate",
+                {{"token", claims + ":" + dispatch::demoSignature(claims)}});
+  EXPECT(codeOf(r) == "auth_failed");
+  EXPECT(e.waitClosed(milliseconds(3000)) == 4003);
+  return true;
+}
+
+/// exp is checked after the signature: an expired token gets token_expired
+/// and the connection stays open for a fresh one; an exp changed without
+/// re-signing is a forgery (auth_failed, 4003).
+bool tokenExpiry() {
+  const auto who = user("u-exp", "dispatcher");
+  const std::int64_t now = dispatch::unixNow();
+  Conn c;
+  EXPECT(c.open());
+  auto r = c.request("authenticate", {{"token", dispatch::makeDemoToken(who, now - 1)}});
+  EXPECT(codeOf(r) == "token_expired");
+  EXPECT(c.request("ping"));
+  EXPECT(codeOf(c.request("thread.subscribe", {{"threadId", "1"}})) ==
+         "not_authenticated");
+  r = c.request("authenticate", {{"token", dispatch::makeDemoToken(who, now + 60)}});
+  EXPECT(r && (*r)["event"] == "ack" && (*r)["data"]["userId"] == "u-exp");
+
+  // Push an expired token's exp into the future, keep its signature.
+  std::string stale = dispatch::makeDemoToken(who, now - 1);
+  const std::string oldExp = std::to_string(now - 1), newExp = std::to_string(now + 3600);
+  stale.replace(stale.find(":" + oldExp + ":") + 1, oldExp.size(), newExp);
+  Conn d;
+  EXPECT(d.open());
+  r = d.request("authenticate", {{"token", stale}});
+  EXPECT(codeOf(r) == "auth_failed");
+  EXPECT(d.waitClosed(milliseconds(3000)) == 4003);
+  return true;
+}
+
+/// roomkeeper's limit of 128 rooms a session, the login rooms included: a
+/// crew member (role:, user:, crew:) can join 125 more. The server's rate
+/// limit (burst 100, then 50 a second) is respected by pausing.
+bool roomLimit() {
+  Conn c;
+  EXPECT(c.open());
+  EXPECT(c.authenticate(user("u-rooms", "crew", "c9")));
+  for (int i = 0; i < 125; ++i) {
+    if (i == 90) runUntil([] { return false; }, milliseconds(1000));
+    auto r = c.request("subscribeToJob", {{"jobId", "lim" + std::to_string(i)}});
+    gWhy = "job " + std::to_string(i);
+    EXPECT(r && (*r)["event"] == "ack");
+  }
+  gWhy.clear();
+  auto r = c.request("thread.subscribe", {{"threadId", "one-too-many"}});
+  EXPECT(codeOf(r) == "too_many_rooms");
+  EXPECT((*r)["data"]["for"] == "thread.subscribe");
+  r = c.request("subscribeToJob", {{"jobId", "lim0"}});  // a repeat changes nothing
+  EXPECT(r && (*r)["data"]["result"] == "already_done");
+  return true;
+}
+
+/// 64 sessions a user: the 65th gets too_many_sessions and stays open and
+/// unauthenticated, so its auth deadline still closes it (4001).
+bool sessionLimit() {
+  std::vector<std::unique_ptr<Conn>> tabs;
+  for (int i = 0; i < 64; ++i) {
+    tabs.push_back(std::make_unique<Conn>());
+    EXPECT(tabs.back()->open());
+    EXPECT(tabs.back()->authenticate(user("u-tabs", "dispatcher")));
+  }
+  Conn extra;
+  EXPECT(extra.open());
+  auto r =
+      extra.request("authenticate", {{"token", token(user("u-tabs", "dispatcher"))}});
+  EXPECT(codeOf(r) == "too_many_sessions");
+  EXPECT(extra.request("ping"));
+  EXPECT(codeOf(extra.request("thread.subscribe", {{"threadId", "1"}})) ==
+         "not_authenticated");
+  EXPECT(extra.waitClosed(milliseconds(3000)) == 4001);
+  for (auto& t : tabs) t->closeCleanly();
   return true;
 }
 
@@ -481,12 +598,10 @@ bool authDeadline() {
 bool authAndRooms() {
   Conn c;
   EXPECT(c.open());
-  auto r = c.request("authenticate",
-                     {{"token", dispatch::makeDemoToken(user("u7", "crew", "c3"))}});
+  auto r = c.request("authenticate", {{"token", token(user("u7", "crew", "c3"))}});
   EXPECT(r && (*r)["event"] == "ack");
   EXPECT((*r)["data"]["rooms"] == json({"role:crew", "user:u7", "crew:c3"}));
-  r = c.request("authenticate",
-                {{"token", dispatch::makeDemoToken(user("u7", "crew", "c3"))}});
+  r = c.request("authenticate", {{"token", token(user("u7", "crew", "c3"))}});
   EXPECT(codeOf(r) == "already_authenticated");
   r = c.request("subscribeToAnalytics", {{"type", "revenue"}});
   EXPECT(codeOf(r) == "forbidden");
@@ -508,6 +623,13 @@ bool authAndRooms() {
   EXPECT(d.authenticate(user("u8", "dispatcher", "c3")));
   r = d.request("subscribeToAnalytics", {{"type", "revenue"}});
   EXPECT(r && (*r)["event"] == "ack" && (*r)["data"]["room"] == "analytics:revenue");
+
+  // An admin has no crew: crewId "" and no crew: room.
+  Conn a;
+  EXPECT(a.open());
+  r = a.request("authenticate", {{"token", token(user("u9", "admin"))}});
+  EXPECT(r && (*r)["event"] == "ack" && (*r)["data"]["crewId"] == "");
+  EXPECT((*r)["data"]["rooms"] == json({"role:admin", "user:u9"}));
   r = d.request("unsubscribeFromAnalytics", {{"type", "revenue"}});
   EXPECT(r && (*r)["event"] == "ack");
   return true;
@@ -782,17 +904,28 @@ bool requestRoundTrips() {
 pid_t gServerPid = 0;
 
 bool serverShutdown() {
-  Conn c;
-  EXPECT(c.open());
+  Conn c, peer;
+  EXPECT(c.open() && peer.open());
   EXPECT(c.authenticate(user("u-last", "admin")));
+  EXPECT(peer.authenticate(user("u-peer", "dispatcher")));
   EXPECT(c.request("thread.subscribe", {{"threadId", "bye"}}));
+  EXPECT(peer.request("thread.subscribe", {{"threadId", "bye"}}));
   EXPECT(c.request("typing.start", {{"threadId", "bye"}}));
+  EXPECT(peer.waitFor("typingStarted"));
   Conn idle;  // never authenticates: it hears it too
   EXPECT(idle.open());
   EXPECT(kill(gServerPid, SIGTERM) == 0);
   auto ev = c.waitFor("serverShutdown");
   EXPECT(ev && (*ev)["data"]["message"] == "Server is shutting down");
   EXPECT(c.waitClosed(milliseconds(5000)) == 1001);
+  // The typing indicator ends with the server, but no typingStopped is
+  // sent: every connection is closing by then.
+  std::vector<std::string> events;
+  while (auto m = peer.next(milliseconds(5000))) events.push_back((*m)["event"]);
+  gWhy = "peer heard:";
+  for (const std::string& e : events) gWhy += " " + e;
+  EXPECT(events == std::vector<std::string>{"serverShutdown"});
+  EXPECT(peer.waitClosed(milliseconds(0)) == 1001);
   EXPECT(idle.waitFor("serverShutdown"));
   EXPECT(idle.waitClosed(milliseconds(5000)) == 1001);
   return true;
@@ -820,12 +953,15 @@ int main(int argc, char** argv) {
   run("unknown event: error unknown_event", unknownEvent);
   run("binary frame: error bad_frame", binaryFrame);
   run("typing and subscribing before auth: error not_authenticated", typingBeforeAuth);
-  run("bad token: error auth_failed, close 4003", badToken);
+  run("bad token: error auth_failed, close 4003; no token: bad_request, open", badToken);
+  run("expired token: token_expired, open; exp changed: auth_failed", tokenExpiry);
   run("oversized frames (68 KiB, 5 MB, 20 MB; 3 each): close 1009", oversizedFrame);
   run("flood: close 1008", flood);
   run("a client that stops reading: close 1008 send_queue_full", sendQueueFull);
   run("no authenticate: close 4001 at the deadline", authDeadline);
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
+  run("128 rooms a session: too_many_rooms", roomLimit);
+  run("64 sessions a user: too_many_sessions, open, then 4001", sessionLimit);
   run("typing relay, restart, stop, auto-clear, drop; messages", typingRelay);
   run("GET /stats, /metrics, 404", httpEndpoints);
   run("HTTP: 405 (also with a body), GET with a body, HEAD, queries, 413, 400",
@@ -833,7 +969,8 @@ int main(int argc, char** argv) {
   run("latency: login + 4 joins, and a burst of 4, p99 < 5 ms", requestRoundTrips);
   run("after all of it: /stats back to zero, no typing row", nothingLeft);
   if (gServerPid > 0)
-    run("SIGTERM: serverShutdown to everyone, close 1001", serverShutdown);
+    run("SIGTERM: serverShutdown to everyone, close 1001, no typingStopped",
+        serverShutdown);
   std::printf("%d passed, %d failed\n", gPassed, gFailed);
   return gFailed == 0 ? 0 : 1;
 }
