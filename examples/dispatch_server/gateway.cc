@@ -191,12 +191,8 @@ class Gateway {
     roomkeeper::KeeperOptions ko;
     ko.authTimeout = roomkeeper::Millis(opt.authTimeoutMs);
     ko.typing.timeout = roomkeeper::Millis(opt.typingTimeoutMs);
-    // Every authenticated socket is in role:, user: and usually crew:, plus
-    // its subscriptions; the original's 2x ratio would warn all the time.
-    ko.warnRoomsPerConnection = 16.0;
-    // The original's 100 typing timers was its traffic; a dispatch day with
-    // hundreds of crews typing at once is normal here.
-    ko.warnTypingTimers = 1000;
+    // The leak warnings keep roomkeeper's defaults: no thresholds tuned to
+    // this demo's traffic.
     ko.statsLogInterval = roomkeeper::Millis(opt.statsIntervalMs);
     keeper_ = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
   }
