@@ -39,8 +39,9 @@ echo "dispatch_e2e: server pid $pid on port $port"
 status=0
 case "$mode" in
   load)
-    "$load" --port "$port" --clients "$clients" || status=$?
-    kill -TERM "$pid" 2>/dev/null || true
+    # 5 clients stay connected and typing; dispatch_load sends the SIGTERM
+    # and checks each hears serverShutdown and gets 1001.
+    "$load" --port "$port" --clients "$clients" --stay 5 --server-pid "$pid" || status=$?
     ;;
   protocol)
     # --print-token: exp (the 4th field) is now + --token-ttl, 24 h without it.
@@ -78,9 +79,12 @@ case "$mode" in
   *) echo "dispatch_e2e: unknown mode $mode"; exit 2 ;;
 esac
 
-# The server must exit by itself, promptly, with status 0.
+# The server must exit by itself, promptly, with status 0. (If the client
+# failed before it sent SIGTERM, the server is still up: stop it.)
 if ! wait_exit "$pid"; then
   echo "dispatch_e2e: FAIL: the server did not exit within 10 s of SIGTERM"; status=1
+  kill -TERM "$pid" 2>/dev/null || true
+  wait_exit "$pid" || true
 fi
 pid=""
 echo "---- server log"
@@ -92,6 +96,10 @@ if [ "$server_status" -ne "$expect_status" ]; then
 fi
 grep -q "shutdown complete" "$tmp/server.log" ||
   { echo "dispatch_e2e: FAIL: no shutdown line"; status=1; }
+if [ "$mode" = load ]; then
+  grep -q "told 5 sessions" "$tmp/server.log" ||
+    { echo "dispatch_e2e: FAIL: the server did not tell the 5 clients left at SIGTERM"; status=1; }
+fi
 if [ "$mode" = shutdown ]; then
   grep -q "serverSessions=1 " "$tmp/server.log" ||
     { echo "dispatch_e2e: FAIL: the shutdown line does not count the silent client"; status=1; }

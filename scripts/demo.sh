@@ -4,8 +4,10 @@
 # dispatch_load, starts the server on an ephemeral loopback port with a
 # fresh database, plays a dispatch day with 500 clients (clean closes,
 # abrupt TCP drops, never-logged-in sockets), prints the server's stats
-# before / at the peak / after, then stops the server with SIGTERM.
-# Exits non-zero unless everything is back to zero and the server exited 0.
+# before / at the peak / after and the latencies it measured, then lets 20
+# clients log in and type and stops the server with SIGTERM while they are
+# connected: each must hear serverShutdown. Exits non-zero unless everything
+# was back to zero, every stayer was told, and the server exited 0.
 #   usage: scripts/demo.sh [build-dir] [clients]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -43,14 +45,19 @@ if ! wait_for_port "$tmp/server.log" "$pid"; then
 fi
 echo "   listening on 127.0.0.1:$port  (try: curl http://127.0.0.1:$port/stats)"
 echo
-echo "== dispatch_load: $clients clients"
+echo "== dispatch_load: $clients clients, then 20 that stay through the server's SIGTERM"
 status=0
-"$bin/dispatch_load" --port "$port" --clients "$clients" || status=$?
+"$bin/dispatch_load" --port "$port" --clients "$clients" --stay 20 --server-pid "$pid" ||
+  status=$?
 
 echo
-echo "== SIGTERM to the server"
-kill -TERM "$pid"
-wait_exit "$pid" || echo "demo: the server did not exit within 10 s"
+echo "== the server's log"
+# dispatch_load sends the SIGTERM itself once its stayers are in. If it
+# failed before that, the server is still up after 10 s: stop it here.
+if ! wait_exit "$pid"; then
+  kill -TERM "$pid"
+  wait_exit "$pid" || echo "demo: the server did not exit within 10 s of SIGTERM"
+fi
 pid=""
 sed 's/^/   server: /' "$tmp/server.log"
 rows="$(sqlite3 "$tmp/dispatch.db" 'SELECT COUNT(*) FROM typing_indicators' 2>/dev/null || echo '?')"

@@ -10,16 +10,29 @@
 // without a close frame, and lingerers that stay until the server's typing
 // auto-clear has cleared their indicators. The never-logged-in ones wait to
 // be closed by the server at the auth deadline (close code 4001). Then
-// /stats is polled until the server is back to zero, and a table is printed.
+// /stats is polled until the server is back to zero, and a table is printed,
+// with the latencies it measured on its one steady clock: login round trip
+// (TCP connect to the last join's ack) and typing fan-out (a typing.start
+// sent to typingStarted received by another member of the thread).
+//
+// With --stay N --server-pid PID, N more clients then log in and start
+// typing in one thread, dispatch_load sends SIGTERM to the server and checks
+// that each of them hears serverShutdown and is closed with 1001. With
+// --server-pid it also reads the server's CPU time and RSS from /proc.
 //
 //   dispatch_load --port 8080 --clients 500
+//   dispatch_load --port 8080 --clients 500 --stay 20 --server-pid 4242
 //
 // Exit status: 0 = PASS (after: connectedClients, typingTimers,
 // trackedRooms, rooms, connectionTimers, typingRows, serverSessions all 0,
-// no client failed), 1 = FAIL, 2 = bad usage or server not reachable.
+// no client failed, every stayer told), 1 = FAIL, 2 = bad usage or server
+// not reachable.
+#include <signal.h>
 #include <sys/resource.h>
+#include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <boost/asio/coroutine.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -27,14 +40,18 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/websocket.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -60,6 +77,7 @@ enum class Kind {
   kUnsubscriber,  // unsubscribes from everything, then a clean close
   kLinger,        // stays until its typing indicator auto-clears, then closes
   kNeverAuth,     // connects, never logs in: the server closes it (4001)
+  kStay,          // after the run: stays, typing, until the server shuts down
 };
 
 const char* kindName(Kind k) {
@@ -76,6 +94,8 @@ const char* kindName(Kind k) {
       return "linger past the typing auto-clear";
     case Kind::kNeverAuth:
       return "never log in (closed by the server)";
+    case Kind::kStay:
+      return "stay through the server's shutdown";
   }
   return "?";
 }
@@ -143,7 +163,62 @@ struct Options {
   unsigned short port = 0;
   int clients = 500;
   int concurrency = 64;
+  int stay = 0;         // clients kept connected through the server's SIGTERM
+  pid_t serverPid = 0;  // for --stay's SIGTERM and /proc readings
 };
+
+/// The server's CPU time (user + system, ms) and resident set (KiB) from
+/// /proc; false if they cannot be read (not Linux, another user's process).
+struct ProcSample {
+  double cpuMs = 0;
+  long rssKb = 0;
+};
+bool readProc(pid_t pid, ProcSample* out) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  // Fields after the command name, which is in parentheses and may hold
+  // spaces: state is field 3, utime and stime are fields 14 and 15.
+  const std::size_t close = line.rfind(')');
+  if (close == std::string::npos) return false;
+  std::istringstream rest(line.substr(close + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
+    if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
+  }
+  const long ticks = sysconf(_SC_CLK_TCK);
+  if (ticks <= 0) return false;
+  out->cpuMs = 1000.0 * double(utime + stime) / double(ticks);
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  while (std::getline(status, line))
+    if (line.rfind("VmRSS:", 0) == 0) {
+      out->rssKb = std::strtol(line.c_str() + 6, nullptr, 10);
+      return true;
+    }
+  return false;
+}
+
+/// p50, p99 and max of `v` (nearest rank), in its units; sorts `v`.
+struct Quantiles {
+  std::size_t n = 0;
+  double p50 = 0, p99 = 0, max = 0;
+};
+Quantiles quantiles(std::vector<double>& v) {
+  Quantiles q;
+  q.n = v.size();
+  if (v.empty()) return q;
+  std::sort(v.begin(), v.end());
+  auto rank = [&v](double f) {
+    const std::size_t r = static_cast<std::size_t>(f * double(v.size()) + 0.999999);
+    return v[std::min(v.size() - 1, r == 0 ? 0 : r - 1)];
+  };
+  q.p50 = rank(0.50);
+  q.p99 = rank(0.99);
+  q.max = v.back();
+  return q;
+}
 
 class Load {
  public:
@@ -155,7 +230,12 @@ class Load {
   void onReady(Client& c);
   void onLingering(Client& c);
   void onFinished(Client& c, bool ok, const std::string& why);
-  void onEvent(const std::string& event) { ++events_[event]; }
+  void onEvent(const std::string& event, const json& data);
+  /// A client's last join was acknowledged, `ms` after its TCP connect began.
+  void onLoggedIn(double ms) { loginMs_.push_back(ms); }
+  /// A client is about to send the typing.start that starts its indicator.
+  void onTypingStart(const Plan& p);
+  void onStayReady();
   void onUnexpectedError(const std::string& text);
   void onRestart() { ++restarts_; }
 
@@ -173,8 +253,12 @@ class Load {
   void progress(bool final);
   void schedule(milliseconds d, std::function<void()> fn);
   void printTable();
+  void printTimes();
   bool afterIsClean() const;
   static bool serverClean(const json& s);
+  void startStay();
+  void maybeSignal();
+  void finishStay();
 
   asio::io_context& ioc_;
   Options opt_;
@@ -186,9 +270,21 @@ class Load {
   std::string phase_ = "login";
   long authTimeoutMs_ = 0, typingTimeoutMs_ = 0;
 
-  std::vector<std::shared_ptr<Client>> active_, neverAuth_, lingerers_;
+  std::vector<std::shared_ptr<Client>> active_, neverAuth_, lingerers_, stayers_;
   std::size_t nextActive_ = 0;
-  int connected_ = 0, ready_ = 0, activeFailed_ = 0, naConnected_ = 0, naFailed_ = 0;
+  int connected_ = 0, open_ = 0, ready_ = 0, activeFailed_ = 0;
+  int naConnected_ = 0, naFailed_ = 0, naFinished_ = 0;
+  Clock::time_point lastNeverAuthConnect_{};
+  int stayReady_ = 0, stayFinished_ = 0, stayOk_ = 0, stayEarly_ = 0;
+  bool staySignalled_ = false;
+  json stayStats_;
+
+  // Latencies (ms) and when each (thread, user) indicator's start was sent.
+  std::vector<double> loginMs_, fanoutMs_;
+  std::map<std::string, Clock::time_point> typingSentAt_;
+  Clock::time_point loginStarted_{}, loginEnded_{};
+  ProcSample procStart_, procPeak_;
+  bool procOk_ = false;
   int lingering_ = 0, lingerGone_ = 0, finishedNonLinger_ = 0, finished_ = 0, failed_ = 0;
   bool peakTaken_ = false, lingerStarted_ = false;
   int unexpectedErrors_ = 0, restarts_ = 0;
@@ -217,6 +313,7 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
   const Plan& plan() const { return plan_; }
   bool reachedReady() const { return reachedReady_; }
   bool reachedLinger() const { return reachedLinger_; }
+  bool reachedConnected() const { return reachedConnected_; }
 
  private:
   enum Wait { kNone, kOp, kReply, kPark };
@@ -337,7 +434,9 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
     } else if (event == "error") {
       load_.onUnexpectedError(text);
     } else {
-      load_.onEvent(event.empty() ? "(not JSON)" : event);
+      if (event == "serverShutdown") heardShutdown_ = true;
+      load_.onEvent(event.empty() ? "(not JSON)" : event,
+                    m.is_object() ? m.value("data", json::object()) : json::object());
     }
     startReading();
   }
@@ -368,7 +467,9 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
   bool writeDone_ = false, replyArrived_ = false, replyOk_ = false;
   json replyData_;
   const char* lastEvent_ = "";
-  bool reachedReady_ = false, reachedLinger_ = false;
+  bool reachedReady_ = false, reachedLinger_ = false, reachedConnected_ = false;
+  bool heardShutdown_ = false;
+  Clock::time_point connectStarted_{};
 };
 
 #include <boost/asio/yield.hpp>
@@ -376,6 +477,7 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
 void Client::step() {
   if (done_) return;
   reenter(this) {
+    connectStarted_ = Clock::now();
     yield opConnect();
     if (opEc_) return fail("connect: " + opEc_.message());
     {
@@ -387,6 +489,7 @@ void Client::step() {
     ws_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::client));
     yield opHandshake();
     if (opEc_) return fail("handshake: " + opEc_.message());
+    reachedConnected_ = true;
     load_.onConnected(*this);
     startReading();
 
@@ -404,16 +507,35 @@ void Client::step() {
     if (!replied()) return;
     yield request("thread.subscribe", {{"threadId", plan_.threadId}});
     if (!replied()) return;
+
+    if (plan_.kind == Kind::kStay) {
+      yield request("typing.start", {{"threadId", plan_.threadId}});
+      if (!replied()) return;
+      reachedReady_ = true;
+      load_.onStayReady();
+      yield park();  // until the server closes us
+      if (heardShutdown_ && closeCode_ == 1001) return finish(true, "");
+      return fail(std::string("at shutdown: ") +
+                  (heardShutdown_ ? "heard serverShutdown" : "no serverShutdown") +
+                  ", close code " + std::to_string(closeCode_));
+    }
+
     yield request("subscribeToJob", {{"jobId", plan_.jobId}});
     if (!replied()) return;
     if (plan_.privileged()) {
       yield request("subscribeToAnalytics", {{"type", plan_.analyticsType}});
       if (!replied()) return;
+    }
+    load_.onLoggedIn(
+        std::chrono::duration<double, std::milli>(Clock::now() - connectStarted_)
+            .count());
+    if (plan_.privileged()) {
       yield request("job.update", {{"jobId", plan_.jobId}, {"status", "en_route"}});
       if (!replied()) return;
     }
     // Typing, with restarts: the second and third start only push the
     // auto-clear back (result "already_done").
+    load_.onTypingStart(plan_);
     yield request("typing.start", {{"threadId", plan_.threadId}});
     if (!replied()) return;
     yield opSleep(milliseconds(20));
@@ -477,6 +599,15 @@ Load::Load(asio::io_context& ioc, Options opt)
     (k == Kind::kNeverAuth ? neverAuth_ : active_).push_back(c);
     if (k == Kind::kLinger) lingerers_.push_back(c);
   }
+  // The stayers: users of their own, all in one thread, so that the
+  // shutdown has typing indicators (and rows) to end.
+  for (int i = 0; i < opt_.stay; ++i) {
+    Plan p;
+    p.kind = Kind::kStay;
+    p.who = {"stay" + std::to_string(i), "dispatcher", "c-stay"};
+    p.threadId = "t-stay";
+    stayers_.push_back(std::make_shared<Client>(ioc_, *this, std::move(p)));
+  }
 }
 
 std::optional<json> Load::stats() {
@@ -505,6 +636,7 @@ int Load::run() {
     return 2;
   }
   before_ = *b;
+  if (opt_.serverPid > 0) procOk_ = readProc(opt_.serverPid, &procStart_);
   authTimeoutMs_ = before_.value("authTimeoutMs", 30000L);
   typingTimeoutMs_ = before_.value("typingTimeoutMs", 5000L);
   std::printf(
@@ -526,6 +658,7 @@ int Load::run() {
 }
 
 void Load::launchActive() {
+  if (nextActive_ == 0) loginStarted_ = Clock::now();
   const int inFlight = int(nextActive_) - ready_ - activeFailed_;
   for (int k = inFlight; k < opt_.concurrency && nextActive_ < active_.size(); ++k)
     active_[nextActive_++]->start();
@@ -533,9 +666,31 @@ void Load::launchActive() {
 
 void Load::onConnected(Client& c) {
   ++connected_;
-  if (c.plan().kind == Kind::kNeverAuth &&
-      ++naConnected_ + naFailed_ == int(neverAuth_.size()))
-    takePeak();
+  ++open_;
+  if (c.plan().kind != Kind::kNeverAuth) return;
+  lastNeverAuthConnect_ = Clock::now();
+  if (++naConnected_ + naFailed_ == int(neverAuth_.size())) takePeak();
+}
+
+void Load::onEvent(const std::string& event, const json& data) {
+  ++events_[event];
+  if (event != "typingStarted" && event != "typingStopped") return;
+  const std::string key =
+      data.value("threadId", std::string()) + "/" + data.value("userId", std::string());
+  const auto it = typingSentAt_.find(key);
+  if (it == typingSentAt_.end()) return;
+  if (event == "typingStopped") {
+    typingSentAt_.erase(it);  // the next start is a new indicator
+    return;
+  }
+  fanoutMs_.push_back(
+      std::chrono::duration<double, std::milli>(Clock::now() - it->second).count());
+}
+
+void Load::onTypingStart(const Plan& p) {
+  // Only the first start of an indicator is relayed; a second device of
+  // the same user, or a restart, finds the entry there and keeps it.
+  typingSentAt_.emplace(p.threadId + "/" + p.who.userId, Clock::now());
 }
 
 void Load::onReady(Client&) {
@@ -546,6 +701,7 @@ void Load::onReady(Client&) {
 void Load::activeProgress() {
   launchActive();
   if (phase_ == "login" && ready_ + activeFailed_ == int(active_.size())) {
+    loginEnded_ = Clock::now();
     // Last: the ones that never log in, so that they are all still there
     // (inside the auth deadline) when the peak is measured.
     phase_ = "never-auth";
@@ -558,6 +714,7 @@ void Load::takePeak() {
   if (peakTaken_) return;
   peakTaken_ = true;
   if (auto s = stats()) peak_ = *s;
+  if (procOk_) procOk_ = readProc(opt_.serverPid, &procPeak_);
   phase_ = "leave";
   for (auto& c : active_) c->release();
   maybeStartLinger();
@@ -593,15 +750,25 @@ void Load::pollLinger() {
 }
 
 void Load::onFinished(Client& c, bool ok, const std::string& why) {
-  ++finished_;
   const Kind k = c.plan().kind;
+  if (c.reachedConnected()) --open_;
+  if (!ok && failures_.size() < 10) failures_.push_back(c.plan().who.userId + ": " + why);
+  if (k == Kind::kStay) {
+    ++stayFinished_;
+    if (ok) ++stayOk_;
+    if (!c.reachedReady()) ++stayEarly_;
+    maybeSignal();
+    if (stayFinished_ == int(stayers_.size())) finishStay();
+    return;
+  }
+  ++finished_;
   if (ok) {
     ++okByKind_[k];
   } else {
     ++failed_;
-    if (failures_.size() < 10) failures_.push_back(c.plan().who.userId + ": " + why);
   }
   if (k == Kind::kNeverAuth) {
+    ++naFinished_;
     if (!ok && !peakTaken_ && ++naFailed_ + naConnected_ == int(neverAuth_.size()))
       takePeak();
   } else if (!c.reachedReady()) {
@@ -633,7 +800,39 @@ bool Load::serverClean(const json& s) {
 
 bool Load::afterIsClean() const {
   return serverClean(after_) && failed_ == 0 && unexpectedErrors_ == 0 && !timedOut_ &&
-         (lingerers_.empty() || lingerOk_);
+         (lingerers_.empty() || lingerOk_) && stayOk_ == int(stayers_.size());
+}
+
+void Load::startStay() {
+  phase_ = "stay";
+  for (auto& c : stayers_) c->start();
+}
+
+void Load::onStayReady() {
+  ++stayReady_;
+  maybeSignal();
+}
+
+void Load::maybeSignal() {
+  if (staySignalled_ || stayReady_ + stayEarly_ < int(stayers_.size())) return;
+  staySignalled_ = true;
+  if (auto s = stats()) stayStats_ = *s;
+  std::printf(
+      "\n%sstay: %d clients logged in and typing in one thread; SIGTERM to the server "
+      "(pid %ld)\n",
+      isatty(fileno(stdout)) ? "\n" : "", stayReady_, long(opt_.serverPid));
+  std::fflush(stdout);
+  if (kill(opt_.serverPid, SIGTERM) != 0) {
+    std::fprintf(stderr, "dispatch_load: kill %ld: %s\n", long(opt_.serverPid),
+                 std::strerror(errno));
+  }
+  phase_ = "shutdown";
+}
+
+void Load::finishStay() {
+  phase_ = "done";
+  progressTimer_.cancel();
+  ioc_.stop();
 }
 
 void Load::pollSettle() {
@@ -648,6 +847,7 @@ void Load::pollSettle() {
   const bool zero = s && serverClean(*s);
   if (!zero && Clock::now() < pollUntil_ && Clock::now() < deadline_)
     return schedule(milliseconds(100), [this] { pollSettle(); });
+  if (!stayers_.empty()) return startStay();
   phase_ = "done";
   progressTimer_.cancel();
   ioc_.stop();
@@ -655,12 +855,28 @@ void Load::pollSettle() {
 
 void Load::progress(bool final) {
   static const bool tty = isatty(fileno(stdout));
-  const double t = std::chrono::duration<double>(Clock::now() - started_).count();
+  const Clock::time_point now = Clock::now();
+  const double t = std::chrono::duration<double>(now - started_).count();
+  // "connected" is now (clients with an open connection, as they see it);
+  // "ever" counts every handshake so far.
   std::printf(
-      "%s[%5.1fs] %-10s connected %4d  logged-in+ready %4d  lingering %3d  "
+      "%s[%5.1fs] %-10s connected %4d (ever %4d)  logged-in+ready %4d  lingering %3d  "
       "finished %4d/%d  failed %d",
-      tty ? "\r" : "", t, phase_.c_str(), connected_, ready_, lingering_, finished_,
-      opt_.clients, failed_);
+      tty ? "\r" : "", t, phase_.c_str(), open_, connected_, ready_, lingering_,
+      finished_, opt_.clients, failed_);
+  // Only the never-logged-in clients left: they go when the server's auth
+  // deadline closes them, which can be most of a run with the default 30 s.
+  const int naLeft = naConnected_ - naFinished_;
+  if (!final && naLeft > 0 && finished_ + naLeft == opt_.clients) {
+    const double left =
+        double(authTimeoutMs_) / 1000 -
+        std::chrono::duration<double>(now - lastNeverAuthConnect_).count();
+    std::printf(
+        "  waiting for the server's %.0f s auth deadline to close %d "
+        "never-logged-in clients (~%.0f s)",
+        double(authTimeoutMs_) / 1000, naLeft, std::max(0.0, left));
+  }
+  std::printf(tty ? "\033[K" : "");  // clear what a longer line left
   std::printf(tty && !final ? "" : "\n");
   std::fflush(stdout);
   if (final) return;
@@ -727,21 +943,66 @@ void Load::printTable() {
         "lingerers were still connected)\n",
         lingerOk_ ? "ok" : "FAILED", lingerers_.size());
   for (const std::string& f : failures_) std::printf("  failed: %s\n", f.c_str());
-  if (after_.is_object() && before_.is_object() &&
-      after_.value("bytes", 0L) > before_.value("bytes", 0L))
+  printTimes();
+  if (!stayers_.empty())
     std::printf(
-        "(bytes after > before: memory roomkeeper keeps for reuse, such as "
-        "timer pages; no entry is left)\n");
+        "\nshutdown: %d clients stayed connected (server before SIGTERM: "
+        "connectedClients %s, typingRows %s); %d of them heard serverShutdown and "
+        "were closed with 1001\n",
+        int(stayers_.size()), stayStats_.value("connectedClients", json()).dump().c_str(),
+        stayStats_.value("typingRows", json()).dump().c_str(), stayOk_);
   if (afterIsClean()) {
     std::printf(
         "\nPASS: %d clients came and went (clean, abrupt, never logged in); "
-        "nothing is left: no room, no timer, no map entry, no database row.\n",
-        opt_.clients);
+        "nothing is left: no room, no timer, no map entry, no database row.%s\n",
+        opt_.clients,
+        stayers_.empty() ? "" : " Every client still connected at SIGTERM was told.");
   } else {
-    std::printf("\nFAIL:%s%s%s%s\n", timedOut_ ? " timed out;" : "",
+    std::printf("\nFAIL:%s%s%s%s%s\n", timedOut_ ? " timed out;" : "",
                 failed_ ? " some clients failed;" : "",
                 unexpectedErrors_ ? " unexpected error events;" : "",
+                stayOk_ < int(stayers_.size()) ? " not every stayer was told;" : "",
                 " see the table (after must be all 0)");
+  }
+}
+
+void Load::printTimes() {
+  const Quantiles login = quantiles(loginMs_), fanout = quantiles(fanoutMs_);
+  std::printf("\n%-52s %8s %8s %8s %8s\n", "latency (ms, this process's steady clock)",
+              "samples", "p50", "p99", "max");
+  const auto row = [](const char* label, const Quantiles& q) {
+    std::printf("%-52s %8zu %8.2f %8.2f %8.2f\n", label, q.n, q.p50, q.p99, q.max);
+  };
+  row("login round trip (TCP connect .. last join acked)", login);
+  row("typing fan-out (typing.start .. typingStarted)", fanout);
+  const double loginS =
+      std::chrono::duration<double>(loginEnded_ - loginStarted_).count();
+  if (loginEnded_ > loginStarted_ && ready_ > 0)
+    std::printf(
+        "login phase: %d clients connected, logged in, joined, typed and posted in "
+        "%.2f s: %.0f a second, %d at a time\n",
+        ready_, loginS, double(ready_) / loginS, opt_.concurrency);
+  rusage self{};
+  if (getrusage(RUSAGE_SELF, &self) == 0) {
+    const auto ms = [](const timeval& tv) {
+      return 1000.0 * double(tv.tv_sec) + double(tv.tv_usec) / 1000;
+    };
+    std::printf("dispatch_load itself (one thread): CPU %.0f ms in %.1f s\n",
+                ms(self.ru_utime) + ms(self.ru_stime),
+                std::chrono::duration<double>(Clock::now() - started_).count());
+  }
+  if (procOk_ && ready_ > 0) {
+    const double cpuMs = procPeak_.cpuMs - procStart_.cpuMs;
+    const long peakClients = peak_.value("connectedClients", 0L);
+    std::printf(
+        "server (pid %ld, /proc): CPU %.0f ms from start to peak, %.0f us per client "
+        "logged in (its whole login phase); RSS %ld -> %ld KiB, %.1f KiB per "
+        "connected client at the peak (%ld)\n",
+        long(opt_.serverPid), cpuMs, 1000.0 * cpuMs / double(ready_), procStart_.rssKb,
+        procPeak_.rssKb,
+        peakClients > 0 ? double(procPeak_.rssKb - procStart_.rssKb) / double(peakClients)
+                        : 0.0,
+        peakClients);
   }
 }
 
@@ -762,7 +1023,12 @@ int main(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       std::puts(
           "usage: dispatch_load --port N [--host 127.0.0.1] [--clients 500] "
-          "[--concurrency 64]");
+          "[--concurrency 64] [--server-pid PID [--stay N]]\n"
+          "  --server-pid PID  the server's process: its CPU time and RSS are read\n"
+          "                    from /proc\n"
+          "  --stay N          after the run, N more clients log in and type; then\n"
+          "                    SIGTERM to PID, and each must hear serverShutdown\n"
+          "                    and be closed with 1001");
       return 0;
     }
     if (i + 1 >= argc) {
@@ -779,6 +1045,10 @@ int main(int argc, char** argv) {
       opt.clients = static_cast<int>(n);
     } else if (flag == "--concurrency" && n > 0 && n <= 10000) {
       opt.concurrency = static_cast<int>(n);
+    } else if (flag == "--stay" && n >= 0 && n <= 1000) {
+      opt.stay = static_cast<int>(n);
+    } else if (flag == "--server-pid" && n > 0) {
+      opt.serverPid = static_cast<pid_t>(n);
     } else {
       std::fprintf(stderr, "dispatch_load: bad flag %s %s\n", flag.c_str(),
                    value.c_str());
@@ -787,6 +1057,10 @@ int main(int argc, char** argv) {
   }
   if (opt.port == 0) {
     std::fprintf(stderr, "dispatch_load: --port is required\n");
+    return 2;
+  }
+  if (opt.stay > 0 && opt.serverPid == 0) {
+    std::fprintf(stderr, "dispatch_load: --stay needs --server-pid\n");
     return 2;
   }
   raiseFileLimit();
