@@ -20,7 +20,7 @@ struct ServerOptions {
   long typingTimeoutMs = 5000;              // typing auto-clear
   std::size_t maxMessageBytes = 64 * 1024;  // bigger frames: close 1009
   double rateLimit = 50;                    // messages per second (burst 2x): close 1008
-  std::size_t maxOutbox = 4096;             // queued outgoing messages per socket
+  std::size_t maxOutbox = 4096;             // queued outgoing messages: close 1008
   long shutdownGraceMs = 3000;              // wait for closes on SIGINT/SIGTERM
   long statsIntervalMs = 0;                 // periodic stats log line; 0 = off
   bool verbose = false;                     // info-level roomkeeper log lines
