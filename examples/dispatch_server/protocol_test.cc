@@ -851,6 +851,15 @@ std::string summary(std::vector<double>& v) {
   return line;
 }
 
+// The latency limit. Under AddressSanitizer (scripts/checks.sh runs these
+// tests in an -O1 ASan build) everything is several times slower; 20 ms
+// still sits well below the ~40 ms of a Nagle stall.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr double kLatencyLimitMs = 20.0;
+#else
+constexpr double kLatencyLimitMs = 5.0;
+#endif
+
 /// Latency on loopback, 100 connections one after the other: TCP connect,
 /// login and four joins, each reply awaited before the next request; then
 /// the four leaves sent at once. The second reply of a burst is written
@@ -894,10 +903,12 @@ bool requestRoundTrips() {
     const std::string a = summary(login), b = summary(burst);
     std::printf("     round %d: connect + login + 4 joins: %s\n", round + 1, a.c_str());
     std::printf("     round %d: 4 leaves at once:          %s\n", round + 1, b.c_str());
-    if (quantile(login, 0.99) < 5.0 && quantile(burst, 0.99) < 5.0) return true;
+    if (quantile(login, 0.99) < kLatencyLimitMs &&
+        quantile(burst, 0.99) < kLatencyLimitMs)
+      return true;
     gWhy += (gWhy.empty() ? "" : "; ") + ("login " + a + ", burst " + b);
   }
-  EXPECT(!"p99 < 5 ms in one of three rounds");
+  EXPECT(!"p99 under the limit in one of three rounds");
   return true;
 }
 
@@ -966,7 +977,8 @@ int main(int argc, char** argv) {
   run("GET /stats, /metrics, 404", httpEndpoints);
   run("HTTP: 405 (also with a body), GET with a body, HEAD, queries, 413, 400",
       httpMethodsAndQueries);
-  run("latency: login + 4 joins, and a burst of 4, p99 < 5 ms", requestRoundTrips);
+  run("latency: login + 4 joins, and a burst of 4, p99 < 5 ms (20 under ASan)",
+      requestRoundTrips);
   run("after all of it: /stats back to zero, no typing row", nothingLeft);
   if (gServerPid > 0)
     run("SIGTERM: serverShutdown to everyone, close 1001, no typingStopped",
