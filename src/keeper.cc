@@ -288,43 +288,80 @@ void Keeper::Impl::logStats() {
                        st.bytes));
 }
 
+namespace {
+// count > floor, and (ratio 0 or) count > ratio x base.
+bool over(std::size_t count, std::size_t floor, double ratio, std::size_t base) noexcept {
+  if (count <= floor) return false;
+  return ratio <= 0.0 || static_cast<double>(count) > ratio * static_cast<double>(base);
+}
+}  // namespace
+
+bool Keeper::Impl::warnDue(std::optional<SteadyTime>& last) {
+  const SteadyTime now = timers.clock().now();
+  if (last && now - *last < detail::saturatingNanos(opt.warnInterval)) return false;
+  last = now;
+  return true;
+}
+
 std::size_t Keeper::Impl::maybeWarn() {
   // Cheap integer checks first; the clock is read only when one trips.
   const std::size_t typingTimers = typing.impl_->index.size();
   const std::size_t sessions = reg.sessionIndex.size();
-  const bool a = typingTimers > opt.warnTypingTimers;
-  const bool b = static_cast<double>(reg.memberships) >
-                 opt.warnRoomsPerConnection * static_cast<double>(sessions);
-  const bool c = sessions > opt.warnConnections;
+  const bool a = over(typingTimers, opt.warnTypingTimers, opt.warnTypingPerSession,
+                      authenticatedSessions);
+  const bool b = over(reg.memberships, opt.warnTrackedRooms, opt.warnRoomsPerConnection,
+                      sessions);
+  const bool c = opt.warnConnections != 0 && sessions > opt.warnConnections;
   if (!(a || b || c) || !cb.log) return 0;
-  const SteadyTime now = timers.clock().now();
   std::size_t n = 0;
-  auto due = [&](std::optional<SteadyTime>& last) {
-    if (last && now - *last < detail::saturatingNanos(opt.warnInterval)) return false;
-    last = now;
-    return true;
-  };
-  if (a && due(lastWarnTyping)) {
-    queueLog(LogLevel::kWarning,
-             fmt::format("roomkeeper: high typing timer count: {} (threshold {}) - "
-                         "potential memory leak",
-                         typingTimers, opt.warnTypingTimers));
-    ++n;
-  }
-  if (b && due(lastWarnRooms)) {
-    queueLog(LogLevel::kWarning,
-             fmt::format("roomkeeper: room tracking exceeds expected ratio: {} tracked "
-                         "rooms for {} connections (threshold {}x)",
-                         reg.memberships, sessions, opt.warnRoomsPerConnection));
-    ++n;
-  }
-  if (c && due(lastWarnConnections)) {
-    queueLog(LogLevel::kWarning,
-             fmt::format("roomkeeper: high connection count: {} (threshold {})", sessions,
-                         opt.warnConnections));
-    ++n;
+  try {
+    if (a && warnDue(lastWarnTyping)) {
+      queueLog(LogLevel::kWarning,
+               fmt::format("roomkeeper: high typing timer count: {} for {} authenticated "
+                           "sessions (threshold {}x, at least {}) - potential memory leak: "
+                           "typing started and never stopped?",
+                           typingTimers, authenticatedSessions, opt.warnTypingPerSession,
+                           opt.warnTypingTimers));
+      ++n;
+    }
+    if (b && warnDue(lastWarnRooms)) {
+      queueLog(LogLevel::kWarning,
+               fmt::format("roomkeeper: room tracking exceeds expected ratio: {} tracked "
+                           "rooms for {} connections (threshold {}x, at least {}) - rooms "
+                           "joined and never left?",
+                           reg.memberships, sessions, opt.warnRoomsPerConnection,
+                           opt.warnTrackedRooms));
+      ++n;
+    }
+    if (c && warnDue(lastWarnConnections)) {
+      queueLog(LogLevel::kWarning,
+               fmt::format("roomkeeper: high connection count: {} (threshold {})", sessions,
+                           opt.warnConnections));
+      ++n;
+    }
+  } catch (...) {
+    reg.events.countDropped();  // no memory for the message
   }
   return n;
+}
+
+std::size_t Keeper::Impl::checkTransport(std::size_t open) {
+  const std::size_t sessions = reg.sessionIndex.size();
+  if (sessions <= open || sessions - open <= opt.warnSessionsWithoutConnection || !cb.log)
+    return 0;
+  if (!warnDue(lastWarnTransport)) return 0;
+  try {
+    queueLog(LogLevel::kWarning,
+             fmt::format("roomkeeper: {} sessions tracked but the transport has {} "
+                         "connections open: {} entries have no connection (threshold {}) - "
+                         "potential memory leak: a disconnect or forceCleanup missing?",
+                         sessions, open, sessions - open,
+                         opt.warnSessionsWithoutConnection));
+  } catch (...) {
+    reg.events.countDropped();
+    return 0;
+  }
+  return 1;
 }
 
 MemoryStats Keeper::Impl::stats() const noexcept {
@@ -547,6 +584,12 @@ std::optional<SteadyTime> Keeper::nextDeadline() const noexcept {
 
 MemoryStats Keeper::getMemoryStats() const noexcept { return impl_->stats(); }
 
+std::size_t Keeper::checkTransport(std::size_t openConnections) {
+  if (impl_->shut) return 0;
+  const std::size_t n = impl_->checkTransport(openConnections);
+  impl_->reg.flush();
+  return n;
+}
 std::size_t Keeper::checkThresholds() {
   const std::size_t n = impl_->maybeWarn();
   impl_->reg.flush();

@@ -70,7 +70,10 @@ struct Keeper::Impl {
   TimerHandlerId authHandler = 0;
   TimerHandlerId statsHandler = 0;
   TimerHandle statsTimer;
-  std::optional<SteadyTime> lastWarnTyping, lastWarnRooms, lastWarnConnections;
+  std::optional<SteadyTime> lastWarnTyping, lastWarnRooms, lastWarnConnections,
+      lastWarnTransport;
+  std::size_t checkTransport(std::size_t open);
+  bool warnDue(std::optional<SteadyTime>& last);
   std::size_t authenticatedSessions = 0;  // sessions bound to a user (O(1) stats)
   std::uint64_t authTimeouts = 0;
   std::uint64_t forcedCleanups = 0;

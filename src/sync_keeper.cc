@@ -363,6 +363,9 @@ std::size_t SyncKeeper::advance(SteadyTime now, std::size_t maxFire) {
 std::size_t SyncKeeper::checkThresholds() {
   return impl_->run([&] { return impl_->keeper.checkThresholds(); });
 }
+std::size_t SyncKeeper::checkTransport(std::size_t open) {
+  return impl_->run([&] { return impl_->keeper.checkTransport(open); });
+}
 std::vector<std::string> SyncKeeper::roomsOf(std::string_view s) const {
   std::lock_guard<std::recursive_mutex> g(impl_->mu);
   return impl_->keeper.registry().roomsOf(s);

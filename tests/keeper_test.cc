@@ -890,7 +890,9 @@ TEST_CASE("shutdown makes a last persistence attempt and reports what is undeliv
 TEST_CASE("threshold warnings are logged and rate-limited", "[keeper]") {
   KeeperOptions o;
   o.warnTypingTimers = 2;
+  o.warnTypingPerSession = 0.0;  // absolute
   o.warnRoomsPerConnection = 2.0;
+  o.warnTrackedRooms = 0;
   o.warnConnections = 2;
   o.warnInterval = Millis(60000);
   o.authTimeout = Millis(0);
@@ -959,11 +961,15 @@ TEST_CASE("threshold warnings are logged and rate-limited", "[keeper]") {
   }
 }
 
-TEST_CASE("the default thresholds are the original's", "[keeper]") {
+TEST_CASE("the default thresholds are relative, with the original's numbers as floors",
+          "[keeper]") {
   const KeeperOptions o;
   CHECK(o.warnTypingTimers == 100);
-  CHECK(o.warnRoomsPerConnection == 2.0);
-  CHECK(o.warnConnections == 1000);
+  CHECK(o.warnTypingPerSession == 2.0);
+  CHECK(o.warnRoomsPerConnection == 16.0);
+  CHECK(o.warnTrackedRooms == 1000);
+  CHECK(o.warnSessionsWithoutConnection == 16);
+  CHECK(o.warnConnections == 0);
   CHECK(o.authTimeout == Millis(30000));
   CHECK(o.typing.timeout == Millis(5000));
   CHECK(o.statsLogInterval == Millis(0));
@@ -1449,4 +1455,96 @@ TEST_CASE("a moved-from registry is empty and refuses, never crashes",
   CHECK(a.limits().maxRoomsPerSession == roomkeeper::Limits{}.maxRoomsPerSession);
   a = std::move(b);  // revived
   CHECK(a.isMember("s1", "r"));
+}
+
+// ---- Leak warnings with the default thresholds (issue #16) --------------
+
+namespace {
+// A dispatch day at `n` sessions with the default options: every session
+// logged in, in its role, user and crew rooms, 3 job rooms and a thread,
+// half of them typing. Returns the warnings logged.
+struct Day {
+  ManualClock clock;
+  std::vector<std::string> warnings;
+  std::unique_ptr<Keeper> k;
+  explicit Day(std::size_t n) {
+    KeeperOptions o;
+    o.clock = &clock;
+    KeeperCallbacks cb;
+    cb.log = [this](LogLevel l, std::string_view m) {
+      if (l == LogLevel::kWarning) warnings.emplace_back(m);
+    };
+    k = std::make_unique<Keeper>(cb, o);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::string s = "sock-" + std::to_string(i), u = "user-" + std::to_string(i);
+      const std::string thread = std::to_string(i % 500);
+      REQUIRE(k->connect(s) == Result::kOk);
+      REQUIRE(k->authenticate(s, u) == Result::kOk);
+      for (const std::string& r :
+           {std::string(i % 10 == 0 ? "role:dispatcher" : "role:crew"), "user:" + u,
+            "crew:" + std::to_string(i % 300), "job:" + std::to_string(i % 2000),
+            "job:" + std::to_string((i + 7) % 2000), "job:" + std::to_string((i + 13) % 2000),
+            "thread:" + thread})
+        REQUIRE(k->trackRoom(s, r) == Result::kOk);
+      if (i % 2 == 0) REQUIRE(k->startTyping(s, thread) == Result::kOk);
+    }
+  }
+  std::size_t count(std::string_view needle) const {
+    return static_cast<std::size_t>(std::count_if(
+        warnings.begin(), warnings.end(),
+        [&](const std::string& w) { return w.find(needle) != std::string::npos; }));
+  }
+};
+}  // namespace
+
+TEST_CASE("a normal dispatch day at 20,000 sessions logs no leak warning",
+          "[keeper][warnings]") {
+  Day day(20000);
+  CHECK(day.k->checkTransport(20000) == 0);
+  day.clock.advanceBy(std::chrono::minutes(2));
+  CHECK(day.k->checkThresholds() == 0);
+  CHECK(day.warnings.empty());
+  // And at a small size, too.
+  Day small(50);
+  CHECK(small.k->checkThresholds() == 0);
+  CHECK(small.warnings.empty());
+}
+
+TEST_CASE("injected leaks each log their own warning", "[keeper][warnings]") {
+  Day day(2000);
+  REQUIRE(day.warnings.empty());
+  SECTION("typing started and never stopped") {
+    // A host that starts typing in every thread a session is in and never
+    // stops it (keeping it alive): 10 indicators per session.
+    for (int i = 0; i < 600; ++i) {
+      const std::string s = "sock-" + std::to_string(i);
+      for (int t = 0; t < 10; ++t) {
+        const std::string thread = "leak-" + std::to_string(t);
+        REQUIRE(day.k->trackRoom(s, "thread:" + thread) == Result::kOk);
+        REQUIRE(day.k->startTyping(s, thread) == Result::kOk);
+      }
+    }
+    CHECK(day.count("high typing timer count") == 1);
+    CHECK(day.count("room tracking") == 0);
+  }
+  SECTION("rooms joined and never left") {
+    // Every job room ever opened stays joined: 40 per session.
+    for (int i = 0; i < 2000; ++i)
+      for (int j = 0; j < 33; ++j)
+        REQUIRE(day.k->trackRoom("sock-" + std::to_string(i), "old-job:" + std::to_string(j)) ==
+                Result::kOk);
+    CHECK(day.count("room tracking exceeds") == 1);
+    CHECK(day.count("typing") == 0);
+  }
+  SECTION("sessions whose connection is gone") {
+    // The transport closed 100 sockets and never told the Keeper.
+    CHECK(day.k->checkTransport(2000 - 100) == 1);
+    CHECK(day.count("100 entries have no connection") == 1);
+    CHECK(day.k->checkTransport(1900) == 0);  // rate-limited
+    CHECK(day.count("room tracking") + day.count("typing") == 0);
+  }
+  SECTION("a few closes in flight are not a leak") {
+    CHECK(day.k->checkTransport(2000 - 16) == 0);
+    CHECK(day.warnings.empty());
+  }
 }

@@ -191,8 +191,8 @@ class Gateway {
     roomkeeper::KeeperOptions ko;
     ko.authTimeout = roomkeeper::Millis(opt.authTimeoutMs);
     ko.typing.timeout = roomkeeper::Millis(opt.typingTimeoutMs);
-    // The leak warnings keep roomkeeper's defaults: no thresholds tuned to
-    // this demo's traffic.
+    // The leak warnings keep roomkeeper's defaults (relative to what is
+    // connected): no thresholds tuned to this demo's traffic.
     ko.statsLogInterval = roomkeeper::Millis(opt.statsIntervalMs);
     keeper_ = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
   }
@@ -250,6 +250,9 @@ class Gateway {
 
   /// roomkeeper's statsJson() plus what only the host knows.
   std::string statsJson() {
+    // Our open connections against roomkeeper's sessions: the library warns
+    // if it holds sessions whose socket we no longer have.
+    (void)keeper_->checkTransport(sessionCount());
     std::string s = keeper_->statsJson();
     s.pop_back();  // the closing brace
     s += ",\"typingRows\":" + std::to_string(store_.countRows());

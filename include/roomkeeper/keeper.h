@@ -97,10 +97,29 @@ struct KeeperOptions {
   Limits limits;
   TypingOptions typing;
   Millis authTimeout{30000};  // 0 = no auth deadline
-  // Warnings (log, kWarning), at most one per kind per warnInterval.
+  // Leak warnings (log, kWarning), at most one per kind per warnInterval,
+  // checked after each connect, join and typing start and by
+  // checkThresholds(). The defaults are relative to what is connected, so a
+  // healthy day of any size logs none, and each names the leak it points to:
+  //  * typing: typing indicators > warnTypingPerSession x authenticated
+  //    sessions, and > warnTypingTimers (a floor against noise at small
+  //    counts). A normal client types in one thread at a time; a host that
+  //    starts typing and never stops (or never lets it clear) crosses it.
+  //  * memberships: tracked rooms > warnRoomsPerConnection x sessions, and
+  //    > warnTrackedRooms. Crosses when a host joins rooms and never leaves
+  //    them (a dispatch client holds ~7: role, user, crew, jobs, thread).
+  //  * no connection: checkTransport(open) -- the host's own count of open
+  //    transport connections -- finds more than warnSessionsWithoutConnection
+  //    sessions the transport no longer has (a missing disconnect).
+  //  * connections: an absolute cap, off by default.
+  // A ratio of 0 makes that warning absolute (its floor alone); a floor of
+  // SIZE_MAX turns it off.
+  double warnTypingPerSession = 2.0;
   std::size_t warnTypingTimers = 100;
-  double warnRoomsPerConnection = 2.0;
-  std::size_t warnConnections = 1000;
+  double warnRoomsPerConnection = 16.0;
+  std::size_t warnTrackedRooms = 1000;
+  std::size_t warnSessionsWithoutConnection = 16;
+  std::size_t warnConnections = 0;  // 0 = off
   Millis warnInterval{60000};
   // A periodic one-line stats log on the timer service; 0 = off.
   Millis statsLogInterval{0};
@@ -224,6 +243,11 @@ class Keeper {
   std::string prometheusText() const;
   /// The same statistics as one JSON object.
   std::string statsJson() const;
+  /// The host's count of open transport connections (sockets it has not
+  /// yet reported to disconnect/forceCleanup), for the "no connection"
+  /// warning; call it now and then (a /stats request, a periodic tick).
+  /// Returns how many warnings were logged (0 or 1, rate-limited). O(1).
+  std::size_t checkTransport(std::size_t openConnections);
   /// Logs the threshold warnings now (still rate-limited). Returns how many
   /// warnings were logged.
   std::size_t checkThresholds();

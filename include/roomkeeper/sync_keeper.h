@@ -82,6 +82,7 @@ class SyncKeeper {
   std::optional<SteadyTime> nextDeadline() const;
   /// As Keeper::checkThresholds; the warnings are logged outside the lock.
   std::size_t checkThresholds();
+  std::size_t checkTransport(std::size_t openConnections);
 
   /// Queries, under the lock.
   bool isConnected(std::string_view session) const;
