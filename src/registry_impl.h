@@ -31,7 +31,7 @@ struct SessionSlot {  // 64 bytes
   detail::EntryList rooms;  // {room slot, position in room's members}
   detail::EntryList typing;  // {typing indicator, 1 if started anonymous}: TypingTimerManager's
   std::uint32_t user = detail::kNone;
-  std::uint32_t generation = 0;  // 0 while free
+  std::uint32_t generation = 0;  // the last one issued (kept while free)
   std::uint32_t mark = 0;        // broadcast de-duplication stamp
   // Position in the user's session list (O(1) unlink however many sessions
   // a user has); 24 bits, so a user has at most kMaxUserSessions.
@@ -117,7 +117,12 @@ struct SessionRegistry::Impl {
   std::size_t memberships = 0;
   std::size_t sessionsWithRooms = 0;
   std::uint64_t callbackErrors = 0;
-  std::uint32_t generationCounter = 0;
+  // Session generations (see freeSessionSlot): per slot, kept while free.
+  static constexpr std::uint32_t kGenerationPinAt = 0x80000000u;
+  std::uint32_t generationFloor = 0;  // every generation issued before the pages went
+  std::uint32_t maxGeneration = 0;
+  std::size_t retiredSlots = 0;
+  bool pinned = false;
   std::uint32_t markCounter = 0;
   mutable std::atomic<int> iterating{0};
   detail::EventQueue events;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <exception>
 #include <new>
 #include <string>
@@ -61,7 +62,8 @@ std::uint32_t SessionRegistry::Impl::findUser(std::string_view id) const {
 std::uint32_t SessionRegistry::Impl::fromHandle(SessionHandle h) const {
   if (!h.valid() || h.index >= sessionSlots.highWater()) return kNone;
   const SessionSlot& s = sessionSlots[h.index];
-  if (s.generation != h.generation) return kNone;
+  // A free slot keeps its last generation (so the next one is higher).
+  if (s.state == SessionState::kFree || s.generation != h.generation) return kNone;
   return h.index;
 }
 
@@ -144,9 +146,20 @@ void SessionRegistry::Impl::undoConnect(std::uint32_t s) noexcept {
 
 void SessionRegistry::Impl::freeSessionSlot(std::uint32_t s) noexcept {
   SessionSlot& slot = sessionSlots[s];
-  slot.generation = 0;
-  slot.state = SessionState::kFree;
-  sessionSlots.release(s);
+  slot.state = SessionState::kFree;  // the generation stays: stale stays stale
+  // A slot at the last generation is never reused (retired: 64 bytes after
+  // 2^32 - 1 sessions in it). Past half the range one slot is retired as a
+  // pin, so the pages (and every slot's generation) are kept from then on
+  // and the floor below never nears the maximum.
+  const bool pin = maxGeneration >= kGenerationPinAt && !pinned;
+  if (slot.generation == std::numeric_limits<std::uint32_t>::max() || pin) {
+    ++retiredSlots;
+    pinned = pinned || pin;
+  } else {
+    sessionSlots.release(s);
+    // Every page returned: the next slots start above every issued handle.
+    if (sessionSlots.highWater() == 0) generationFloor = maxGeneration;
+  }
   // The last session gone: the index hands its table back (bytes to 0).
   if (sessionIndex.empty()) {
     SessionIndex fresh(0, SessionHash{&sessionSlots}, SessionEq{&sessionSlots},
@@ -196,8 +209,11 @@ Result SessionRegistry::Impl::connect(std::string_view session,
     return Result::kOutOfMemory;
   }
   SessionSlot& slot = sessionSlots[s];
-  if (++generationCounter == 0) generationCounter = 1;
-  slot.generation = generationCounter;
+  // Above every generation this slot ever had (it keeps its last one while
+  // free) and above every one issued before the pages were last returned.
+  // Never wraps: a slot that reaches the maximum is retired when it frees.
+  slot.generation = std::max(slot.generation, generationFloor) + 1;
+  maxGeneration = std::max(maxGeneration, slot.generation);
   slot.state = SessionState::kLive;
   slot.user = kNone;
   if (!user.empty()) {
@@ -205,9 +221,7 @@ Result SessionRegistry::Impl::connect(std::string_view session,
     if (r != Result::kOk) {
       sessionIndex.erase(s);
       slot.name.reset(&bytes);
-      slot.generation = 0;
-      slot.state = SessionState::kFree;
-      sessionSlots.release(s);
+      freeSessionSlot(s);
       return r;
     }
   }
@@ -331,7 +345,8 @@ Result SessionRegistry::Impl::track(std::uint32_t s, std::string_view room) {
       }
       if (!allowed) return Result::kDenied;
       // The hook may have called back in: check everything again.
-      if (s >= sessionSlots.highWater() || sessionSlots[s].generation != gen)
+      if (s >= sessionSlots.highWater() || sessionSlots[s].state == SessionState::kFree ||
+          sessionSlots[s].generation != gen)
         return Result::kNotConnected;
       if (sessionSlots[s].state == SessionState::kClosing) return Result::kClosing;
       continue;
@@ -827,6 +842,16 @@ std::size_t SessionRegistry::broadcast(const BroadcastTargets& targets,
   });
   im.flush();
   return n;
+}
+
+void detail::TestAccess::ageSessions(SessionRegistry& registry, std::uint32_t g) {
+  SessionRegistry::Impl& im = *registry.impl_;
+  for (std::size_t i = 0; i < im.sessionSlots.highWater(); ++i) {
+    SessionSlot& slot = im.sessionSlots[static_cast<std::uint32_t>(i)];
+    if (slot.state == SessionState::kFree) slot.generation = g;
+  }
+  im.generationFloor = std::max(im.generationFloor, g);
+  im.maxGeneration = std::max(im.maxGeneration, g);
 }
 
 RegistryStats SessionRegistry::getMemoryStats() const noexcept {

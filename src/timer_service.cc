@@ -213,6 +213,12 @@ struct TimerService::Impl {
     if (node(i).state != NodeState::kFiring) --pending;
     Node& n = node(i);
     n.state = NodeState::kFree;
+    // A node at the last generation is never reused (retired: 28 bytes
+    // after 2^32 - 1 timers in it), so a kept handle stays stale forever.
+    if (n.generation == std::numeric_limits<std::uint32_t>::max()) {
+      ++retired;
+      return;
+    }
     n.next = freeHead;
     freeHead = i;
   }
@@ -345,6 +351,7 @@ struct TimerService::Impl {
   std::uint32_t highWater = 0;
   std::uint32_t freeHead = kNil;
   std::uint32_t generationBase = 0;
+  std::size_t retired = 0;  // nodes at the last generation, never reused
   std::uint32_t maxGeneration = 0;
   // A deque: a callback may add a handler while its own runs, and deque
   // growth never moves the elements (a vector's would move the running one).
@@ -407,7 +414,7 @@ TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId han
   if (handler >= im.handlers.size() || !im.handlerLive[handler]) return {};
   const std::uint32_t i = im.allocNode();
   Node& n = im.node(i);
-  if (++n.generation == 0) n.generation = 1;
+  ++n.generation;  // never wraps: see freeNode (and new pages start above 0)
   if (n.generation > im.maxGeneration) im.maxGeneration = n.generation;
   n.data = data;
   n.handler = handler;
@@ -523,13 +530,25 @@ std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->erro
 void TimerService::shrinkToFit() {
   Impl& im = *impl_;
   if (im.pending != 0 || im.firing) return;
-  im.generationBase = im.maxGeneration;  // new pages start above every issued handle
+  // New pages start above every issued handle. Past half the generation
+  // range the pages are kept instead (each node then keeps counting on its
+  // own), so that base never nears the maximum.
+  if (im.maxGeneration >= 0x80000000u) return;
+  im.generationBase = im.maxGeneration;
   std::vector<std::unique_ptr<Node[]>>().swap(im.pages);
   im.highWater = 0;
   im.freeHead = kNil;
 }
 
 const Clock& TimerService::clock() const noexcept { return *impl_->clock; }
+
+void detail::TestAccess::ageTimers(TimerService& timers, std::uint32_t g) {
+  TimerService::Impl& im = *timers.impl_;
+  for (std::uint32_t i = 0; i < im.highWater; ++i)
+    if (im.node(i).state == NodeState::kFree) im.node(i).generation = g;
+  im.generationBase = std::max(im.generationBase, g);
+  im.maxGeneration = std::max(im.maxGeneration, g);
+}
 void TimerService::setLog(LogFn log) { impl_->log = std::move(log); }
 
 }  // namespace roomkeeper

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -2127,4 +2128,40 @@ TEST_CASE("a user with very many sessions (no per-user limit): each unlink is ex
   CHECK(st.users == 0);
   CHECK(st.sessions == 0);
   CHECK(st.bytes == 0);
+}
+
+TEST_CASE("a session slot at the last 32-bit generation is retired: stale stays stale",
+          "[registry][hardening]") {
+  SessionRegistry reg;
+  REQUIRE(reg.connect("keep") == Result::kOk);  // slot 0, live throughout
+  REQUIRE(reg.connect("pin") == Result::kOk);   // slot 1
+  roomkeeper::SessionHandle first;
+  REQUIRE(reg.connect("x", "", &first) == Result::kOk);  // slot 2
+  REQUIRE(reg.disconnect("x") == Result::kOk);
+  // Jump the free slot to three short of the maximum (2^32 connects).
+  roomkeeper::detail::TestAccess::ageSessions(reg, std::numeric_limits<std::uint32_t>::max() - 3);
+  REQUIRE(reg.disconnect("pin") == Result::kOk);  // past 2^31: pins the pages
+  std::vector<roomkeeper::SessionHandle> old{first};
+  for (int i = 0; i < 3; ++i) {
+    roomkeeper::SessionHandle h;
+    REQUIRE(reg.connect("x", "", &h) == Result::kOk);
+    CHECK(h.index == first.index);
+    old.push_back(h);
+    REQUIRE(reg.disconnect("x") == Result::kOk);
+  }
+  CHECK(old.back().generation == std::numeric_limits<std::uint32_t>::max());
+  for (int i = 0; i < 50; ++i) {
+    roomkeeper::SessionHandle h;
+    REQUIRE(reg.connect("x", "", &h) == Result::kOk);
+    CHECK(h.index != first.index);
+    for (const roomkeeper::SessionHandle& o : old) {
+      CHECK_FALSE(o == h);
+      CHECK_FALSE(reg.isConnected(o));
+      CHECK(reg.trackRoom(o, "r") == Result::kStaleHandle);
+    }
+    REQUIRE(reg.disconnect("x") == Result::kOk);
+  }
+  CHECK(reg.getMemoryStats().sessions == 1);
+  CHECK(reg.disconnect("keep") == Result::kOk);
+  CHECK(reg.getMemoryStats().sessions == 0);
 }

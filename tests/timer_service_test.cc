@@ -1275,3 +1275,37 @@ TEST_CASE("randomized model test: the wheel matches a sorted model", "[timer][mo
 }
 
 }  // namespace
+
+TEST_CASE("a node at the last 32-bit generation is retired: stale stays stale",
+          "[timer][hardening]") {
+  ManualClock clock;
+  TimerService ts(&clock);
+  const TimerHandlerId h = ts.addHandler([](TimerHandle, std::uint32_t) {});
+  const TimerHandle keep = ts.arm(1h, h, 0);  // node 0 stays pending
+  const TimerHandle first = ts.arm(1h, h, 1);  // node 1
+  REQUIRE(ts.cancel(first));
+  // Jump node 1 to three short of the maximum instead of 2^32 re-arms.
+  roomkeeper::detail::TestAccess::ageTimers(ts, std::numeric_limits<std::uint32_t>::max() - 3);
+  std::vector<TimerHandle> old{first};
+  for (int i = 0; i < 3; ++i) {
+    const TimerHandle t = ts.arm(1h, h, 2);
+    CHECK(t.index == first.index);  // reused while below the maximum
+    old.push_back(t);
+    REQUIRE(ts.cancel(t));
+  }
+  CHECK(old.back().generation == std::numeric_limits<std::uint32_t>::max());
+  // The node is retired: new timers go elsewhere, old handles never match.
+  for (int i = 0; i < 100; ++i) {
+    const TimerHandle t = ts.arm(1h, h, 3);
+    CHECK(t.index != first.index);
+    CHECK(t.generation != 0);
+    for (const TimerHandle& o : old) CHECK_FALSE(o == t);
+  }
+  for (const TimerHandle& o : old) {
+    CHECK_FALSE(ts.isPending(o));
+    CHECK_FALSE(ts.cancel(o));
+    CHECK_FALSE(ts.restart(o, 1ms));
+  }
+  CHECK(ts.isPending(keep));
+  CHECK(ts.size() == 101);
+}

@@ -39,7 +39,18 @@ struct SessionHandle {
   }
 };
 
+class TimerService;
+class SessionRegistry;
+
 namespace detail {
+
+/// Test hooks, for tests/ only (not part of the API): set every free timer
+/// node / session slot, and the base of new ones, to generation `g`, so the
+/// 32-bit wrap can be reached without 2^32 operations.
+struct TestAccess {
+  static void ageTimers(TimerService& timers, std::uint32_t g);
+  static void ageSessions(SessionRegistry& registry, std::uint32_t g);
+};
 
 /// A non-owning reference to a callable, for visitors that run inside one
 /// call (absl::FunctionRef without making Abseil part of the API).

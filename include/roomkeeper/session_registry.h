@@ -287,6 +287,7 @@ class SessionRegistry {
   friend class Keeper;
   friend class TypingTimerManager;
   friend class SyncKeeper;
+  friend struct detail::TestAccess;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -45,7 +45,10 @@
 // timer once a page exists). Freed nodes are reused; pages are kept until
 // shrinkToFit() (or destruction). TimerHandle carries the node's generation,
 // so a stale handle (its timer fired or was cancelled, the node maybe
-// reused) is a harmless no-op everywhere.
+// reused) is a harmless no-op everywhere -- forever: a node whose 32-bit
+// generation reaches the maximum is retired instead of wrapping (28 bytes
+// per 2^32 - 1 timers in one node), and once any generation passes 2^31,
+// shrinkToFit() keeps the pages so that no generation is ever issued twice.
 //
 // Thread safety: thread-compatible. Use it from one thread, or under the
 // host's lock (TimerThread and SyncKeeper do the locking for you).
@@ -227,6 +230,7 @@ class TimerService {
   void setLog(LogFn log);
 
  private:
+  friend struct detail::TestAccess;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
