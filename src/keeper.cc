@@ -503,21 +503,17 @@ Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
 Result Keeper::untrackRoom(SessionHandle session, std::string_view room) {
   return untrackRoomImpl(session, room);
 }
-std::size_t Keeper::clearRoomTracking(SessionHandle session) {
-  if (impl_->shut || impl_->busy()) return 0;
-  const std::uint32_t s = impl_->reg.fromHandle(session);
-  if (s == detail::kNone) return 0;
-  const std::size_t n = impl_->reg.clearRooms(s);
-  impl_->reg.flush();
+std::size_t Keeper::Impl::clearRoomTrackingSlot(std::uint32_t s) {
+  if (shut || busy() || s == detail::kNone) return 0;
+  const std::size_t n = reg.clearRooms(s);
+  reg.flush();
   return n;
 }
+std::size_t Keeper::clearRoomTracking(SessionHandle session) {
+  return impl_->clearRoomTrackingSlot(impl_->reg.fromHandle(session));
+}
 std::size_t Keeper::clearRoomTracking(std::string_view session) {
-  if (impl_->shut || impl_->busy()) return 0;
-  const std::uint32_t s = impl_->reg.findSession(session);
-  if (s == detail::kNone) return 0;
-  const std::size_t n = impl_->reg.clearRooms(s);
-  impl_->reg.flush();
-  return n;
+  return impl_->clearRoomTrackingSlot(impl_->reg.findSession(session));
 }
 Result Keeper::startTyping(std::string_view session, std::string_view thread) {
   return startTypingImpl(session, thread);

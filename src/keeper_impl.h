@@ -48,6 +48,8 @@ struct Keeper::Impl {
     }
   }
   Result disconnect(std::string_view session);
+  /// Both clearRoomTracking overloads: 0 when shut down, busy or unknown.
+  std::size_t clearRoomTrackingSlot(std::uint32_t s);
   void runDisconnect(std::uint32_t s);
   void releaseConnTimersIfEmpty();
   ShutdownReport shutdown();

@@ -94,8 +94,9 @@ struct SessionRegistry::Impl {
 
   /// Never throws: out of memory, the event is dropped and counted.
   void pushEvent(EventKind kind, std::string_view a, std::string_view b) noexcept;
-  /// Takes back an anonymous connect() that queued no event (its caller
-  /// could not arm what must go with it). Silent: nothing had been told.
+  /// Takes back a connect() that queued no event (its caller could not
+  /// have what must go with it: a deadline, a user link). Silent: nothing
+  /// had been told.
   void undoConnect(std::uint32_t s) noexcept;
   /// Marks a session slot free (its name and lists already released).
   void freeSessionSlot(std::uint32_t s) noexcept;
@@ -121,7 +122,6 @@ struct SessionRegistry::Impl {
   static constexpr std::uint32_t kGenerationPinAt = 0x80000000u;
   std::uint32_t generationFloor = 0;  // every generation issued before the pages went
   std::uint32_t maxGeneration = 0;
-  std::size_t retiredSlots = 0;
   bool pinned = false;
   std::uint32_t markCounter = 0;
   mutable std::atomic<int> iterating{0};

@@ -153,8 +153,7 @@ void SessionRegistry::Impl::freeSessionSlot(std::uint32_t s) noexcept {
   // and the floor below never nears the maximum.
   const bool pin = maxGeneration >= kGenerationPinAt && !pinned;
   if (slot.generation == std::numeric_limits<std::uint32_t>::max() || pin) {
-    ++retiredSlots;
-    pinned = pinned || pin;
+    pinned = pinned || pin;  // retired: never released, never reused
   } else {
     sessionSlots.release(s);
     // Every page returned: the next slots start above every issued handle.
@@ -219,9 +218,7 @@ Result SessionRegistry::Impl::connect(std::string_view session,
   if (!user.empty()) {
     Result r = linkUser(s, user, &newUser);
     if (r != Result::kOk) {
-      sessionIndex.erase(s);
-      slot.name.reset(&bytes);
-      freeSessionSlot(s);
+      undoConnect(s);
       return r;
     }
   }

@@ -24,9 +24,9 @@ namespace {
 // on the driver thread neither joins itself nor waits for a stopDriver()
 // that is joining it.
 thread_local const void* tDriverOf = nullptr;
-// How many deliveries of which SyncKeeper run on this thread's stack.
+// The SyncKeeper whose callbacks this thread is delivering, if any (the
+// innermost, when deliveries nest).
 thread_local const void* tDeliveringFor = nullptr;
-thread_local int tDeliveringDepth = 0;
 }  // namespace
 
 struct SyncKeeper::Impl {
@@ -80,15 +80,8 @@ struct SyncKeeper::Impl {
     if (events.empty()) return;
     struct Mark {
       const void* prev;
-      int prevDepth;
-      explicit Mark(const void* self) : prev(tDeliveringFor), prevDepth(tDeliveringDepth) {
-        tDeliveringFor = self;
-        tDeliveringDepth = 1;
-      }
-      ~Mark() {
-        tDeliveringFor = prev;
-        tDeliveringDepth = prevDepth;
-      }
+      explicit Mark(const void* self) : prev(tDeliveringFor) { tDeliveringFor = self; }
+      ~Mark() { tDeliveringFor = prev; }
     } mark(this);
     for (detail::Event& ev : events) {
       if (ev.kind == static_cast<std::uint8_t>(EventKind::kCustom)) {

@@ -215,10 +215,7 @@ struct TimerService::Impl {
     n.state = NodeState::kFree;
     // A node at the last generation is never reused (retired: 28 bytes
     // after 2^32 - 1 timers in it), so a kept handle stays stale forever.
-    if (n.generation == std::numeric_limits<std::uint32_t>::max()) {
-      ++retired;
-      return;
-    }
+    if (n.generation == std::numeric_limits<std::uint32_t>::max()) return;
     n.next = freeHead;
     freeHead = i;
   }
@@ -351,7 +348,6 @@ struct TimerService::Impl {
   std::uint32_t highWater = 0;
   std::uint32_t freeHead = kNil;
   std::uint32_t generationBase = 0;
-  std::size_t retired = 0;  // nodes at the last generation, never reused
   std::uint32_t maxGeneration = 0;
   // A deque: a callback may add a handler while its own runs, and deque
   // growth never moves the elements (a vector's would move the running one).

@@ -88,6 +88,8 @@ struct TypingTimerManager::Impl {
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
   void undoStart(std::uint32_t idx) noexcept;
   void scheduleDrain(std::uint64_t upTo) noexcept;
+  /// Arms the retry timer unless it is armed (out of memory: does nothing).
+  void ensureRetry(Millis delay) noexcept;
   std::size_t drain(bool force, std::uint64_t upTo);
   std::size_t discardPersistence();
   std::size_t finalFlush();

@@ -285,11 +285,15 @@ void TypingTimerManager::Impl::scheduleDrain(std::uint64_t upTo) noexcept {
     ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
     ev.fn = [this, upTo]() { drain(false, upTo); };
   });
-  if (queued || retryTimer.valid()) return;
   // No delivery could be queued: the retry timer delivers instead, so no
   // call waits for a drain that never comes.
+  if (!queued) ensureRetry(opt.retryInitial);
+}
+
+void TypingTimerManager::Impl::ensureRetry(Millis delay) noexcept {
+  if (retryTimer.valid()) return;
   try {
-    retryTimer = timers.arm(opt.retryInitial, retryHandler, 0);
+    retryTimer = timers.arm(delay, retryHandler, 0);
   } catch (...) {
     // Not even a timer: the next persistence call or advance() will do.
   }
@@ -316,12 +320,7 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
       } catch (...) {
         // No memory for the copy: leave the call queued and come back on
         // the retry timer (never a call stranded without a drain).
-        if (!retryTimer.valid()) {
-          try {
-            retryTimer = timers.arm(backoff, retryHandler, 0);
-          } catch (...) {
-          }
-        }
+        ensureRetry(backoff);
         return delivered;
       }
       inflight = true;
