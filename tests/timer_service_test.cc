@@ -1309,3 +1309,22 @@ TEST_CASE("a node at the last 32-bit generation is retired: stale stays stale",
   CHECK(ts.isPending(keep));
   CHECK(ts.size() == 101);
 }
+
+TEST_CASE("durations convert to nanoseconds saturating, exact below the limit",
+          "[timer][hardening]") {
+  using roomkeeper::detail::saturatingNanos;
+  using Ns = std::chrono::nanoseconds;
+  CHECK(saturatingNanos(roomkeeper::Millis::max()) == Ns::max());
+  CHECK(saturatingNanos(roomkeeper::Millis::min()) == Ns::min());
+  CHECK(saturatingNanos(std::chrono::hours::max()) == Ns::max());
+  CHECK(saturatingNanos(roomkeeper::Millis(5000)) == Ns(5000000000));
+  CHECK(saturatingNanos(std::chrono::seconds(-3)) == Ns(-3000000000));
+  CHECK(saturatingNanos(Ns(7)) == Ns(7));
+  // The largest whole count of milliseconds that fits, and one more.
+  const auto fits = roomkeeper::Millis(Ns::max().count() / 1000000);
+  CHECK(saturatingNanos(fits) == Ns(fits.count() * 1000000));
+  CHECK(saturatingNanos(fits + roomkeeper::Millis(1)) == Ns::max());
+  CHECK(saturatingNanos(std::chrono::duration<double>(1.5)) == Ns(1500000000));
+  CHECK(saturatingNanos(std::chrono::duration<std::uint64_t, std::milli>(
+            std::numeric_limits<std::uint64_t>::max())) == Ns::max());
+}

@@ -65,6 +65,8 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <ratio>
+#include <type_traits>
 
 #include "roomkeeper/callbacks.h"
 
@@ -75,16 +77,29 @@ using Millis = std::chrono::milliseconds;
 
 namespace detail {
 /// `d` in nanoseconds, saturated at nanoseconds::max() (and min()): a plain
-/// conversion of Millis::max() overflows into the past. O(1).
+/// conversion of Millis::max() overflows into the past. Integer arithmetic
+/// for integer durations (one compare on the arm/restart path). O(1).
 template <typename Rep, typename Period>
 constexpr std::chrono::nanoseconds saturatingNanos(
     std::chrono::duration<Rep, Period> d) noexcept {
   using Ns = std::chrono::nanoseconds;
-  using Wide = std::chrono::duration<long double, std::nano>;
-  const Wide w = std::chrono::duration_cast<Wide>(d);
-  if (w >= Wide(static_cast<long double>(Ns::max().count()))) return Ns::max();
-  if (w <= Wide(static_cast<long double>(Ns::min().count()))) return Ns::min();
-  return std::chrono::duration_cast<Ns>(d);
+  using R = std::ratio_divide<Period, std::nano>;
+  if constexpr (std::is_integral_v<Rep> && R::den == 1) {
+    // A whole number of nanoseconds per tick: overflow iff |count| > max/num.
+    constexpr Ns::rep kLimit = Ns::max().count() / R::num;
+    if (d.count() > kLimit) return Ns::max();
+    if constexpr (std::is_signed_v<Rep>) {
+      if (d.count() < -kLimit) return Ns::min();
+    }
+    return Ns(static_cast<Ns::rep>(d.count()) * static_cast<Ns::rep>(R::num));
+  } else {
+    // Finer than a nanosecond, or floating point: checked in long double.
+    using Wide = std::chrono::duration<long double, std::nano>;
+    const Wide w = std::chrono::duration_cast<Wide>(d);
+    if (w >= Wide(static_cast<long double>(Ns::max().count()))) return Ns::max();
+    if (w <= Wide(static_cast<long double>(Ns::min().count()))) return Ns::min();
+    return std::chrono::duration_cast<Ns>(d);
+  }
 }
 }  // namespace detail
 
