@@ -33,6 +33,8 @@ wanted=(
   "sqlite3|the demo and its end-to-end test count the rows left in the database file"
   "catch2|the unit tests (configured in the shared build, also by demo.sh)"
   "python3|the benchmark smoke test's output check (configured in the shared build)"
+  "libhiredis-dev|roomkeeper::cluster formats and parses Redis commands with hiredis (0.14)"
+  "redis-server|the cluster tests and demo start their own redis-server on a loopback port"
 )
 if [ "$profile" = ci ]; then
   wanted+=(

@@ -349,6 +349,7 @@ class EventQueue {
   void countDropped() noexcept { ++dropped_; }
   std::uint64_t dropped() const noexcept { return dropped_; }
   bool empty() const noexcept { return events_.empty(); }
+  std::size_t size() const noexcept { return events_.size(); }
   /// True while drain() delivers (a callback is running).
   bool running() const noexcept { return running_; }
   std::vector<Event> take() {

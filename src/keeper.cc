@@ -19,11 +19,21 @@ std::uint64_t pack(std::uint32_t index, std::uint32_t generation) noexcept {
   return (std::uint64_t{generation} << 32) | index;
 }
 
-RegistryCallbacks registryCallbacks(const KeeperCallbacks& k) {
+RegistryCallbacks registryCallbacks(const KeeperCallbacks& k, Bus* bus) {
   RegistryCallbacks r;
   r.leave = k.leave;
-  r.userOnline = k.userOnline;
-  r.userOffline = k.userOffline;
+  if (bus) {
+    // Presence is the bus's (relayPresence); memberships are reported.
+    r.roomJoined = [bus](std::string_view room, std::string_view session) {
+      bus->joined(session, room);
+    };
+    r.roomLeft = [bus](std::string_view room, std::string_view session) {
+      bus->left(session, room);
+    };
+  } else {
+    r.userOnline = k.userOnline;
+    r.userOffline = k.userOffline;
+  }
   r.roomCreated = k.roomCreated;
   r.roomDeleted = k.roomDeleted;
   r.log = k.log;
@@ -44,7 +54,7 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
     : cb(std::move(c)),
       opt(std::move(o)),
       timers(opt.clock),
-      registry(registryCallbacks(cb), opt.limits),
+      registry(registryCallbacks(cb, opt.bus), opt.limits),
       reg(*registry.impl_),
       typing(registry, timers, typingCallbacks(cb), opt.typing),
       connTimers(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
@@ -64,9 +74,21 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
   });
   if (opt.statsLogInterval.count() > 0)
     statsTimer = timers.arm(opt.statsLogInterval, statsHandler, 0);
+  typing.impl_->bus = opt.bus;
 }
 
 Keeper::Impl::~Impl() = default;
+
+void Keeper::Impl::queueSessionUp(std::string_view session, std::string_view user) noexcept {
+  if (!opt.bus) return;
+  try {
+    queue([bus = opt.bus, s = std::string(session), u = std::string(user)]() {
+      bus->sessionUp(s, u);
+    });
+  } catch (...) {
+    reg.events.countDropped();
+  }
+}
 
 void Keeper::Impl::queue(std::function<void()> fn) noexcept {
   reg.events.tryPush([&](detail::Event& ev) {
@@ -134,6 +156,7 @@ Result Keeper::Impl::authenticate(std::string_view session, std::string_view use
   const Result r = reg.bindUser(session, user);
   if (r != Result::kOk) return r;
   ++authenticatedSessions;
+  queueSessionUp(session, user);
   const std::uint32_t s = reg.findSession(session);
   auto it = connTimers.find(pack(s, reg.sessionSlots[s].generation));
   if (it != connTimers.end()) {
@@ -190,6 +213,19 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   }
   ss.state = SessionState::kClosing;
   if (ss.user != detail::kNone) --authenticatedSessions;
+  // The bus hears sessionDown after the leaves (queued by step 4). The
+  // names are copied now: the slots go in step 6.
+  std::function<void()> down;
+  if (opt.bus && ss.user != detail::kNone) {
+    try {
+      down = [bus = opt.bus, name = std::string(ss.name.view()),
+              user = std::string(reg.userSlots[ss.user].name.view())]() {
+        bus->sessionDown(name, user);
+      };
+    } catch (...) {
+      reg.events.countDropped();
+    }
+  }
   // 2. The connection timer.
   auto it = connTimers.find(pack(s, ss.generation));
   if (it != connTimers.end()) {
@@ -200,6 +236,7 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   typing.impl_->onDisconnect(s);
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
+  if (down) queue(std::move(down));
   releaseConnTimersIfEmpty();
   // The last session gone and no timer left: the timer pages go too, so
   // that bytes return to where they started (no-op inside advance()).
@@ -430,6 +467,7 @@ Result Keeper::connectAuthenticated(std::string_view session, std::string_view u
   const Result r = im.reg.connect(session, user, handle);
   if (r == Result::kOk) {
     ++im.authenticatedSessions;
+    im.queueSessionUp(session, user);
     im.maybeWarn();
   }
   im.reg.flush();
@@ -548,16 +586,79 @@ ShutdownReport Keeper::shutdown() {
 }
 bool Keeper::isShutDown() const noexcept { return impl_->shut; }
 
+std::size_t Keeper::Impl::deliverLocal(const BroadcastTargets& targets,
+                                       std::string_view event, std::string_view payload) {
+  if (shut || !cb.emit) return 0;
+  // One copy of the message for every member.
+  const auto msg = std::make_shared<const std::pair<std::string, std::string>>(
+      std::string(event), std::string(payload));
+  return reg.forEachTarget(targets, [&](std::string_view s) {
+    queue([this, to = std::string(s), msg]() { cb.emit(to, msg->first, msg->second); });
+  });
+}
+
 std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view event,
                               std::string_view payload) {
-  if (impl_->shut || !impl_->cb.emit) return 0;
   Impl& im = *impl_;
-  const std::string ev(event), pl(payload);
-  const std::size_t n = im.reg.forEachTarget(targets, [&](std::string_view s) {
-    im.queue([&im, to = std::string(s), ev, pl]() { im.cb.emit(to, ev, pl); });
-  });
+  if (im.shut) return 0;
+  const std::size_t n = im.deliverLocal(targets, event, payload);
+  if (im.opt.bus) {
+    // The bus gets its own copy (the views are the caller's).
+    try {
+      auto msg = std::make_shared<const BroadcastMessage>(
+          BroadcastMessage::copyOf(targets, event, payload));
+      im.queue([bus = im.opt.bus, msg]() {
+        bus->broadcast(msg->targets(), msg->event, msg->payload);
+      });
+    } catch (...) {
+      im.reg.events.countDropped();
+    }
+  }
   im.reg.flush();
   return n;
+}
+
+std::size_t Keeper::relayBroadcast(const BroadcastTargets& targets, std::string_view event,
+                                   std::string_view payload) {
+  std::size_t n = 0;
+  try {
+    n = impl_->deliverLocal(targets, event, payload);
+  } catch (...) {
+    impl_->reg.events.countDropped();
+  }
+  impl_->reg.flush();
+  return n;
+}
+
+void Keeper::relayPresence(std::string_view user, bool online) {
+  Impl& im = *impl_;
+  if (im.shut) return;
+  auto& fn = online ? im.cb.userOnline : im.cb.userOffline;
+  if (fn) {
+    try {
+      im.queue([&fn, u = std::string(user)]() { fn(u); });
+    } catch (...) {
+      im.reg.events.countDropped();
+    }
+  }
+  im.reg.flush();
+}
+
+std::size_t Keeper::relayTyping(std::string_view user, std::string_view thread,
+                                bool started) {
+  Impl& im = *impl_;
+  if (im.shut) return 0;
+  const std::size_t n = im.typing.impl_->relay(user, thread, started);
+  im.reg.flush();
+  return n;
+}
+
+bool Keeper::relayUserGone(std::string_view user) {
+  Impl& im = *impl_;
+  if (im.shut || im.reg.findUser(user) != detail::kNone) return false;
+  im.typing.impl_->persist(PersistOp::kTypingStoppedAll, user, {});
+  im.reg.flush();
+  return true;
 }
 
 std::size_t Keeper::advance() { return advance(impl_->timers.clock().now()); }

@@ -58,6 +58,11 @@ struct Keeper::Impl {
   void queue(std::function<void()> fn) noexcept;
   void queueLog(LogLevel level, std::string msg) noexcept;
   void logStats();
+  /// The bus's sessionUp, queued (no bus: nothing).
+  void queueSessionUp(std::string_view session, std::string_view user) noexcept;
+  /// emit to the local targets (broadcast, relayBroadcast).
+  std::size_t deliverLocal(const BroadcastTargets& targets, std::string_view event,
+                           std::string_view payload);
   std::size_t maybeWarn();
   MemoryStats stats() const noexcept;
 

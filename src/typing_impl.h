@@ -14,6 +14,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "internal.h"
 #include "registry_impl.h"
+#include "roomkeeper/bus.h"
 #include "roomkeeper/typing_timer_manager.h"
 
 namespace roomkeeper {
@@ -85,6 +86,11 @@ struct TypingTimerManager::Impl {
   void releaseIdle();
   void emitToThread(std::uint32_t s, const TypingKeyView& key,
                     const std::string& event) noexcept;
+  /// An indicator started or ended here: emitted to local members (unless
+  /// the bus has the user typing there elsewhere) and told to the bus.
+  void announce(std::uint32_t s, const TypingKeyView& key, bool started) noexcept;
+  /// Keeper::relayTyping.
+  std::size_t relay(std::string_view user, std::string_view thread, bool started) noexcept;
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
   void undoStart(std::uint32_t idx) noexcept;
   void scheduleDrain(std::uint64_t upTo) noexcept;
@@ -123,6 +129,7 @@ struct TypingTimerManager::Impl {
   std::uint64_t dropped_ = 0;
   std::uint64_t callbackErrors = 0;
   std::recursive_mutex* mu = nullptr;  // SyncKeeper's lock, when there is one
+  Bus* bus = nullptr;                  // KeeperOptions::bus (see bus.h)
 };
 
 }  // namespace roomkeeper

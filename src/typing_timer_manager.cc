@@ -229,6 +229,44 @@ void TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView
   }
 }
 
+void TypingTimerManager::Impl::announce(std::uint32_t s, const TypingKeyView& key,
+                                        bool started) noexcept {
+  const std::string& event = started ? opt.startedEvent : opt.stoppedEvent;
+  // Anonymous indicators are this Keeper's own: a session id means nothing
+  // behind another one.
+  if (!bus || key.anon) {
+    emitToThread(s, key, event);
+    return;
+  }
+  bool elsewhere = false;
+  try {
+    elsewhere = bus->typingElsewhere(key.user, key.thread);
+  } catch (...) {
+    reportError("bus");
+  }
+  if (!elsewhere) emitToThread(s, key, event);
+  try {
+    reg.events.tryPush([&](detail::Event& ev) {
+      ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+      ev.fn = [b = bus, u = std::string(key.user), t = std::string(key.thread), started]() {
+        b->typing(u, t, started);
+      };
+    });
+  } catch (...) {
+    reg.events.countDropped();
+  }
+}
+
+std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_view thread,
+                                            bool started) noexcept {
+  // This Keeper's own indicator of the user there speaks for it.
+  if (index.find(TypingKeyView{user, thread, false}) != index.end()) return 0;
+  const std::size_t before = reg.events.size();
+  emitToThread(detail::kNone, TypingKeyView{user, thread, false},
+               started ? opt.startedEvent : opt.stoppedEvent);
+  return reg.events.size() - before;
+}
+
 void TypingTimerManager::Impl::persist(PersistOp op, std::string_view user,
                                        std::string_view thread) noexcept {
   if (!cb.persist) return;
@@ -393,7 +431,7 @@ void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
   e.timer = {};
   // The messages copy what they need (and never throw); then the names go.
   const TypingKeyView key{e.user.view(), e.thread.view(), e.anon};
-  emitToThread(s, key, opt.stoppedEvent);
+  announce(s, key, false);
   if (!e.anon) persist(PersistOp::kTypingStopped, key.user, key.thread);
   e.user.reset(&bytes);
   e.thread.reset(&bytes);
@@ -489,7 +527,7 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   Indicator& e = entries[idx];
   e.live = true;
   const TypingKeyView made{e.user.view(), e.thread.view(), e.anon};
-  emitToThread(s, made, opt.startedEvent);
+  announce(s, made, true);
   if (!e.anon) persist(PersistOp::kTypingStarted, made.user, made.thread);
   return Result::kOk;
 }
@@ -569,7 +607,8 @@ std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
 std::size_t TypingTimerManager::Impl::onDisconnect(std::uint32_t s) {
   const std::size_t n = clearSession(s);
   const SessionSlot& slot = reg.sessionSlots[s];
-  if (slot.user != detail::kNone && reg.userSlots[slot.user].sessions.size() <= 1)
+  // With a bus the cluster decides (Keeper::relayUserGone).
+  if (!bus && slot.user != detail::kNone && reg.userSlots[slot.user].sessions.size() <= 1)
     persist(PersistOp::kTypingStoppedAll, reg.userSlots[slot.user].name.view(), {});
   return n;
 }

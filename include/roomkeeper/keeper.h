@@ -63,6 +63,7 @@
 #include <string_view>
 #include <vector>
 
+#include "roomkeeper/bus.h"
 #include "roomkeeper/callbacks.h"
 #include "roomkeeper/result.h"
 #include "roomkeeper/session_registry.h"
@@ -125,6 +126,9 @@ struct KeeperOptions {
   Millis statsLogInterval{0};
   /// Must outlive the Keeper; nullptr = SteadyClock.
   const Clock* clock = nullptr;
+  /// Several Keepers as one (roomkeeper::cluster): see bus.h for what
+  /// changes. Not owned; must outlive the Keeper. nullptr = on its own.
+  Bus* bus = nullptr;
 };
 
 /// Everything the Keeper holds, O(1) from counters.
@@ -251,6 +255,27 @@ class Keeper {
   /// Logs the threshold warnings now (still rate-limited). Returns how many
   /// warnings were logged.
   std::size_t checkThresholds();
+
+  /// Bus commands (see bus.h): made by a bus backend, on this Keeper's
+  /// thread, for what happened behind another Keeper. Each delivers to
+  /// local sessions only and never reports back to the bus. After
+  /// shutdown() they do nothing (0).
+  /// The targets' local members get `event` through emit. Returns how many.
+  std::size_t relayBroadcast(const BroadcastTargets& targets, std::string_view event,
+                             std::string_view payload);
+  /// The user's first session in the cluster connected (online) or its last
+  /// one went: userOnline / userOffline.
+  void relayPresence(std::string_view user, bool online);
+  /// Another Keeper's indicator of `user` in `thread` started or ended:
+  /// typingStarted / typingStopped to the thread room's local members
+  /// (not to the user's own sessions), unless this Keeper has the user
+  /// typing there itself (its own indicator speaks for it). Returns how
+  /// many sessions were sent to.
+  std::size_t relayTyping(std::string_view user, std::string_view thread, bool started);
+  /// The user's last session in the cluster went, and it was here: the
+  /// kTypingStoppedAll persistence call, unless the user has connected
+  /// here again since. Returns true if it was queued.
+  bool relayUserGone(std::string_view user);
 
   /// Read-only views of the parts.
   const SessionRegistry& registry() const noexcept;

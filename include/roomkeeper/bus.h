@@ -1,0 +1,112 @@
+// SPDX-License-Identifier: MIT
+// File: roomkeeper/bus.h
+//
+// Bus: the one seam between a Keeper and whatever spans several Keepers --
+// several server processes on Redis, or several event loops in one process
+// (roomkeeper::cluster, include/roomkeeper/cluster/). Events go out through
+// this interface; commands come back in through the Keeper's relay*()
+// calls. Nothing else of the Keeper is reachable from a bus.
+//
+//   events out (Keeper -> Bus)          commands in (Bus -> Keeper)
+//   sessionUp / sessionDown             relayPresence(user, online)
+//   joined / left                       relayBroadcast(targets, event, payload)
+//   typing(user, thread, started)       relayTyping(user, thread, started)
+//   broadcast(targets, event, payload)  relayUserGone(user)
+//   query: typingElsewhere(user, thread)
+//
+// With a bus (KeeperOptions::bus) a Keeper changes three things:
+//   * presence is the bus's: the Keeper no longer calls userOnline /
+//     userOffline for its own first and last session of a user; it reports
+//     each authenticated session up and down, and the bus calls
+//     relayPresence() on every Keeper when the user's first session
+//     anywhere connects and when the last one anywhere goes;
+//   * typing indicators of users (never of anonymous sessions, which are
+//     local) are announced to the bus; a typingStarted / typingStopped is
+//     emitted to local members only when no other Keeper has the user typing
+//     in that thread (typingElsewhere), so that one user typing on two
+//     devices behind two Keepers is one indicator; the other Keepers hear it
+//     through relayTyping();
+//   * the kTypingStoppedAll wildcard is not persisted when the user's last
+//     local session goes: the bus calls relayUserGone() on that Keeper when
+//     the user's last session in the whole cluster has gone.
+// broadcast() delivers to local members at once, then hands the same
+// targets to the bus, which relays them to the other Keepers' members
+// (relayBroadcast delivers locally only, and never back to the bus).
+//
+// Calls: every event is made on the Keeper's thread, after the change it
+// reports, in the order of the changes, with no Keeper lock held (it is
+// queued with the host callbacks). typingElsewhere() is the exception: it
+// is asked synchronously while the Keeper changes state (under SyncKeeper's
+// lock), so it must be fast, must not block, and must not call the Keeper.
+// A bus must never throw; a throwing bus is caught and counted as a
+// callback error. A bus is not owned by the Keeper and must outlive it.
+// Commands must be made on the Keeper's own thread (post them there).
+#ifndef ROOMKEEPER_BUS_H_
+#define ROOMKEEPER_BUS_H_
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "roomkeeper/session_registry.h"
+
+namespace roomkeeper {
+
+/// An owning copy of one broadcast, for a bus that keeps it past the call
+/// (queued for another loop, encoded for Redis).
+struct BroadcastMessage {
+  std::vector<std::string> rooms, except;
+  std::string sender, event, payload;
+
+  static BroadcastMessage copyOf(const BroadcastTargets& t, std::string_view event,
+                                 std::string_view payload) {
+    BroadcastMessage m;
+    m.rooms.assign(t.rooms.begin(), t.rooms.end());
+    m.except.assign(t.except.begin(), t.except.end());
+    m.sender = std::string(t.sender);
+    m.event = std::string(event);
+    m.payload = std::string(payload);
+    return m;
+  }
+  /// Views into this message (valid while it lives).
+  BroadcastTargets targets() const {
+    BroadcastTargets t;
+    t.rooms.assign(rooms.begin(), rooms.end());
+    t.except.assign(except.begin(), except.end());
+    t.sender = sender;
+    return t;
+  }
+};
+
+class Bus {
+ public:
+  virtual ~Bus() = default;
+
+  // ---- Events out ---------------------------------------------------------
+
+  /// A session was bound to a user (authenticate, connectAuthenticated).
+  virtual void sessionUp(std::string_view session, std::string_view user) = 0;
+  /// An authenticated session is gone: its rooms were left (left() for
+  /// each, before this) and its typing ended.
+  virtual void sessionDown(std::string_view session, std::string_view user) = 0;
+  /// A membership started / ended (for every reason: untrackRoom,
+  /// clearRoomTracking, disconnect, shutdown).
+  virtual void joined(std::string_view session, std::string_view room) = 0;
+  virtual void left(std::string_view session, std::string_view room) = 0;
+  /// A local typing indicator of `user` in `thread` started or ended.
+  virtual void typing(std::string_view user, std::string_view thread, bool started) = 0;
+  /// Keeper::broadcast() was called; local members have been sent to.
+  virtual void broadcast(const BroadcastTargets& targets, std::string_view event,
+                         std::string_view payload) = 0;
+
+  // ---- Query --------------------------------------------------------------
+
+  /// True while another Keeper (another node or loop) has `user` typing in
+  /// `thread`, as far as this bus knows now. See the rules above.
+  virtual bool typingElsewhere(std::string_view user,
+                               std::string_view thread) const noexcept = 0;
+};
+
+}  // namespace roomkeeper
+
+#endif  // ROOMKEEPER_BUS_H_
