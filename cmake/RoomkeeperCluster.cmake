@@ -17,6 +17,8 @@ endif()
 add_library(roomkeeper_cluster
   src/cluster/node.cc
   src/cluster/in_process.cc
+  src/cluster/redis_conn.cc
+  src/cluster/redis_node.cc
 )
 add_library(roomkeeper::cluster ALIAS roomkeeper_cluster)
 set_target_properties(roomkeeper_cluster PROPERTIES
@@ -29,8 +31,8 @@ target_sources(roomkeeper_cluster PUBLIC
   FILES ${ROOMKEEPER_CLUSTER_HEADERS})
 set_target_properties(roomkeeper_cluster PROPERTIES
   VERIFY_INTERFACE_HEADER_SETS ${PROJECT_IS_TOP_LEVEL})
-target_link_libraries(roomkeeper_cluster PUBLIC roomkeeper::roomkeeper
-  PRIVATE fmt::fmt)
+target_link_libraries(roomkeeper_cluster PUBLIC roomkeeper::roomkeeper Boost::headers
+  PRIVATE fmt::fmt PkgConfig::HIREDIS)
 if(PROJECT_IS_TOP_LEVEL AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(roomkeeper_cluster PRIVATE -Wall -Wextra -Wpedantic -Wshadow
     -Wconversion -Wno-sign-conversion $<$<BOOL:${ROOMKEEPER_WERROR}>:-Werror>)

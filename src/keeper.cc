@@ -653,6 +653,33 @@ std::size_t Keeper::relayTyping(std::string_view user, std::string_view thread,
   return n;
 }
 
+std::size_t Keeper::replayToBus() {
+  Impl& im = *impl_;
+  if (im.shut || !im.opt.bus) return 0;
+  Bus* bus = im.opt.bus;
+  std::size_t n = 0;
+  try {
+    for (const std::uint32_t s : im.reg.sessionIndex) {
+      const SessionSlot& ss = im.reg.sessionSlots[s];
+      if (ss.state != SessionState::kLive || ss.user == detail::kNone) continue;
+      const std::string name(ss.name.view());
+      im.queueSessionUp(name, im.reg.userSlots[ss.user].name.view());
+      ++n;
+      for (std::uint32_t i = 0; i < ss.rooms.size(); ++i) {
+        im.queue([bus, name, r = std::string(im.reg.roomSlots[ss.rooms[i].slot].name.view())]() {
+          bus->joined(name, r);
+        });
+        ++n;
+      }
+    }
+    n += im.typing.impl_->replayToBus();
+  } catch (...) {
+    im.reg.events.countDropped();
+  }
+  im.reg.flush();
+  return n;
+}
+
 bool Keeper::relayUserGone(std::string_view user) {
   Impl& im = *impl_;
   if (im.shut || im.reg.findUser(user) != detail::kNone) return false;

@@ -89,6 +89,8 @@ struct TypingTimerManager::Impl {
   /// An indicator started or ended here: emitted to local members (unless
   /// the bus has the user typing there elsewhere) and told to the bus.
   void announce(std::uint32_t s, const TypingKeyView& key, bool started) noexcept;
+  /// Keeper::replayToBus: typing(started) for every user indicator.
+  std::size_t replayToBus();
   /// Keeper::relayTyping.
   std::size_t relay(std::string_view user, std::string_view thread, bool started) noexcept;
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;

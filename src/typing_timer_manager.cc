@@ -257,6 +257,22 @@ void TypingTimerManager::Impl::announce(std::uint32_t s, const TypingKeyView& ke
   }
 }
 
+std::size_t TypingTimerManager::Impl::replayToBus() {
+  std::size_t n = 0;
+  for (const std::uint32_t idx : index) {
+    const Indicator& e = entries[idx];
+    if (!e.live || e.anon) continue;
+    reg.events.tryPush([&](detail::Event& ev) {
+      ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+      ev.fn = [b = bus, u = std::string(e.user.view()), t = std::string(e.thread.view())]() {
+        b->typing(u, t, true);
+      };
+    });
+    ++n;
+  }
+  return n;
+}
+
 std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_view thread,
                                             bool started) noexcept {
   // This Keeper's own indicator of the user there speaks for it.

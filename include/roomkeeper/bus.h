@@ -12,7 +12,7 @@
 //   joined / left                       relayBroadcast(targets, event, payload)
 //   typing(user, thread, started)       relayTyping(user, thread, started)
 //   broadcast(targets, event, payload)  relayUserGone(user)
-//   query: typingElsewhere(user, thread)
+//   query: typingElsewhere(user, thread) replayToBus()
 //
 // With a bus (KeeperOptions::bus) a Keeper changes three things:
 //   * presence is the bus's: the Keeper no longer calls userOnline /

@@ -276,6 +276,13 @@ class Keeper {
   /// kTypingStoppedAll persistence call, unless the user has connected
   /// here again since. Returns true if it was queued.
   bool relayUserGone(std::string_view user);
+  /// Reports the whole local state to the bus again, as the events that
+  /// made it: sessionUp per authenticated session, joined per membership,
+  /// typing(started) per user indicator -- for a bus whose shared view was
+  /// lost (a Redis restart, a node fenced and re-registered). Queued and run
+  /// like every event. Returns how many events; 0 without a bus.
+  /// O(sessions + memberships + indicators).
+  std::size_t replayToBus();
 
   /// Read-only views of the parts.
   const SessionRegistry& registry() const noexcept;
