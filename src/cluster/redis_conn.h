@@ -43,7 +43,7 @@ class RedisConn : public std::enable_shared_from_this<RedisConn> {
     std::uint16_t port = 6379;
     std::chrono::milliseconds connectTimeout{1000};
     std::chrono::milliseconds requestTimeout{2000};
-    std::size_t maxPending = 100000;  // commands in flight; more fail at once
+    std::size_t maxPending = 500000;  // commands in flight; more fail at once
     std::string name;                 // CLIENT SETNAME, for the logs and CLIENT KILL
   };
   RedisConn(boost::asio::io_context& io, Options opt);

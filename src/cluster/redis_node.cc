@@ -11,6 +11,7 @@
 #include "fmt/format.h"
 #include "redis_conn.h"
 #include "redis_scripts.h"
+#include "sha1.h"
 
 namespace roomkeeper::cluster {
 
@@ -133,6 +134,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     auto self = shared_from_this();
     cmd->connect([this, self](bool ok) {
       if (ok) {
+        loadScripts(*cmd);
         cmdBackoff = {};
         maybeRegister();
         return;
@@ -171,6 +173,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     auto self = shared_from_this();
     hb->connect([this, self](bool ok) {
       if (ok) {
+        loadScripts(*hb);
         hbBackoff = {};
         maybeRegister();
       }
@@ -193,13 +196,37 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
             RedisConn::Callback cb, const std::string* as = nullptr) {
     std::vector<std::string> argv;
     argv.reserve(args.size() + 5);
-    argv.emplace_back("EVAL");
-    argv.emplace_back(script);
+    // By name: every connection loads every script first thing (loadScripts).
+    argv.emplace_back("EVALSHA");
+    argv.push_back(shaOf(script));
     argv.emplace_back("0");
     argv.push_back(cfg.keyPrefix);
     argv.push_back(as ? *as : id);
     for (auto& a : args) argv.push_back(std::move(a));
     c.command(std::move(argv), std::move(cb));
+  }
+
+  // The scripts, by SHA-1 (computed once).
+  static const std::vector<std::pair<const char*, std::string>>& scripts() {
+    static const std::vector<std::pair<const char*, std::string>> all = [] {
+      std::vector<std::pair<const char*, std::string>> v;
+      for (const char* s : {detail::kSession, detail::kMember, detail::kTyping,
+                            detail::kRegister, detail::kRenew, detail::kDead, detail::kReap,
+                            detail::kAudit, detail::kKeyCount})
+        v.emplace_back(s, detail::sha1Hex(s));
+      return v;
+    }();
+    return all;
+  }
+  static const std::string& shaOf(const char* script) {
+    for (auto& [s, sha] : scripts())
+      if (s == script) return sha;
+    static const std::string none;
+    return none;
+  }
+  // Right after a connect, before anything else on that connection.
+  static void loadScripts(RedisConn& c) {
+    for (auto& [s, sha] : scripts()) c.command({"SCRIPT", "LOAD", s}, [](Reply&&) {});
   }
 
   // A change for the shared view; false (and counted) if it cannot be sent.
@@ -361,13 +388,23 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
                  });
   }
 
-  void reap(const std::string& dead, bool force, std::function<void()> done = {}) {
+  void reap(const std::string& dead, bool force, std::function<void()> done = {},
+            int tries = 0) {
     auto self = shared_from_this();
     reaping.insert(dead);
     eval(*cmd, detail::kReap, {dead, std::to_string(cfg.reapBatch), force ? "1" : "0"},
-         [this, self, dead, force, done](Reply&& r) {
+         [this, self, dead, force, done, tries](Reply&& r) {
            if (r.type != Reply::Type::kArray || r.elements.empty()) {
-             reaping.erase(dead);  // resumed by whoever looks next
+             // Too much in flight (a shutdown's burst): again shortly, as
+             // long as the connection holds; else whoever looks next resumes.
+             if (cmd->connected() && tries < 100) {
+               auto t = std::make_shared<asio::steady_timer>(io, std::chrono::milliseconds(50));
+               t->async_wait([this, self, t, dead, force, done, tries](auto) {
+                 reap(dead, force, done, tries + 1);
+               });
+               return;
+             }
+             reaping.erase(dead);
              if (done) done();
              return;
            }
@@ -514,7 +551,7 @@ void RedisNode::audit(std::function<void(AuditReport)> done) {
 }
 
 void RedisNode::keyCount(std::function<void(std::size_t)> done) {
-  impl_->eval(*impl_->cmd, "return #redis.call('KEYS', ARGV[1] .. ':*')", {},
+  impl_->eval(*impl_->cmd, detail::kKeyCount, {},
               [done](Reply&& r) { done(static_cast<std::size_t>(r.integer)); });
 }
 

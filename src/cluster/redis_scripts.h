@@ -185,6 +185,11 @@ end
 return out
 )";
 
+// Keys of the namespace.
+inline constexpr const char* kKeyCount = RK_LUA_PRELUDE R"(
+return #redis.call('KEYS', ns .. ':*')
+)";
+
 #undef RK_LUA_PRELUDE
 
 }  // namespace roomkeeper::cluster::detail

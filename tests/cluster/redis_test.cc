@@ -27,7 +27,9 @@ class RedisWorld {
       return true;
     }));
   }
-  ~RedisWorld() {
+  ~RedisWorld() { stopAll(); }
+  /// Every Keeper shuts down, then every node stops cleanly.
+  void stopAll() {
     for (auto& s : servers_)
       if (s->keeper) s->keeper->shutdown();
     settle();
@@ -75,10 +77,11 @@ class RedisWorld {
   }
   std::size_t shared() { return peek_.stateKeys("rk"); }
   void stopNode(Server& s) {
-    if (!s.node) return;
+    if (!s.node || s.stopped) return;
     bool done = false;
     static_cast<roomkeeper::cluster::RedisNode&>(*s.node).stop([&] { done = true; });
     until([&] { return done; }, std::chrono::milliseconds(3000));
+    s.stopped = true;
   }
   RedisProcess& redis() { return redis_; }
   RedisPeek& peek() { return peek_; }
@@ -125,7 +128,8 @@ TEST_CASE("redis cluster: one round trip per change; a clean stop of every node 
   // Stats count one published change per event (each one EVAL).
   CHECK(w->s(0).node->stats().published == 4);  // up, 2 joins, typing
   CHECK(w->s(0).node->stats().dropped == 0);
-  w.reset();  // every Keeper shuts down, every node stops
+  w->stopAll();
+  CHECK(peek.integer({"DBSIZE"}) == 0);
 }
 
 TEST_CASE("redis cluster: a node that stops heartbeating is reaped by the others",

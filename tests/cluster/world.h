@@ -30,6 +30,7 @@ struct Server {
   std::vector<std::string> online, offline;  // users, in order
   std::vector<roomkeeper::PersistCall> persisted;
   std::vector<std::string> left;  // "session room"
+  bool stopped = false;            // the node was stopped (backends that stop)
 
   std::size_t count(std::string_view session, std::string_view event) const {
     return static_cast<std::size_t>(std::count_if(emits.begin(), emits.end(), [&](const Emit& e) {

@@ -63,7 +63,7 @@ struct RedisConfig {
   std::chrono::milliseconds reconnectMin{100}; // backoff doubles up to Max
   std::chrono::milliseconds reconnectMax{2000};
   std::size_t reapBatch = 500;                 // entries per reap script
-  std::size_t maxPending = 100000;             // commands in flight per connection
+  std::size_t maxPending = 500000;             // commands in flight per connection
   LogFn log;
 };
 
