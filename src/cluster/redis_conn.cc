@@ -87,6 +87,7 @@ void RedisConn::connect(std::function<void(bool)> done) {
                         }
                         sock_.set_option(tcp::no_delay(true));
                         state_ = State::kUp;
+                        lastRead_ = std::chrono::steady_clock::now();
                         startRead();
                         checkTimeout();
                         if (!opt_.name.empty())
@@ -182,6 +183,7 @@ void RedisConn::startRead() {
                                                                 std::size_t n) {
     if (epoch != epoch_) return;
     if (e) return fail("read");
+    lastRead_ = std::chrono::steady_clock::now();
     if (redisReaderFeed(reader_, in_.data(), n) != REDIS_OK) return fail("protocol");
     if (!parse()) return;
     if (epoch == epoch_) startRead();
@@ -224,8 +226,12 @@ void RedisConn::checkTimeout() {
   timer_.expires_after(std::chrono::milliseconds(100));
   timer_.async_wait([this, self, epoch](boost::system::error_code e) {
     if (e || epoch != epoch_ || state_ != State::kUp) return;
-    if (!callbacks_.empty() &&
-        std::chrono::steady_clock::now() - callbacks_.front().sent > opt_.requestTimeout)
+    // Dead, not merely busy: the oldest command has waited longer than the
+    // timeout and nothing at all has come back for as long (a server
+    // working through a burst of pipelined commands answers steadily).
+    const auto now = std::chrono::steady_clock::now();
+    if (!callbacks_.empty() && now - callbacks_.front().sent > opt_.requestTimeout &&
+        now - lastRead_ > opt_.requestTimeout)
       return fail("timeout");
     checkTimeout();
   });

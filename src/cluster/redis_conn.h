@@ -7,8 +7,9 @@
 // Commands are pipelined: each is appended to the write buffer and its
 // callback to a FIFO; replies complete callbacks in order. A connection
 // that is down fails every command at once (an error reply "DOWN"); one
-// whose oldest command has waited longer than the request timeout is
-// closed (hiredis 0.14 has no timeouts). Subscribed, every push message
+// whose oldest command has waited longer than the request timeout while
+// nothing at all came back for as long is closed (hiredis 0.14 has no
+// timeouts; a server busy with a pipelined burst still answers steadily). Subscribed, every push message
 // goes to onPush instead. Never blocks; single-threaded (the io thread).
 #ifndef ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
 #define ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
@@ -88,6 +89,7 @@ class RedisConn : public std::enable_shared_from_this<RedisConn> {
   };
   std::deque<Pending> callbacks_;
   bool subscribed_ = false;
+  std::chrono::steady_clock::time_point lastRead_{};
   std::uint64_t epoch_ = 0;  // bumps at each (re)connect: stale handlers see it
 };
 

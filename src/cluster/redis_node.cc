@@ -89,6 +89,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   Keeper* keeper = nullptr;
   Post post;
   bool started = false, stopping = false;
+  bool draining = false;  // stop() is removing what this node holds
   bool registered = false;
   bool registering = false;
   bool needResync = false;  // a change was dropped: the shared view is off
@@ -397,7 +398,8 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
            if (r.type != Reply::Type::kArray || r.elements.empty()) {
              // Too much in flight (a shutdown's burst): again shortly, as
              // long as the connection holds; else whoever looks next resumes.
-             if (cmd->connected() && tries < 100) {
+             // While stopping, a connection lost mid-way is waited for too.
+             if ((cmd->connected() || draining) && tries < 200) {
                auto t = std::make_shared<asio::steady_timer>(io, std::chrono::milliseconds(50));
                t->async_wait([this, self, t, dead, force, done, tries](auto) {
                  reap(dead, force, done, tries + 1);
@@ -523,6 +525,7 @@ void RedisNode::stop(std::function<void()> done) {
   };
   if (!im.cmd->connected()) return finish();
   im.keeper = nullptr;  // nothing more reaches the Keeper
+  im.draining = true;
   // Whatever is left under this id (and older ids) goes, then the lease.
   auto ids = std::make_shared<std::vector<std::string>>(im.oldIds);
   ids->push_back(im.id);
