@@ -19,6 +19,9 @@
 #include "peer_asio.h"
 #include "peer_handwritten.h"
 #include "roomkeeper_workloads.h"
+#if ROOMKEEPER_BENCH_CLUSTER
+#include "cluster_workload.h"
+#endif
 
 namespace {
 
@@ -32,12 +35,15 @@ constexpr std::size_t kQuickDispatchSessions = 2000;
 void printUsage(std::FILE* out) {
   std::fprintf(
       out,
-      "usage: roomkeeper-bench [--workload rooms|timers|dispatch|all]\n"
+      "usage: roomkeeper-bench [--workload rooms|timers|dispatch|all|cluster]\n"
       "                        [--sessions N] [--dispatch-sessions N]\n"
       "                        [--timers N] [--restarts K] [--quick]\n"
       "\n"
       "  --workload W          which workload to run (default: all)\n"
-      "  --sessions N          W1 rooms sessions (default 200000)\n"
+      "  --sessions N          W1 rooms sessions (default 200000); W4 cluster\n"
+      "                        sessions (default 3000; cluster starts its own\n"
+      "                        redis-server and 3 node processes, and runs only\n"
+      "                        when named)\n"
       "  --dispatch-sessions N W3 dispatch sessions (default 20000)\n"
       "  --timers N            W2 timers (default 1000000)\n"
       "  --restarts K          W2/W3 restart rounds (default 10)\n"
@@ -87,6 +93,10 @@ void runDispatch(const BenchConfig& cfg) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#if ROOMKEEPER_BENCH_CLUSTER
+  // A node process of W4, started by the parent below.
+  if (argc > 1 && std::string(argv[1]) == "--cluster-node") return runClusterNode(argc, argv);
+#endif
   std::string workload = "all";
   bool quick = false;
   // Explicit sizes win over --quick, whatever the order of the flags.
@@ -127,7 +137,7 @@ int main(int argc, char** argv) {
 
   const bool runAll = workload == "all";
   if (!runAll && workload != "rooms" && workload != "timers" &&
-      workload != "dispatch") {
+      workload != "dispatch" && workload != "cluster") {
     std::fprintf(stderr, "roomkeeper-bench: unknown workload '%s'\n",
                  workload.c_str());
     printUsage(stderr);
@@ -151,5 +161,18 @@ int main(int argc, char** argv) {
   if (runAll || workload == "rooms") runRooms(cfg);
   if (runAll || workload == "timers") runTimers(cfg);
   if (runAll || workload == "dispatch") runDispatch(cfg);
+  // W4 starts its own redis-server and node processes: asked for by name
+  // only (not part of "all").
+  if (workload == "cluster") {
+#if ROOMKEEPER_BENCH_CLUSTER
+    std::size_t sessions = 3000;
+    for (const auto& size : sizes)
+      if (size.first == "--sessions") sessions = size.second;
+    runClusterWorkload(argv[0], sessions);
+#else
+    std::fprintf(stderr, "roomkeeper-bench: built without roomkeeper::cluster\n");
+    return 2;
+#endif
+  }
   return 0;
 }

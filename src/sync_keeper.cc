@@ -336,6 +336,23 @@ bool SyncKeeper::isShutDown() const {
   std::lock_guard<std::recursive_mutex> g(impl_->mu);
   return impl_->keeper.isShutDown();
 }
+std::size_t SyncKeeper::relayBroadcast(const BroadcastTargets& t, std::string_view e,
+                                       std::string_view p) {
+  return impl_->run([&] { return impl_->keeper.relayBroadcast(t, e, p); });
+}
+void SyncKeeper::relayPresence(std::string_view u, bool online) {
+  impl_->run([&] { impl_->keeper.relayPresence(u, online); });
+}
+std::size_t SyncKeeper::relayTyping(std::string_view u, std::string_view t, bool started) {
+  return impl_->run([&] { return impl_->keeper.relayTyping(u, t, started); });
+}
+bool SyncKeeper::relayUserGone(std::string_view u) {
+  return impl_->run([&] { return impl_->keeper.relayUserGone(u); });
+}
+std::size_t SyncKeeper::replayToBus() {
+  return impl_->run([&] { return impl_->keeper.replayToBus(); });
+}
+
 std::size_t SyncKeeper::broadcast(const BroadcastTargets& t, std::string_view e,
                                   std::string_view p) {
   return impl_->run([&] { return impl_->keeper.broadcast(t, e, p); });

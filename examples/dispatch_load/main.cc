@@ -105,6 +105,7 @@ struct Plan {
   bool stopTyping = false;
   dispatch::Identity who;
   std::string threadId, jobId, analyticsType;
+  std::size_t server = 0;  // which of --ports (client i: i % servers)
   bool privileged() const { return who.role != "crew"; }
 };
 
@@ -161,6 +162,10 @@ class Client;
 struct Options {
   std::string host = "127.0.0.1";
   unsigned short port = 0;
+  // --ports a,b,c: several servers of one cluster; client i goes to the
+  // (i % n)-th, so the two devices of a user (clients i-1, i) are on two
+  // servers, and /stats is the sum over all of them.
+  std::vector<unsigned short> ports;
   int clients = 500;
   int concurrency = 64;
   int stay = 0;         // clients kept connected through the server's SIGTERM
@@ -239,8 +244,10 @@ class Load {
   void onUnexpectedError(const std::string& text);
   void onRestart() { ++restarts_; }
 
-  const tcp::endpoint& endpoint() const { return endpoint_; }
-  std::string hostHeader() const { return opt_.host + ":" + std::to_string(opt_.port); }
+  const tcp::endpoint& endpoint(std::size_t server) const { return endpoints_[server]; }
+  std::string hostHeader(std::size_t server = 0) const {
+    return opt_.host + ":" + std::to_string(opt_.ports[server]);
+  }
 
  private:
   std::optional<json> stats();
@@ -262,7 +269,7 @@ class Load {
 
   asio::io_context& ioc_;
   Options opt_;
-  tcp::endpoint endpoint_;
+  std::vector<tcp::endpoint> endpoints_;  // one per server (--ports)
   asio::steady_timer progressTimer_;
   Clock::time_point started_ = Clock::now();
   Clock::time_point deadline_{};
@@ -338,14 +345,14 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
     wait_ = kOp;
     beast::get_lowest_layer(ws_).expires_after(std::chrono::seconds(10));
     beast::get_lowest_layer(ws_).async_connect(
-        load_.endpoint(), [self = shared_from_this()](beast::error_code ec) {
+        load_.endpoint(plan_.server), [self = shared_from_this()](beast::error_code ec) {
           self->opEc_ = ec;
           self->resume(kOp);
         });
   }
   void opHandshake() {
     wait_ = kOp;
-    ws_.async_handshake(load_.hostHeader(), "/",
+    ws_.async_handshake(load_.hostHeader(plan_.server), "/",
                         [self = shared_from_this()](beast::error_code ec) {
                           self->opEc_ = ec;
                           self->resume(kOp);
@@ -591,9 +598,11 @@ void Client::step() {
 
 Load::Load(asio::io_context& ioc, Options opt)
     : ioc_(ioc), opt_(std::move(opt)), progressTimer_(ioc) {
-  endpoint_ = tcp::endpoint(asio::ip::make_address(opt_.host), opt_.port);
+  for (unsigned short port : opt_.ports)
+    endpoints_.emplace_back(asio::ip::make_address(opt_.host), port);
   for (int i = 0; i < opt_.clients; ++i) {
     Plan p = planFor(i, opt_.clients);
+    p.server = static_cast<std::size_t>(i) % endpoints_.size();
     const Kind k = p.kind;
     auto c = std::make_shared<Client>(ioc_, *this, std::move(p));
     (k == Kind::kNeverAuth ? neverAuth_ : active_).push_back(c);
@@ -611,16 +620,29 @@ Load::Load(asio::io_context& ioc, Options opt)
 }
 
 std::optional<json> Load::stats() {
-  std::string err;
-  auto r = dispatch::httpGet(opt_.host, opt_.port, "/stats", &err);
-  if (!r || r->status != 200) {
-    std::fprintf(stderr, "dispatch_load: %s\n",
-                 r ? "GET /stats: bad status" : err.c_str());
-    return std::nullopt;
+  // One server: its /stats. Several: the numbers summed (the rest from the
+  // first), so every "back to zero" check covers the whole cluster.
+  std::optional<json> sum;
+  for (unsigned short port : opt_.ports) {
+    std::string err;
+    auto r = dispatch::httpGet(opt_.host, port, "/stats", &err);
+    if (!r || r->status != 200) {
+      std::fprintf(stderr, "dispatch_load: %s:%u %s\n", opt_.host.c_str(), port,
+                   r ? "GET /stats: bad status" : err.c_str());
+      return std::nullopt;
+    }
+    json j = json::parse(r->body, nullptr, false);
+    if (!j.is_object()) return std::nullopt;
+    if (!sum) {
+      sum = std::move(j);
+      continue;
+    }
+    for (auto& [k, v] : j.items())
+      if (v.is_number_integer() && (*sum)[k].is_number_integer() && k != "authTimeoutMs" &&
+          k != "typingTimeoutMs")
+        (*sum)[k] = (*sum)[k].get<long long>() + v.get<long long>();
   }
-  json j = json::parse(r->body, nullptr, false);
-  if (!j.is_object()) return std::nullopt;
-  return j;
+  return sum;
 }
 
 void Load::schedule(milliseconds d, std::function<void()> fn) {
@@ -1024,6 +1046,9 @@ int main(int argc, char** argv) {
       std::puts(
           "usage: dispatch_load --port N [--host 127.0.0.1] [--clients 500] "
           "[--concurrency 64] [--server-pid PID [--stay N]]\n"
+          "       dispatch_load --ports N1,N2,... [...]   (a cluster: client i on\n"
+          "                    server i %% n, a user's two devices on two servers,\n"
+          "                    /stats summed)\n"
           "  --server-pid PID  the server's process: its CPU time and RSS are read\n"
           "                    from /proc\n"
           "  --stay N          after the run, N more clients log in and type; then\n"
@@ -1041,6 +1066,18 @@ int main(int argc, char** argv) {
       opt.host = value;
     } else if (flag == "--port" && n > 0 && n < 65536) {
       opt.port = static_cast<unsigned short>(n);
+    } else if (flag == "--ports") {
+      std::size_t at = 0;
+      while (at <= value.size()) {
+        const std::size_t comma = std::min(value.find(',', at), value.size());
+        const long p = std::strtol(value.substr(at, comma - at).c_str(), nullptr, 10);
+        if (p <= 0 || p >= 65536) {
+          std::fprintf(stderr, "dispatch_load: bad --ports %s\n", value.c_str());
+          return 2;
+        }
+        opt.ports.push_back(static_cast<unsigned short>(p));
+        at = comma + 1;
+      }
     } else if (flag == "--clients" && n >= 0 && n <= 100000) {
       opt.clients = static_cast<int>(n);
     } else if (flag == "--concurrency" && n > 0 && n <= 10000) {
@@ -1055,8 +1092,9 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (opt.port == 0) {
-    std::fprintf(stderr, "dispatch_load: --port is required\n");
+  if (opt.port != 0) opt.ports.insert(opt.ports.begin(), opt.port);
+  if (opt.ports.empty()) {
+    std::fprintf(stderr, "dispatch_load: --port (or --ports) is required\n");
     return 2;
   }
   if (opt.stay > 0 && opt.serverPid == 0) {

@@ -13,6 +13,9 @@
 //     close waits behind the queued writes.
 #include "gateway.h"
 
+#if DISPATCH_CLUSTER
+#include <roomkeeper/cluster/redis_node.h>
+#endif
 #include <roomkeeper/roomkeeper.h>
 #include <sys/resource.h>
 
@@ -194,7 +197,26 @@ class Gateway {
     // The leak warnings keep roomkeeper's defaults (relative to what is
     // connected): no thresholds tuned to this demo's traffic.
     ko.statsLogInterval = roomkeeper::Millis(opt.statsIntervalMs);
+#if DISPATCH_CLUSTER
+    if (!opt.redis.empty()) {
+      // One node of a cluster: rooms, presence and typing span every
+      // server on the same Redis (docs/cluster.md).
+      roomkeeper::cluster::RedisConfig rc;
+      const auto colon = opt.redis.rfind(':');
+      rc.host = opt.redis.substr(0, colon);
+      rc.port = static_cast<std::uint16_t>(std::stoi(opt.redis.substr(colon + 1)));
+      rc.log = cb.log;
+      node_ = std::make_unique<roomkeeper::cluster::RedisNode>(ioc, rc);
+      ko.bus = node_.get();
+      // Session ids must be unique across the cluster.
+      sessionPrefix_ = "sock-" + node_->id().substr(0, 8) + "-";
+    }
+#endif
     keeper_ = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
+#if DISPATCH_CLUSTER
+    if (node_)
+      node_->bind(*keeper_, [&ioc](std::function<void()> fn) { asio::post(ioc, std::move(fn)); });
+#endif
   }
 
   ~Gateway() {
@@ -218,6 +240,9 @@ class Gateway {
   unsigned short port() const { return acceptor_.local_endpoint().port(); }
 
   void start() {
+#if DISPATCH_CLUSTER
+    if (node_) node_->start();
+#endif
     keeper_->startDriver();
     signals_.async_wait([this](const beast::error_code& ec, int signo) {
       if (!ec) beginShutdown(signo);
@@ -229,7 +254,7 @@ class Gateway {
   const ServerOptions& options() const { return opt_; }
   asio::io_context& ioc() { return ioc_; }
 
-  std::string nextSessionId() { return "sock-" + std::to_string(++nextId_); }
+  std::string nextSessionId() { return sessionPrefix_ + std::to_string(++nextId_); }
   void addSession(const std::shared_ptr<Session>& s) {
     std::lock_guard<std::mutex> g(sessionsMu_);
     sessions_.emplace(s->id(), s);
@@ -259,8 +284,11 @@ class Gateway {
     s += ",\"serverSessions\":" + std::to_string(sessionCount());
     s += ",\"authTimeoutMs\":" + std::to_string(opt_.authTimeoutMs);
     s += ",\"typingTimeoutMs\":" + std::to_string(opt_.typingTimeoutMs);
-    s += ",\"shuttingDown\":" + std::string(shuttingDown_ ? "true" : "false") + "}";
-    return s;
+    s += ",\"shuttingDown\":" + std::string(shuttingDown_ ? "true" : "false");
+#if DISPATCH_CLUSTER
+    if (node_) s += ",\"cluster\":" + node_->statsJson();
+#endif
+    return s + "}";
   }
   std::string metricsText() {
     std::string s = keeper_->prometheusText();
@@ -272,6 +300,9 @@ class Gateway {
          "# TYPE dispatch_server_sessions gauge\n"
          "dispatch_server_sessions " +
          std::to_string(sessionCount()) + "\n";
+#if DISPATCH_CLUSTER
+    if (node_) s += node_->prometheusText();
+#endif
     return s;
   }
 
@@ -305,6 +336,10 @@ class Gateway {
   }
   void pollShutdown() {
     if (sessionCount() == 0 || Clock::now() >= shutdownDeadline_) {
+      // A cluster node removes what it still holds in Redis, then goes.
+#if DISPATCH_CLUSTER
+      if (node_) return node_->stop([this] { ioc_.stop(); });
+#endif
       ioc_.stop();
       return;
     }
@@ -323,6 +358,10 @@ class Gateway {
   std::atomic<std::uint64_t> nextId_{0};
   std::mutex sessionsMu_;
   std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
+  std::string sessionPrefix_ = "sock-";
+#if DISPATCH_CLUSTER
+  std::unique_ptr<roomkeeper::cluster::RedisNode> node_;  // outlives keeper_ (its bus)
+#endif
   std::unique_ptr<roomkeeper::SyncKeeper> keeper_;  // last: goes first
 };
 
@@ -864,6 +903,13 @@ void raiseFileLimit() {
 }  // namespace
 
 int runServer(const ServerOptions& opt) {
+#if !DISPATCH_CLUSTER
+  if (!opt.redis.empty()) {
+    std::fprintf(stderr, "dispatch_server: built without roomkeeper::cluster; --redis "
+                         "needs libhiredis-dev\n");
+    return 1;
+  }
+#endif
   raiseFileLimit();
   std::string err;
   std::unique_ptr<TypingStore> store = TypingStore::open(opt.db, &err);

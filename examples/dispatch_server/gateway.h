@@ -24,6 +24,7 @@ struct ServerOptions {
   long shutdownGraceMs = 3000;              // wait for closes on SIGINT/SIGTERM
   long statsIntervalMs = 0;                 // periodic stats log line; 0 = off
   bool verbose = false;                     // info-level roomkeeper log lines
+  std::string redis;                        // "HOST:PORT": one node of a cluster (empty: alone)
 };
 
 /// Opens the database, binds, prints "listening on <host>:<port>", serves

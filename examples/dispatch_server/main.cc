@@ -37,6 +37,8 @@ constexpr const char* kUsage =
     "  --shutdown-grace-ms N     at SIGINT/SIGTERM, wait up to N ms for the\n"
     "                            connections to close (3000); exit 2 if any is left\n"
     "  --verbose                 log roomkeeper's info lines too\n"
+    "  --redis HOST:PORT         one server of a cluster on that Redis: rooms,\n"
+    "                            presence and typing span every server on it\n"
     "  --print-token USER:ROLE:CREW   print a demo token and exit\n"
     "  --token-ttl SECONDS       with --print-token: the token expires after\n"
     "                            SECONDS (86400)\n";
@@ -114,6 +116,16 @@ int main(int argc, char** argv) {
       opt.threads = static_cast<int>(n);
     } else if (flag == "--db") {
       opt.db = value;
+    } else if (flag == "--redis") {
+      const auto colon = value.rfind(':');
+      long p = 0;
+      if (colon == std::string::npos || colon == 0 ||
+          !parseLong(value.c_str() + colon + 1, 1, 65535, &p)) {
+        std::fprintf(stderr, "dispatch_server: bad --redis %s (want HOST:PORT)\n",
+                     value.c_str());
+        return 1;
+      }
+      opt.redis = value;
     } else if (flag == "--auth-timeout-ms") {
       if (!number(0, 86400000)) return 1;
       opt.authTimeoutMs = n;

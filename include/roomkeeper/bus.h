@@ -44,6 +44,7 @@
 #ifndef ROOMKEEPER_BUS_H_
 #define ROOMKEEPER_BUS_H_
 
+#include <cstddef>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -76,6 +77,23 @@ struct BroadcastMessage {
     t.sender = sender;
     return t;
   }
+};
+
+/// Commands in, as one interface: Keeper and SyncKeeper both implement it
+/// (see Keeper's relay* calls), so a backend binds to either. A plain
+/// Keeper must be called on its own thread; a SyncKeeper from any.
+class BusTarget {
+ public:
+  virtual std::size_t relayBroadcast(const BroadcastTargets& targets, std::string_view event,
+                                     std::string_view payload) = 0;
+  virtual void relayPresence(std::string_view user, bool online) = 0;
+  virtual std::size_t relayTyping(std::string_view user, std::string_view thread,
+                                  bool started) = 0;
+  virtual bool relayUserGone(std::string_view user) = 0;
+  virtual std::size_t replayToBus() = 0;
+
+ protected:
+  ~BusTarget() = default;
 };
 
 class Bus {

@@ -167,7 +167,7 @@ struct ShutdownReport {
   std::size_t persistUndelivered = 0;  // each logged at error level
 };
 
-class Keeper {
+class Keeper final : public BusTarget {
  public:
   Keeper();
   explicit Keeper(KeeperCallbacks callbacks, KeeperOptions options = {});
@@ -262,27 +262,28 @@ class Keeper {
   /// shutdown() they do nothing (0).
   /// The targets' local members get `event` through emit. Returns how many.
   std::size_t relayBroadcast(const BroadcastTargets& targets, std::string_view event,
-                             std::string_view payload);
+                             std::string_view payload) override;
   /// The user's first session in the cluster connected (online) or its last
   /// one went: userOnline / userOffline.
-  void relayPresence(std::string_view user, bool online);
+  void relayPresence(std::string_view user, bool online) override;
   /// Another Keeper's indicator of `user` in `thread` started or ended:
   /// typingStarted / typingStopped to the thread room's local members
   /// (not to the user's own sessions), unless this Keeper has the user
   /// typing there itself (its own indicator speaks for it). Returns how
   /// many sessions were sent to.
-  std::size_t relayTyping(std::string_view user, std::string_view thread, bool started);
+  std::size_t relayTyping(std::string_view user, std::string_view thread,
+                          bool started) override;
   /// The user's last session in the cluster went, and it was here: the
   /// kTypingStoppedAll persistence call, unless the user has connected
   /// here again since. Returns true if it was queued.
-  bool relayUserGone(std::string_view user);
+  bool relayUserGone(std::string_view user) override;
   /// Reports the whole local state to the bus again, as the events that
   /// made it: sessionUp per authenticated session, joined per membership,
   /// typing(started) per user indicator -- for a bus whose shared view was
   /// lost (a Redis restart, a node fenced and re-registered). Queued and run
   /// like every event. Returns how many events; 0 without a bus.
   /// O(sessions + memberships + indicators).
-  std::size_t replayToBus();
+  std::size_t replayToBus() override;
 
   /// Read-only views of the parts.
   const SessionRegistry& registry() const noexcept;

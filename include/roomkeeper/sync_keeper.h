@@ -37,7 +37,7 @@
 
 namespace roomkeeper {
 
-class SyncKeeper {
+class SyncKeeper final : public BusTarget {
  public:
   explicit SyncKeeper(KeeperCallbacks callbacks = {}, KeeperOptions options = {});
   /// Stops the driver. Destroying a SyncKeeper from inside one of its own
@@ -83,6 +83,15 @@ class SyncKeeper {
   /// As Keeper::checkThresholds; the warnings are logged outside the lock.
   std::size_t checkThresholds();
   std::size_t checkTransport(std::size_t openConnections);
+
+  /// Bus commands (bus.h), as Keeper's, under the lock; from any thread.
+  std::size_t relayBroadcast(const BroadcastTargets& targets, std::string_view event,
+                             std::string_view payload) override;
+  void relayPresence(std::string_view user, bool online) override;
+  std::size_t relayTyping(std::string_view user, std::string_view thread,
+                          bool started) override;
+  bool relayUserGone(std::string_view user) override;
+  std::size_t replayToBus() override;
 
   /// Queries, under the lock.
   bool isConnected(std::string_view session) const;

@@ -15,7 +15,7 @@ namespace {
 
 struct Target {
   // Read and cleared on the node's own thread only (commands run there).
-  std::shared_ptr<Keeper*> keeper = std::make_shared<Keeper*>(nullptr);
+  std::shared_ptr<BusTarget*> keeper = std::make_shared<BusTarget*>(nullptr);
   Post post;
 };
 
@@ -29,7 +29,7 @@ std::string typingKey(std::string_view user, std::string_view thread) {
 // A deferred command: where to post it and what to run on that Keeper.
 struct Send {
   Target to;
-  std::function<void(Keeper&)> fn;
+  std::function<void(BusTarget&)> fn;
 };
 
 void run(std::vector<Send>& out) {
@@ -59,11 +59,11 @@ struct InProcessHub::State {
 
   // Each under mu; the commands they produce go to `out`.
   void toAllBut(std::uint32_t self, std::vector<Send>& out,
-                const std::function<void(Keeper&)>& fn) {
+                const std::function<void(BusTarget&)>& fn) {
     for (auto& [id, t] : nodes)
       if (id != self) out.push_back({t, fn});
   }
-  void toAll(std::vector<Send>& out, const std::function<void(Keeper&)>& fn) {
+  void toAll(std::vector<Send>& out, const std::function<void(BusTarget&)>& fn) {
     for (auto& [id, t] : nodes) out.push_back({t, fn});
   }
   std::size_t entries() const {
@@ -95,7 +95,7 @@ class InProcessNode final : public Node {
     run(out);
   }
 
-  bool bind(Keeper& keeper, Post post) override {
+  bool bind(BusTarget& keeper, Post post) override {
     std::lock_guard<std::mutex> g(hub_->mu);
     if (bound_ || !post) return false;
     bound_ = true;
@@ -116,7 +116,7 @@ class InProcessNode final : public Node {
       const bool first = per.empty();
       ++per[id_];
       if (first)
-        hub_->toAll(out, [u = std::string(user)](Keeper& k) { k.relayPresence(u, true); });
+        hub_->toAll(out, [u = std::string(user)](BusTarget& k) { k.relayPresence(u, true); });
     }
     run(out);
   }
@@ -133,8 +133,8 @@ class InProcessNode final : public Node {
       if (it->second.empty()) {
         hub_->users.erase(it);
         const std::string u(user);
-        hub_->toAll(out, [u](Keeper& k) { k.relayPresence(u, false); });
-        out.push_back({self_, [u](Keeper& k) { k.relayUserGone(u); }});
+        hub_->toAll(out, [u](BusTarget& k) { k.relayPresence(u, false); });
+        out.push_back({self_, [u](BusTarget& k) { k.relayUserGone(u); }});
       }
     }
     run(out);
@@ -175,7 +175,7 @@ class InProcessNode final : public Node {
       if (!is) hub_->typing.erase(key);
       if (was != is)
         hub_->toAllBut(id_, out,
-                       [u = std::string(user), t = std::string(thread), is](Keeper& k) {
+                       [u = std::string(user), t = std::string(thread), is](BusTarget& k) {
                          k.relayTyping(u, t, is);
                        });
     }
@@ -207,7 +207,7 @@ class InProcessNode final : public Node {
       for (std::uint32_t id : to) {
         auto t = hub_->nodes.find(id);
         if (t == hub_->nodes.end()) continue;
-        out.push_back({t->second, [msg](Keeper& k) {
+        out.push_back({t->second, [msg](BusTarget& k) {
                          k.relayBroadcast(msg->targets(), msg->event, msg->payload);
                        }});
       }
@@ -308,13 +308,13 @@ class InProcessNode final : public Node {
   void reapLocked(std::vector<Send>& out) {
     const Target* heir = hub_->nodes.empty() ? nullptr : &hub_->nodes.begin()->second;
     bool any = dropNode(hub_->users, id_, [&](const std::string& u) {
-      hub_->toAll(out, [u](Keeper& k) { k.relayPresence(u, false); });
-      if (heir) out.push_back({*heir, [u](Keeper& k) { k.relayUserGone(u); }});
+      hub_->toAll(out, [u](BusTarget& k) { k.relayPresence(u, false); });
+      if (heir) out.push_back({*heir, [u](BusTarget& k) { k.relayUserGone(u); }});
     });
     any = dropNode(hub_->rooms, id_, [](const std::string&) {}) || any;
     any = dropNode(hub_->typing, id_, [&](const std::string& key) {
             const std::size_t cut = key.find('\x1f');
-            hub_->toAll(out, [u = key.substr(0, cut), t = key.substr(cut + 1)](Keeper& k) {
+            hub_->toAll(out, [u = key.substr(0, cut), t = key.substr(cut + 1)](BusTarget& k) {
               k.relayTyping(u, t, false);
             });
           }) || any;

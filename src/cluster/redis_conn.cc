@@ -51,8 +51,8 @@ Reply errorReply(const char* why) {
 
 }  // namespace
 
-RedisConn::RedisConn(asio::io_context& io, Options opt)
-    : io_(io), opt_(std::move(opt)), sock_(io), timer_(io), in_(16384) {}
+RedisConn::RedisConn(Strand strand, Options opt)
+    : io_(strand), opt_(std::move(opt)), sock_(strand), timer_(strand), in_(16384) {}
 
 RedisConn::~RedisConn() {
   if (reader_) redisReaderFree(reader_);

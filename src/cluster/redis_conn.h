@@ -10,7 +10,7 @@
 // whose oldest command has waited longer than the request timeout while
 // nothing at all came back for as long is closed (hiredis 0.14 has no
 // timeouts; a server busy with a pipelined burst still answers steadily). Subscribed, every push message
-// goes to onPush instead. Never blocks; single-threaded (the io thread).
+// goes to onPush instead. Never blocks; every call and handler on its strand.
 #ifndef ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
 #define ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
 
@@ -36,6 +36,9 @@ struct Reply {
   bool error() const noexcept { return type == Type::kError; }
 };
 
+/// Every handler of a connection runs on this strand (its node's).
+using Strand = boost::asio::strand<boost::asio::io_context::executor_type>;
+
 class RedisConn : public std::enable_shared_from_this<RedisConn> {
  public:
   using Callback = std::function<void(Reply&&)>;
@@ -47,7 +50,7 @@ class RedisConn : public std::enable_shared_from_this<RedisConn> {
     std::size_t maxPending = 500000;  // commands in flight; more fail at once
     std::string name;                 // CLIENT SETNAME, for the logs and CLIENT KILL
   };
-  RedisConn(boost::asio::io_context& io, Options opt);
+  RedisConn(Strand strand, Options opt);
   ~RedisConn();
 
   /// Connects (again); `done(true)` once connected, false on failure.
@@ -74,7 +77,7 @@ class RedisConn : public std::enable_shared_from_this<RedisConn> {
   void checkTimeout();
   bool parse();
 
-  boost::asio::io_context& io_;
+  Strand io_;
   Options opt_;
   boost::asio::ip::tcp::socket sock_;
   boost::asio::steady_timer timer_;

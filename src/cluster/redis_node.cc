@@ -2,6 +2,8 @@
 #include "roomkeeper/cluster/redis_node.h"
 
 #include <boost/asio.hpp>
+#include <atomic>
+#include <mutex>
 #include <random>
 #include <set>
 #include <string_view>
@@ -66,27 +68,36 @@ std::string key2(std::string_view a, std::string_view b) {
 
 struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   Impl(asio::io_context& ctx, RedisConfig c)
-      : io(ctx), cfg(std::move(c)), hbTimer(ctx), cmdRetry(ctx), subRetry(ctx) {
+      : io(ctx),
+        strand(asio::make_strand(ctx)),
+        cfg(std::move(c)),
+        hbTimer(strand),
+        cmdRetry(strand),
+        subRetry(strand) {
     RedisConn::Options o;
     o.host = cfg.host;
     o.port = cfg.port;
     o.requestTimeout = cfg.requestTimeout;
     o.maxPending = cfg.maxPending;
-    cmd = std::make_shared<RedisConn>(ctx, o);
+    cmd = std::make_shared<RedisConn>(strand, o);
     o.maxPending = 64;
-    sub = std::make_shared<RedisConn>(ctx, o);
-    hb = std::make_shared<RedisConn>(ctx, o);
-    id = freshId();
+    sub = std::make_shared<RedisConn>(strand, o);
+    hb = std::make_shared<RedisConn>(strand, o);
+    setId(freshId());
   }
 
   asio::io_context& io;
+  detail::Strand strand;  // every handler and every state change of the node
   RedisConfig cfg;
   std::shared_ptr<RedisConn> cmd, sub, hb;
   asio::steady_timer hbTimer, cmdRetry, subRetry;
   std::chrono::milliseconds cmdBackoff{0}, subBackoff{0}, hbBackoff{0};
   std::string id;
   std::vector<std::string> oldIds;  // earlier ids of this node, to remove
-  Keeper* keeper = nullptr;
+  // The bound Keeper, reached only through its post function (its thread).
+  std::shared_ptr<std::atomic<BusTarget*>> target =
+      std::make_shared<std::atomic<BusTarget*>>(nullptr);
+  bool bound = false;
   Post post;
   bool started = false, stopping = false;
   bool draining = false;  // stop() is removing what this node holds
@@ -98,8 +109,58 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   std::set<std::string> reaping;
   // user \x1f thread -> other nodes with the user typing there
   std::unordered_map<std::string, std::set<std::string>> remoteTyping;
+  mutable std::mutex mu;  // st, remoteTyping, idCopy, leaseAtMs: read elsewhere
   ClusterStats st;
+  std::string idCopy;          // id, for id() from any thread
+  std::int64_t leaseAtMs = -1;  // steady ms of the last good lease; -1 = none
+  void setId(std::string v) {
+    id = std::move(v);
+    std::lock_guard<std::mutex> g(mu);
+    idCopy = id;
+  }
+  void leaseRenewed(bool ok) {
+    std::lock_guard<std::mutex> g(mu);
+    leaseAtMs = ok ? std::chrono::duration_cast<std::chrono::milliseconds>(
+                         Clock::now().time_since_epoch())
+                         .count()
+                   : -1;
+  }
   std::vector<std::string_view> fields;  // decode scratch
+
+  void count(std::uint64_t ClusterStats::*c) {
+    std::lock_guard<std::mutex> g(mu);
+    ++(st.*c);
+  }
+  void setConnected(bool on) {
+    std::lock_guard<std::mutex> g(mu);
+    st.connected = on;
+  }
+  // Runs `fn` on the node's strand (at once if already there).
+  template <typename F>
+  void onStrand(F fn) {
+    asio::dispatch(strand, [self = shared_from_this(), fn = std::move(fn)]() mutable { fn(); });
+  }
+  // A query's answer, through the post function (at once without one).
+  void answer(std::function<void()> fn) {
+    if (post)
+      post(std::move(fn));
+    else
+      fn();
+  }
+  // A read-only command from any thread; `make` turns the reply into the
+  // answer to post.
+  void query(std::vector<std::string> args, std::function<std::function<void()>(Reply&&)> make) {
+    onStrand([this, args = std::move(args), make = std::move(make)]() mutable {
+      cmd->command(std::move(args), [this, make](Reply&& r) { answer(make(std::move(r))); });
+    });
+  }
+  // Runs `fn(keeper)` on the Keeper's thread, if it is still bound then.
+  void toKeeper(std::function<void(BusTarget&)> fn) {
+    if (!post) return;
+    post([t = target, fn = std::move(fn)]() {
+      if (BusTarget* k = t->load()) fn(*k);
+    });
+  }
 
   void log(LogLevel l, const std::string& m) {
     if (cfg.log) cfg.log(l, m);
@@ -121,7 +182,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     sub->onDown = [this, self]() { subLost(); };
     hb->onDown = [this, self]() {
       good = false;
-      st.connected = false;
+      setConnected(false);
     };
     sub->onPush = [this, self](Reply&& r) { onMessage(r); };
     connectCmd();
@@ -144,7 +205,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     });
   }
   void cmdLost() {
-    st.connected = false;
+    setConnected(false);
     needResync = true;
     retry(cmdRetry, cmdBackoff, [this]() { connectCmd(); });
   }
@@ -161,8 +222,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
         // Anything published while we were away is lost (pub/sub is
         // at-most-once): the typing we knew of is dropped rather than
         // trusted, and counted as a resynchronisation.
-        if (subscribedOnce) ++st.resyncs;
+        if (subscribedOnce) count(&ClusterStats::resyncs);
         subscribedOnce = true;
+        std::lock_guard<std::mutex> g(mu);
         remoteTyping.clear();
       });
     });
@@ -233,17 +295,17 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   // A change for the shared view; false (and counted) if it cannot be sent.
   bool change(const char* script, std::vector<std::string> args, RedisConn::Callback cb = {}) {
     if (!registered || !cmd->connected()) {
-      ++st.dropped;
+      count(&ClusterStats::dropped);
       needResync = true;
       return false;
     }
-    ++st.published;
+    count(&ClusterStats::published);
     auto self = shared_from_this();
     eval(*cmd, script, std::move(args),
          [this, self, cb = std::move(cb), sentAs = id](Reply&& r) {
            if (r.error()) {
              if (sentAs != id) return;  // an old id's change: replayed anyway
-             ++st.dropped;
+             count(&ClusterStats::dropped);
              if (r.str.rfind("FENCED", 0) == 0) return fenced();
              needResync = true;
              return;
@@ -264,8 +326,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       if (r.error()) return;
       registered = true;
       good = true;
-      st.connected = true;
+      setConnected(true);
       leaseAt = goodSince = Clock::now();
+      leaseRenewed(true);
       log(LogLevel::kInfo, fmt::format("roomkeeper cluster: node {} registered", id));
       resync();
     });
@@ -276,14 +339,26 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   // the replay, so that a user still here never looks offline).
   void resync() {
     needResync = false;
-    if (keeper) keeper->replayToBus();
-    for (const std::string& old : oldIds) reap(old, true);
+    auto old = std::make_shared<std::vector<std::string>>(std::move(oldIds));
     oldIds.clear();
+    auto self = shared_from_this();
+    if (!post || !target->load()) {
+      for (const std::string& o : *old) reap(o, true);
+      return;
+    }
+    // The replay's events reach the strand before this last step does
+    // (posted in order from the Keeper's thread).
+    toKeeper([self, old](BusTarget& k) {
+      k.replayToBus();
+      self->onStrand([self, old]() {
+        for (const std::string& o : *old) self->reap(o, true);
+      });
+    });
   }
 
   void fenced() {
     if (!registered) return;
-    ++st.fenced;
+    count(&ClusterStats::fenced);
     log(LogLevel::kWarning,
         fmt::format("roomkeeper cluster: node {} lost its lease; re-registering", id));
     reregister();
@@ -291,8 +366,10 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
 
   void reregister() {
     registered = false;
+    setConnected(false);
     oldIds.push_back(id);
-    id = freshId();
+    setId(freshId());
+    leaseRenewed(false);
     maybeRegister();
   }
 
@@ -310,8 +387,8 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   void beatOnce() {
     if (!hb->connected()) {
       good = false;
-      st.connected = false;
-      if (hbBackoff.count() == 0 || true) connectHb();
+      setConnected(false);
+      connectHb();
       return;
     }
     if (!registered) {
@@ -321,7 +398,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     // Changes were dropped (Redis was out of reach for the commands): the
     // shared view under this id is wrong; start again under a fresh one.
     if (needResync && cmd->connected()) {
-      ++st.resyncs;
+      count(&ClusterStats::resyncs);
       reregister();
       return;
     }
@@ -337,8 +414,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
            const auto now = Clock::now();
            if (!good) goodSince = now;
            good = true;
-           st.connected = cmd->connected();
+           setConnected(cmd->connected());
            leaseAt = now;
+           leaseRenewed(true);
            // Only after a full lease of good heartbeats may this node bury
            // others: right after a Redis blip, everyone looks dead.
            if (now - goodSince >= cfg.lease) findDead();
@@ -359,7 +437,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   void countNodes() {
     auto self = shared_from_this();
     hb->command({"ZCARD", cfg.keyPrefix + ":nodes"}, [this, self](Reply&& r) {
-      if (r.type == Reply::Type::kInteger) st.nodes = static_cast<std::size_t>(r.integer);
+      if (r.type != Reply::Type::kInteger) return;
+      std::lock_guard<std::mutex> g(mu);
+      st.nodes = static_cast<std::size_t>(r.integer);
     });
   }
 
@@ -412,10 +492,11 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
            }
            // The users left with no session anywhere: their wildcard.
            for (std::size_t i = 1; i < r.elements.size(); ++i)
-             if (keeper && !stopping) keeper->relayUserGone(r.elements[i].str);
+             if (!stopping)
+               toKeeper([u = r.elements[i].str](BusTarget& k) { k.relayUserGone(u); });
            if (r.elements[0].integer == 1) {
              reaping.erase(dead);
-             if (!force) ++st.nodesReaped;
+             if (!force) count(&ClusterStats::nodesReaped);
              if (done) done();
              return;
            }
@@ -434,23 +515,29 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       if (fields.size() == 2 && fields[1] == id) lastProbe = Clock::now();
       return;
     }
-    if (fields.size() < 2 || fields[1] == id || !keeper || stopping) return;
+    if (fields.size() < 2 || fields[1] == id || stopping) return;
     if (kind == "P" && fields.size() == 4) {
-      ++st.received;
-      keeper->relayPresence(fields[2], fields[3] == "1");
+      count(&ClusterStats::received);
+      toKeeper([u = std::string(fields[2]), on = fields[3] == "1"](BusTarget& k) {
+        k.relayPresence(u, on);
+      });
     } else if (kind == "T" && fields.size() == 7) {
-      ++st.received;
-      const std::string k = key2(fields[3], fields[4]);
+      count(&ClusterStats::received);
+      const std::string key = key2(fields[3], fields[4]);
       const bool on = fields[5] == "1";
       if (fields[2] != id) {
+        std::lock_guard<std::mutex> g(mu);
         if (on) {
-          remoteTyping[k].emplace(fields[2]);
-        } else if (auto it = remoteTyping.find(k); it != remoteTyping.end()) {
+          remoteTyping[key].emplace(fields[2]);
+        } else if (auto it = remoteTyping.find(key); it != remoteTyping.end()) {
           it->second.erase(std::string(fields[2]));
           if (it->second.empty()) remoteTyping.erase(it);
         }
       }
-      if (fields[6] == "1") keeper->relayTyping(fields[3], fields[4], on);
+      if (fields[6] == "1")
+        toKeeper([u = std::string(fields[3]), t = std::string(fields[4]), on](BusTarget& k) {
+          k.relayTyping(u, t, on);
+        });
     } else if (kind == "B") {
       applyBroadcast();
     }
@@ -459,7 +546,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   void applyBroadcast() {
     // B publisher nrooms rooms... nexcept except... sender event payload
     std::size_t i = 2;
-    auto count = [&](std::size_t& n) {
+    auto number = [&](std::size_t& n) {
       if (i >= fields.size()) return false;
       n = 0;
       for (char c : fields[i]) {
@@ -469,16 +556,18 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       ++i;
       return i + n <= fields.size();
     };
-    BroadcastTargets t;
+    auto m = std::make_shared<BroadcastMessage>();
     std::size_t nr = 0, ne = 0;
-    if (!count(nr)) return;
-    for (std::size_t k = 0; k < nr; ++k) t.rooms.push_back(fields[i++]);
-    if (!count(ne)) return;
-    for (std::size_t k = 0; k < ne; ++k) t.except.push_back(fields[i++]);
+    if (!number(nr)) return;
+    for (std::size_t k = 0; k < nr; ++k) m->rooms.emplace_back(fields[i++]);
+    if (!number(ne)) return;
+    for (std::size_t k = 0; k < ne; ++k) m->except.emplace_back(fields[i++]);
     if (i + 3 != fields.size()) return;
-    t.sender = fields[i];
-    ++st.received;
-    keeper->relayBroadcast(t, fields[i + 1], fields[i + 2]);
+    m->sender = std::string(fields[i]);
+    m->event = std::string(fields[i + 1]);
+    m->payload = std::string(fields[i + 2]);
+    count(&ClusterStats::received);
+    toKeeper([m](BusTarget& k) { k.relayBroadcast(m->targets(), m->event, m->payload); });
   }
 };
 
@@ -486,125 +575,150 @@ RedisNode::RedisNode(asio::io_context& io, RedisConfig config)
     : impl_(std::make_shared<Impl>(io, std::move(config))) {}
 
 RedisNode::~RedisNode() {
-  impl_->stopping = true;
-  impl_->keeper = nullptr;
-  impl_->hbTimer.cancel();
-  impl_->cmdRetry.cancel();
-  impl_->subRetry.cancel();
-  impl_->cmd->onDown = nullptr;
-  impl_->sub->onDown = nullptr;
-  impl_->sub->onPush = nullptr;
-  impl_->hb->onDown = nullptr;
-  impl_->cmd->close();
-  impl_->sub->close();
-  impl_->hb->close();
+  Impl& im = *impl_;
+  im.stopping = true;
+  im.target->store(nullptr);
+  im.hbTimer.cancel();
+  im.cmdRetry.cancel();
+  im.subRetry.cancel();
+  im.cmd->onDown = nullptr;
+  im.sub->onDown = nullptr;
+  im.sub->onPush = nullptr;
+  im.hb->onDown = nullptr;
+  im.cmd->close();
+  im.sub->close();
+  im.hb->close();
 }
 
-bool RedisNode::bind(Keeper& keeper, Post post) {
-  if (impl_->keeper || !post) return false;
-  impl_->keeper = &keeper;
+bool RedisNode::bind(BusTarget& keeper, Post post) {
+  if (impl_->bound || !post) return false;
+  impl_->bound = true;
   impl_->post = std::move(post);
+  impl_->target->store(&keeper);
   return true;
 }
 
-void RedisNode::start() { impl_->start(); }
+void RedisNode::start() {
+  impl_->onStrand([im = impl_.get()]() { im->start(); });
+}
 
 void RedisNode::stop(std::function<void()> done) {
-  Impl& im = *impl_;
-  auto self = impl_;
-  auto finish = [self, done]() {
-    self->stopping = true;
-    self->registered = false;
-    self->hbTimer.cancel();
-    self->cmdRetry.cancel();
-    self->subRetry.cancel();
-    self->cmd->close();
-    self->sub->close();
-    self->hb->close();
-    if (done) done();
-  };
-  if (!im.cmd->connected()) return finish();
-  im.keeper = nullptr;  // nothing more reaches the Keeper
-  im.draining = true;
-  // Whatever is left under this id (and older ids) goes, then the lease.
-  auto ids = std::make_shared<std::vector<std::string>>(im.oldIds);
-  ids->push_back(im.id);
-  auto step = std::make_shared<std::function<void()>>();
-  *step = [self, ids, step, finish]() {
-    if (ids->empty()) return finish();
-    const std::string one = ids->back();
-    ids->pop_back();
-    self->reap(one, true, [step]() { (*step)(); });
-  };
-  (*step)();
+  impl_->onStrand([self = impl_, done]() {
+    Impl& im = *self;
+    auto finish = [self, done]() {
+      self->stopping = true;
+      self->registered = false;
+      self->hbTimer.cancel();
+      self->cmdRetry.cancel();
+      self->subRetry.cancel();
+      self->cmd->close();
+      self->sub->close();
+      self->hb->close();
+      if (done) done();
+    };
+    im.target->store(nullptr);  // nothing more reaches the Keeper
+    if (!im.cmd->connected()) return finish();
+    im.draining = true;
+    // Whatever is left under this id (and older ids) goes, then the lease.
+    auto ids = std::make_shared<std::vector<std::string>>(im.oldIds);
+    ids->push_back(im.id);
+    auto step = std::make_shared<std::function<void()>>();
+    *step = [self, ids, step, finish]() {
+      if (ids->empty()) {
+        // The cycle through the capture ends here; nothing captured is
+        // touched once the closure is gone.
+        auto last = finish;
+        auto cell = step;
+        *cell = nullptr;
+        return last();
+      }
+      const std::string one = ids->back();
+      ids->pop_back();
+      self->reap(one, true, [step]() { (*step)(); });
+    };
+    (*step)();
+  });
 }
 
 void RedisNode::audit(std::function<void(AuditReport)> done) {
-  auto self = impl_;
-  impl_->eval(*impl_->cmd, detail::kAudit, {}, [self, done](Reply&& r) {
-    AuditReport rep;
-    if (r.type == Reply::Type::kArray && !r.elements.empty()) {
-      rep.ok = true;
-      rep.keys = static_cast<std::size_t>(std::stoull(r.elements[0].str));
-      for (std::size_t i = 1; i < r.elements.size(); ++i)
-        rep.orphans.push_back(std::move(r.elements[i].str));
-    }
-    done(std::move(rep));
+  impl_->onStrand([self = impl_, done]() {
+    self->eval(*self->cmd, detail::kAudit, {}, [self, done](Reply&& r) {
+      AuditReport rep;
+      if (r.type == Reply::Type::kArray && !r.elements.empty()) {
+        rep.ok = true;
+        rep.keys = static_cast<std::size_t>(std::stoull(r.elements[0].str));
+        for (std::size_t i = 1; i < r.elements.size(); ++i)
+          rep.orphans.push_back(std::move(r.elements[i].str));
+      }
+      self->answer([done, rep = std::move(rep)]() mutable { done(std::move(rep)); });
+    });
   });
 }
 
 void RedisNode::keyCount(std::function<void(std::size_t)> done) {
-  impl_->eval(*impl_->cmd, detail::kKeyCount, {},
-              [done](Reply&& r) { done(static_cast<std::size_t>(r.integer)); });
+  impl_->onStrand([self = impl_, done]() {
+    self->eval(*self->cmd, detail::kKeyCount, {}, [self, done](Reply&& r) {
+      const auto n = static_cast<std::size_t>(r.integer);
+      self->answer([done, n]() { done(n); });
+    });
+  });
 }
 
 void RedisNode::sessionUp(std::string_view session, std::string_view user) {
-  if (!shareable(session) || !shareable(user)) return void(++impl_->st.dropped);
-  auto self = impl_;
-  impl_->change(detail::kSession, {std::string(session), std::string(user), "1"},
-                [self, u = std::string(user)](Reply&& r) {
-                  if (r.integer == 1 && self->keeper) self->keeper->relayPresence(u, true);
-                });
+  impl_->onStrand([im = impl_.get(), s = std::string(session), u = std::string(user)]() {
+    if (!shareable(s) || !shareable(u)) return im->count(&ClusterStats::dropped);
+    im->change(detail::kSession, {s, u, "1"}, [im, u](Reply&& r) {
+      if (r.integer == 1) im->toKeeper([u](BusTarget& k) { k.relayPresence(u, true); });
+    });
+  });
 }
 
 void RedisNode::sessionDown(std::string_view session, std::string_view user) {
-  auto self = impl_;
-  const bool sent = shareable(session) && shareable(user) &&
-                    impl_->change(detail::kSession, {std::string(session), std::string(user), "0"},
-                                  [self, u = std::string(user)](Reply&& r) {
-                                    if (r.integer != 1 || !self->keeper) return;
-                                    self->keeper->relayPresence(u, false);
-                                    self->keeper->relayUserGone(u);
-                                  });
-  // Out of touch, this node cannot know whether the user is connected
-  // elsewhere; it persists the wildcard (a stale "typing" row is the worse
-  // error), and the host hears userOffline from its own view.
-  if (!sent && impl_->keeper) impl_->keeper->relayUserGone(user);
+  impl_->onStrand([im = impl_.get(), s = std::string(session), u = std::string(user)]() {
+    const bool sent = shareable(s) && shareable(u) &&
+                      im->change(detail::kSession, {s, u, "0"}, [im, u](Reply&& r) {
+                        if (r.integer != 1) return;
+                        im->toKeeper([u](BusTarget& k) {
+                          k.relayPresence(u, false);
+                          k.relayUserGone(u);
+                        });
+                      });
+    // Out of touch, this node cannot know whether the user is connected
+    // elsewhere; it persists the wildcard (a stale "typing" row is the
+    // worse error).
+    if (!sent) im->toKeeper([u](BusTarget& k) { k.relayUserGone(u); });
+  });
 }
 
 void RedisNode::joined(std::string_view session, std::string_view room) {
-  if (!shareable(session) || !shareable(room)) return void(++impl_->st.dropped);
-  impl_->change(detail::kMember, {std::string(session), std::string(room), "1"});
+  impl_->onStrand([im = impl_.get(), s = std::string(session), r = std::string(room)]() {
+    if (!shareable(s) || !shareable(r)) return im->count(&ClusterStats::dropped);
+    im->change(detail::kMember, {s, r, "1"});
+  });
 }
 
 void RedisNode::left(std::string_view session, std::string_view room) {
-  if (!shareable(session) || !shareable(room)) return;
-  impl_->change(detail::kMember, {std::string(session), std::string(room), "0"});
+  impl_->onStrand([im = impl_.get(), s = std::string(session), r = std::string(room)]() {
+    if (!shareable(s) || !shareable(r)) return;
+    im->change(detail::kMember, {s, r, "0"});
+  });
 }
 
 void RedisNode::typing(std::string_view user, std::string_view thread, bool started) {
-  if (!shareable(user) || !shareable(thread)) return void(++impl_->st.dropped);
-  impl_->change(detail::kTyping, {std::string(user), std::string(thread), started ? "1" : "0"});
+  impl_->onStrand(
+      [im = impl_.get(), u = std::string(user), t = std::string(thread), started]() {
+        if (!shareable(u) || !shareable(t)) return im->count(&ClusterStats::dropped);
+        im->change(detail::kTyping, {u, t, started ? "1" : "0"});
+      });
 }
 
 void RedisNode::broadcast(const BroadcastTargets& targets, std::string_view event,
                           std::string_view payload) {
-  Impl& im = *impl_;
-  if (!im.cmd->connected()) return void(++im.st.dropped);
+  // Encoded here (the views are the caller's), sent on the strand.
   std::string m;
   m.reserve(64 + payload.size());
   putField(m, "B");
-  putField(m, im.id);
+  const std::size_t idAt = m.size();  // the sender's id goes here, on the strand
   putField(m, std::to_string(targets.rooms.size()));
   for (auto r : targets.rooms) putField(m, r);
   putField(m, std::to_string(targets.except.size()));
@@ -612,15 +726,21 @@ void RedisNode::broadcast(const BroadcastTargets& targets, std::string_view even
   putField(m, targets.sender);
   putField(m, event);
   putField(m, payload);
-  ++im.st.published;
-  auto self = impl_;
-  im.cmd->command({"PUBLISH", im.cfg.keyPrefix + ":ev", std::move(m)}, [self](Reply&& r) {
-    if (r.error()) ++self->st.dropped;
+  impl_->onStrand([im = impl_.get(), m = std::move(m), idAt]() mutable {
+    if (!im->cmd->connected()) return im->count(&ClusterStats::dropped);
+    std::string id;
+    putField(id, im->id);
+    m.insert(idAt, id);
+    im->count(&ClusterStats::published);
+    im->cmd->command({"PUBLISH", im->cfg.keyPrefix + ":ev", std::move(m)}, [im](Reply&& r) {
+      if (r.error()) im->count(&ClusterStats::dropped);
+    });
   });
 }
 
 bool RedisNode::typingElsewhere(std::string_view user, std::string_view thread) const noexcept {
   try {
+    std::lock_guard<std::mutex> g(impl_->mu);
     return impl_->remoteTyping.count(key2(user, thread)) != 0;
   } catch (...) {
     return false;
@@ -628,37 +748,45 @@ bool RedisNode::typingElsewhere(std::string_view user, std::string_view thread) 
 }
 
 void RedisNode::roomSize(std::string room, std::function<void(std::size_t)> done) {
-  impl_->cmd->command({"HLEN", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
-    done(r.type == Reply::Type::kInteger ? static_cast<std::size_t>(r.integer) : 0);
+  impl_->query({"HLEN", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
+    const std::size_t n = r.type == Reply::Type::kInteger ? static_cast<std::size_t>(r.integer) : 0;
+    return std::function<void()>([done, n]() { done(n); });
   });
 }
 
 void RedisNode::roomMembers(std::string room,
                             std::function<void(std::vector<std::string>)> done) {
-  impl_->cmd->command({"HKEYS", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
+  impl_->query({"HKEYS", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
     std::vector<std::string> v;
     for (auto& e : r.elements) {
       const std::size_t cut = e.str.find('\x1f');
       if (cut != std::string::npos) v.push_back(e.str.substr(cut + 1));
     }
-    done(std::move(v));
+    return std::function<void()>([done, v = std::move(v)]() { done(v); });
   });
 }
 
 void RedisNode::isOnline(std::string user, std::function<void(bool)> done) {
-  impl_->cmd->command({"EXISTS", impl_->cfg.keyPrefix + ":u:" + user},
-                      [done](Reply&& r) { done(r.integer == 1); });
+  impl_->query({"EXISTS", impl_->cfg.keyPrefix + ":u:" + user}, [done](Reply&& r) {
+    const bool on = r.integer == 1;
+    return std::function<void()>([done, on]() { done(on); });
+  });
 }
 
-std::string RedisNode::id() const { return impl_->id; }
+std::string RedisNode::id() const {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  return impl_->idCopy;
+}
 
 ClusterStats RedisNode::stats() const {
+  std::lock_guard<std::mutex> g(impl_->mu);
   ClusterStats s = impl_->st;
-  s.connected = impl_->registered && impl_->cmd->connected() && impl_->good;
-  s.leaseAgeMs = impl_->registered ? std::chrono::duration_cast<std::chrono::milliseconds>(
-                                         Clock::now() - impl_->leaseAt)
-                                         .count()
-                                   : -1;
+  s.leaseAgeMs = impl_->leaseAtMs < 0
+                     ? -1
+                     : std::chrono::duration_cast<std::chrono::milliseconds>(
+                           Clock::now().time_since_epoch())
+                               .count() -
+                           impl_->leaseAtMs;
   return s;
 }
 

@@ -148,6 +148,7 @@ int main(int argc, char** argv) {
       node.isOnline("nobody", [&, next, mine, chunk](bool) {
         if (*next < a.sessions) return (*chunk)();
         std::cout << "ready " << node.id() << " " << *mine << std::endl;
+        *chunk = nullptr;  // ends the closure's cycle through its own capture
       });
     };
     (*chunk)();

@@ -25,7 +25,11 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+fail() {
+  echo "FAIL: $*" >&2
+  for f in "$work"/err.*; do [ -s "$f" ] && { echo "--- $f" >&2; grep -v "^    #[1-9][0-9]" "$f" | head -40 >&2; }; done
+  exit 1
+}
 cli() { redis-cli -p "$port" "$@"; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 hsum() {  # sum of HLEN over the keys matching $1

@@ -110,6 +110,22 @@ class RedisPeek {
     if (r) freeReplyObject(r);
     return v;
   }
+  /// A string (bulk or status) reply; "" for anything else.
+  std::string text(const std::vector<std::string>& args) {
+    redisReply* r = run(args);
+    std::string v;
+    if (r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS))
+      v.assign(r->str, r->len);
+    if (r) freeReplyObject(r);
+    return v;
+  }
+  /// True if the reply is nil (a missing key or member).
+  bool nil(const std::vector<std::string>& args) {
+    redisReply* r = run(args);
+    const bool v = r && r->type == REDIS_REPLY_NIL;
+    if (r) freeReplyObject(r);
+    return v;
+  }
   /// Keys of the namespace other than the node registry itself.
   std::size_t stateKeys(const std::string& prefix) {
     std::size_t n = 0;

@@ -113,8 +113,8 @@ std::unique_ptr<rkt::RedisWorld> pairIn(const std::string& room) {
 }
 }  // namespace
 
-TEST_CASE("redis cluster: one round trip per change; a clean stop of every node leaves "
-          "no key",
+TEST_CASE("redis cluster: one round trip per change, and a clean stop of every node "
+          "leaves no key",
           "[cluster][redis]") {
   auto w = std::make_unique<rkt::RedisWorld>(2);
   auto& peek = w->peek();

@@ -68,11 +68,11 @@ struct ClusterStats {
 class Node : public Bus {
  public:
   ~Node() override = default;
-  /// Binds the Keeper that reports to this node (its KeeperOptions::bus is
-  /// this node); commands for it and query answers run through `post`.
-  /// Call once, before the Keeper's first call. Returns false if already
-  /// bound.
-  virtual bool bind(Keeper& keeper, Post post) = 0;
+  /// Binds the Keeper (or SyncKeeper) that reports to this node (its
+  /// KeeperOptions::bus is this node); commands for it and query answers
+  /// run through `post`. Call once, before the Keeper's first call.
+  /// Returns false if already bound (or `post` is empty).
+  virtual bool bind(BusTarget& keeper, Post post) = 0;
   /// Cluster-wide queries, answered once through the post function.
   virtual void roomSize(std::string room, std::function<void(std::size_t)> done) = 0;
   virtual void roomMembers(std::string room,

@@ -36,8 +36,12 @@
 // per dead node; batches that can be resumed by anyone), and the
 // survivors hear userOffline and typingStopped for what went.
 //
-// Threading: the Keeper, its Bus events and this node run on the
-// io_context's one thread; bind()'s post must run there. Ids containing
+// Threading: thread-safe. The node's own work runs on a strand of the
+// io_context (so a thread pool may run it); Bus events may come from any
+// thread (a SyncKeeper's callers, its driver) and are handed to the strand
+// in order; commands for the Keeper go through bind()'s post (a plain
+// Keeper: post onto its thread; a SyncKeeper: any). Destroy the node after
+// stop() has completed or after the io_context has stopped. Ids containing
 // the byte 0x1F are not shared (counted as dropped).
 #ifndef ROOMKEEPER_CLUSTER_REDIS_NODE_H_
 #define ROOMKEEPER_CLUSTER_REDIS_NODE_H_
@@ -84,7 +88,7 @@ class RedisNode final : public Node {
   RedisNode(const RedisNode&) = delete;
   RedisNode& operator=(const RedisNode&) = delete;
 
-  bool bind(Keeper& keeper, Post post) override;
+  bool bind(BusTarget& keeper, Post post) override;
   /// Connects and registers (asynchronously; reconnects by itself).
   void start();
   /// A clean stop, after the Keeper's shutdown: removes whatever this node
