@@ -114,6 +114,11 @@ class NodeProcess {
       return broadcasts(kind, count, rate);
     }
     if (cmd == "report") return report();
+    if (cmd == "received") {
+      std::uint64_t n = 0;
+      for (auto& [id, r] : received_) n += r.first;
+      return done(std::to_string(n));
+    }
     if (cmd == "typing") return typing();
     if (cmd == "typingreport") return typingReport();
     if (cmd == "offline") return done(std::to_string(offline_));
@@ -374,8 +379,24 @@ Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std:
     nodes[i].send("bcast " + kind + " " + std::to_string(total / n + (i < total % n ? 1 : 0)) +
                   " " + std::to_string(rate / static_cast<double>(n)));
   for (auto& c : nodes) c.wait();
-  // Let the last messages arrive, then collect.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Every message has been published; wait until what the nodes have
+  // delivered stops growing (for 500 ms; at most 10 s), then collect.
+  std::uint64_t last = 0;
+  auto still = Clock::now();
+  for (auto start = Clock::now(); Clock::now() - start < std::chrono::seconds(10);) {
+    std::uint64_t n = 0;
+    for (auto& c : nodes) {
+      c.send("received");
+      n += std::strtoull(c.wait().c_str(), nullptr, 10);
+    }
+    if (n != last) {
+      last = n;
+      still = Clock::now();
+    } else if (Clock::now() - still > std::chrono::milliseconds(500)) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   std::map<std::size_t, std::pair<std::string, std::int64_t>> sent;
   std::map<std::size_t, std::pair<std::uint64_t, std::int64_t>> got;
   for (auto& c : nodes) {
@@ -574,6 +595,14 @@ void runClusterWorkload(const char* self, std::size_t S) {
       .addCount("delivered", crew.delivered + all.delivered)
       .addCount("expected", crew.expected + all.expected)
       .addCount("lost", crew.expected + all.expected - crew.delivered - all.delivered)
+      .addObject("crew", JsonLine()
+                             .addCount("broadcasts", 20000)
+                             .addCount("expected", crew.expected)
+                             .addCount("delivered", crew.delivered))
+      .addObject("all", JsonLine()
+                            .addCount("broadcasts", 20000)
+                            .addCount("expected", all.expected)
+                            .addCount("delivered", all.delivered))
       .addNumber("typing_cross_node_p99_us", percentile(typingLat, 0.99), 1)
       .addNumber("kill_to_clean_ms", killToClean, 0)
       .addCount("orphan_keys", orphans)
