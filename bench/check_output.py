@@ -28,6 +28,12 @@ def main() -> int:
                 continue  # bytes held is a size, not a count: reported, not required 0
             if value != 0:
                 print(f"line {n} ({obj['system']}): left.{key} = {value}"); return 1
+        if obj["workload"] == "cluster":
+            for key in ("lost", "orphan_keys", "presence_missing"):
+                if obj.get(key) != 0:
+                    print(f"line {n}: cluster {key} = {obj.get(key)}"); return 1
+            if obj.get("kill_to_clean_ms") is None or obj["kill_to_clean_ms"] > 10000:
+                print(f"line {n}: cluster kill_to_clean_ms = {obj.get('kill_to_clean_ms')}"); return 1
         if obj["workload"] == "timers" and "fired" in obj:
             if obj["fired"] != obj["timers"] or obj.get("early", 0) or obj.get("late", 0):
                 print(f"line {n}: fired {obj['fired']} of {obj['timers']}, "

@@ -19,6 +19,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+// Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
+// including <utility> (a C++20 build fails without this).
+#include <utility>
 #include <boost/asio.hpp>
 #include <cinttypes>
 #include <cstdio>

@@ -14,6 +14,9 @@
 #ifndef ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
 #define ROOMKEEPER_SRC_CLUSTER_REDIS_CONN_H_
 
+// Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
+// including <utility> (a C++20 build fails without this).
+#include <utility>
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT
 #include "roomkeeper/cluster/redis_node.h"
 
+// Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
+// including <utility> (a C++20 build fails without this).
+#include <utility>
 #include <boost/asio.hpp>
 #include <atomic>
 #include <mutex>

@@ -8,6 +8,9 @@
 // cluster_process_test.sh.
 #include <roomkeeper/cluster/redis_node.h>
 
+// Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
+// including <utility> (a C++20 build fails without this).
+#include <utility>
 #include <boost/asio.hpp>
 #include <catch2/catch.hpp>
 

@@ -46,6 +46,9 @@
 #ifndef ROOMKEEPER_CLUSTER_REDIS_NODE_H_
 #define ROOMKEEPER_CLUSTER_REDIS_NODE_H_
 
+// Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
+// including <utility> (a C++20 build fails without this).
+#include <utility>
 #include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdint>
