@@ -117,6 +117,15 @@ class NodeProcess {
       return broadcasts(kind, count, rate);
     }
     if (cmd == "report") return report();
+    if (cmd == "reset") {
+      // Before a phase, on every node, so that no node clears what another
+      // node's first messages already brought.
+      sentTo_.clear();
+      received_.clear();
+      typingSeen_.clear();
+      typingStart_.clear();
+      return done();
+    }
     if (cmd == "received") {
       std::uint64_t n = 0;
       for (auto& [id, r] : received_) n += r.first;
@@ -191,8 +200,6 @@ class NodeProcess {
   }
 
   void broadcasts(const std::string& kind, std::size_t count, double rate) {
-    sentTo_.clear();
-    received_.clear();
     const std::int64_t start = nowNs();
     auto k = std::make_shared<std::size_t>(0);
     auto rng = std::make_shared<std::mt19937>(static_cast<unsigned>(index_ * 7919 + 1));
@@ -236,8 +243,6 @@ class NodeProcess {
   }
 
   void typing() {
-    typingSeen_.clear();
-    typingStart_.clear();
     for (std::size_t s = index_; s < S_; s += nodes_) {
       const std::string thread = std::to_string(s % 1000);
       typingStart_.emplace_back("{\"threadId\":\"" + thread + "\",\"userId\":\"" +
@@ -378,6 +383,8 @@ struct Delivery {
 Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std::size_t total,
                         double rate, std::size_t S) {
   const std::size_t n = nodes.size();
+  for (auto& c : nodes) c.send("reset");
+  for (auto& c : nodes) c.wait();
   for (std::size_t i = 0; i < n; ++i)
     nodes[i].send("bcast " + kind + " " + std::to_string(total / n + (i < total % n ? 1 : 0)) +
                   " " + std::to_string(rate / static_cast<double>(n)));
@@ -511,6 +518,8 @@ void runClusterWorkload(const char* self, std::size_t S) {
   // 3. typing.
   const long long calls2 = infoField(peek, "commandstats", "calls");
   const long long evals2 = infoField(peek, "commandstats", "evalsha");
+  for (auto& c : nodes) c.send("reset");
+  for (auto& c : nodes) c.wait();
   for (auto& c : nodes) c.send("typing");
   for (auto& c : nodes) c.wait();
   const long long calls3 = infoField(peek, "commandstats", "calls");
