@@ -61,6 +61,7 @@ class RedisConn : public std::enable_shared_from_this<RedisConn> {
   /// Closes; every pending command fails. onDown is not called.
   void close();
   bool connected() const noexcept { return state_ == State::kUp; }
+  bool connecting() const noexcept { return state_ == State::kConnecting; }
   /// Queues one command. With the connection down (or too many pending),
   /// `cb` gets an error reply at once (posted, never inline).
   void command(std::vector<std::string> args, Callback cb);

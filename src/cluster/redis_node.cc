@@ -87,6 +87,12 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     sub = std::make_shared<RedisConn>(strand, o);
     hb = std::make_shared<RedisConn>(strand, o);
     setId(freshId());
+    boost::system::error_code ec;
+    asio::ip::make_address(cfg.host, ec);
+    if (ec)
+      log(LogLevel::kError, fmt::format("roomkeeper cluster: RedisConfig::host must be an IP "
+                                        "address (got \"{}\"): not connecting",
+                                        cfg.host));
   }
 
   asio::io_context& io;
@@ -97,6 +103,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   std::chrono::milliseconds cmdBackoff{0}, subBackoff{0}, hbBackoff{0};
   std::string id;
   std::vector<std::string> oldIds;  // earlier ids of this node, to remove
+  std::set<std::string, std::less<>> pastIds;  // every earlier id: its messages are ours
   // The bound Keeper, reached only through its post function (its thread).
   std::shared_ptr<std::atomic<BusTarget*>> target =
       std::make_shared<std::atomic<BusTarget*>>(nullptr);
@@ -138,10 +145,11 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     std::lock_guard<std::mutex> g(mu);
     st.connected = on;
   }
-  // Runs `fn` on the node's strand (at once if already there).
+  // Runs `fn` on the node's strand, always queued (never inline), so that
+  // events keep the order in which they were raised.
   template <typename F>
   void onStrand(F fn) {
-    asio::dispatch(strand, [self = shared_from_this(), fn = std::move(fn)]() mutable { fn(); });
+    asio::post(strand, [self = shared_from_this(), fn = std::move(fn)]() mutable { fn(); });
   }
   // A query's answer, through the post function (at once without one).
   void answer(std::function<void()> fn) {
@@ -153,8 +161,10 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   // A read-only command from any thread; `make` turns the reply into the
   // answer to post.
   void query(std::vector<std::string> args, std::function<std::function<void()>(Reply&&)> make) {
-    onStrand([this, args = std::move(args), make = std::move(make)]() mutable {
-      cmd->command(std::move(args), [this, make](Reply&& r) { answer(make(std::move(r))); });
+    auto self = shared_from_this();
+    onStrand([self, args = std::move(args), make = std::move(make)]() mutable {
+      self->cmd->command(std::move(args),
+                         [self, make](Reply&& r) { self->answer(make(std::move(r))); });
     });
   }
   // Runs `fn(keeper)` on the Keeper's thread, if it is still bound then.
@@ -310,6 +320,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
              if (sentAs != id) return;  // an old id's change: replayed anyway
              count(&ClusterStats::dropped);
              if (r.str.rfind("FENCED", 0) == 0) return fenced();
+             // The scripts were flushed (SCRIPT FLUSH, a failover): load them
+             // again; the next heartbeat resynchronises what was lost.
+             if (r.str.rfind("NOSCRIPT", 0) == 0) loadScripts(*cmd);
              needResync = true;
              return;
            }
@@ -321,12 +334,20 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   // ---- Lease -------------------------------------------------------------
 
   void maybeRegister() {
-    if (registered || registering || stopping || !hb->connected() || !cmd->connected()) return;
+    if (registered || registering || stopping || draining || !hb->connected() ||
+        !cmd->connected())
+      return;
     registering = true;
     auto self = shared_from_this();
     eval(*hb, detail::kRegister, {std::to_string(cfg.lease.count())}, [this, self](Reply&& r) {
       registering = false;
-      if (r.error()) return;
+      if (r.error()) {
+        if (r.str.rfind("NOSCRIPT", 0) == 0) {
+          loadScripts(*hb);
+          loadScripts(*cmd);
+        }
+        return;
+      }
       registered = true;
       good = true;
       setConnected(true);
@@ -360,7 +381,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   }
 
   void fenced() {
-    if (!registered) return;
+    if (!registered || draining) return;
     count(&ClusterStats::fenced);
     log(LogLevel::kWarning,
         fmt::format("roomkeeper cluster: node {} lost its lease; re-registering", id));
@@ -370,6 +391,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   void reregister() {
     registered = false;
     setConnected(false);
+    pastIds.insert(id);
     oldIds.push_back(id);
     setId(freshId());
     leaseRenewed(false);
@@ -388,10 +410,11 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   }
 
   void beatOnce() {
+    if (draining) return;  // stop() is removing this node: no lease, no reaping
     if (!hb->connected()) {
       good = false;
       setConnected(false);
-      connectHb();
+      if (!hb->connecting()) connectHb();  // an attempt in progress is left to finish
       return;
     }
     if (!registered) {
@@ -412,6 +435,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
            if (r.error()) {
              good = false;
              if (r.str.rfind("FENCED", 0) == 0) fenced();
+             if (r.str.rfind("NOSCRIPT", 0) == 0) loadScripts(*hb);
              return;
            }
            const auto now = Clock::now();
@@ -447,7 +471,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   }
 
   void findDead() {
-    if (!cmd->connected()) return;
+    if (!cmd->connected() || draining) return;
     auto self = shared_from_this();
     eval(*cmd, detail::kDead, {}, [this, self](Reply&& r) {
       if (r.type != Reply::Type::kArray) return;
@@ -482,8 +506,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
              // Too much in flight (a shutdown's burst): again shortly, as
              // long as the connection holds; else whoever looks next resumes.
              // While stopping, a connection lost mid-way is waited for too.
-             if ((cmd->connected() || draining) && tries < 200) {
-               auto t = std::make_shared<asio::steady_timer>(io, std::chrono::milliseconds(50));
+             if ((cmd->connected() || draining) && !stopping && tries < 200) {
+               auto t =
+                   std::make_shared<asio::steady_timer>(strand, std::chrono::milliseconds(50));
                t->async_wait([this, self, t, dead, force, done, tries](auto) {
                  reap(dead, force, done, tries + 1);
                });
@@ -518,7 +543,10 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       if (fields.size() == 2 && fields[1] == id) lastProbe = Clock::now();
       return;
     }
-    if (fields.size() < 2 || fields[1] == id || stopping) return;
+    if (fields.size() < 2 || stopping) return;
+    // Presence edges, this node's own included, are applied only from here,
+    // so that every node sees them in Redis's order.
+    if (kind != "P" && (fields[1] == id || pastIds.count(fields[1]) != 0)) return;
     if (kind == "P" && fields.size() == 4) {
       count(&ClusterStats::received);
       toKeeper([u = std::string(fields[2]), on = fields[3] == "1"](BusTarget& k) {
@@ -622,6 +650,7 @@ void RedisNode::stop(std::function<void()> done) {
     im.target->store(nullptr);  // nothing more reaches the Keeper
     if (!im.cmd->connected()) return finish();
     im.draining = true;
+    im.hbTimer.cancel();
     // Whatever is left under this id (and older ids) goes, then the lease.
     auto ids = std::make_shared<std::vector<std::string>>(im.oldIds);
     ids->push_back(im.id);
@@ -670,9 +699,8 @@ void RedisNode::keyCount(std::function<void(std::size_t)> done) {
 void RedisNode::sessionUp(std::string_view session, std::string_view user) {
   impl_->onStrand([im = impl_.get(), s = std::string(session), u = std::string(user)]() {
     if (!shareable(s) || !shareable(u)) return im->count(&ClusterStats::dropped);
-    im->change(detail::kSession, {s, u, "1"}, [im, u](Reply&& r) {
-      if (r.integer == 1) im->toKeeper([u](BusTarget& k) { k.relayPresence(u, true); });
-    });
+    // userOnline comes back through the subscription (onMessage), in order.
+    im->change(detail::kSession, {s, u, "1"});
   });
 }
 
@@ -680,11 +708,10 @@ void RedisNode::sessionDown(std::string_view session, std::string_view user) {
   impl_->onStrand([im = impl_.get(), s = std::string(session), u = std::string(user)]() {
     const bool sent = shareable(s) && shareable(u) &&
                       im->change(detail::kSession, {s, u, "0"}, [im, u](Reply&& r) {
-                        if (r.integer != 1) return;
-                        im->toKeeper([u](BusTarget& k) {
-                          k.relayPresence(u, false);
-                          k.relayUserGone(u);
-                        });
+                        // The wildcard is this node's to persist; userOffline
+                        // comes through the subscription.
+                        if (r.integer == 1)
+                          im->toKeeper([u](BusTarget& k) { k.relayUserGone(u); });
                       });
     // Out of touch, this node cannot know whether the user is connected
     // elsewhere; it persists the wildcard (a stale "typing" row is the

@@ -62,7 +62,7 @@
 namespace roomkeeper::cluster {
 
 struct RedisConfig {
-  std::string host = "127.0.0.1";
+  std::string host = "127.0.0.1";              // an IP address (no name lookup)
   std::uint16_t port = 6379;
   std::string keyPrefix = "rk";               // every key and channel starts "<prefix>:"
   std::chrono::milliseconds lease{5000};       // a node silent this long is dead
