@@ -100,7 +100,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   RedisConfig cfg;
   std::shared_ptr<RedisConn> cmd, sub, hb;
   asio::steady_timer hbTimer, cmdRetry, subRetry;
-  std::chrono::milliseconds cmdBackoff{0}, subBackoff{0}, hbBackoff{0};
+  std::chrono::milliseconds cmdBackoff{0}, subBackoff{0};
   std::string id;
   std::vector<std::string> oldIds;  // earlier ids of this node, to remove
   std::set<std::string, std::less<>> pastIds;  // every earlier id: its messages are ours
@@ -114,7 +114,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   bool registered = false;
   bool registering = false;
   bool needResync = false;  // a change was dropped: the shared view is off
-  Clock::time_point leaseAt{}, goodSince{}, lastProbe{};
+  Clock::time_point goodSince{}, lastProbe{};
   bool good = false;
   std::set<std::string> reaping;
   // user \x1f thread -> other nodes with the user typing there
@@ -250,7 +250,6 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     hb->connect([this, self](bool ok) {
       if (ok) {
         loadScripts(*hb);
-        hbBackoff = {};
         maybeRegister();
       }
     });
@@ -351,7 +350,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       registered = true;
       good = true;
       setConnected(true);
-      leaseAt = goodSince = Clock::now();
+      goodSince = Clock::now();
       leaseRenewed(true);
       log(LogLevel::kInfo, fmt::format("roomkeeper cluster: node {} registered", id));
       resync();
@@ -442,7 +441,6 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
            if (!good) goodSince = now;
            good = true;
            setConnected(cmd->connected());
-           leaseAt = now;
            leaseRenewed(true);
            // Only after a full lease of good heartbeats may this node bury
            // others: right after a Redis blip, everyone looks dead.
