@@ -353,7 +353,11 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       goodSince = Clock::now();
       leaseRenewed(true);
       log(LogLevel::kInfo, fmt::format("roomkeeper cluster: node {} registered", id));
-      resync();
+      // A first registration with nothing dropped has nothing to replay:
+      // every event since the Keeper was made has reached Redis, or was
+      // dropped and set needResync. (Replaying anyway would publish the
+      // state twice when the Keeper's first events race the reply.)
+      if (needResync || !oldIds.empty()) resync();
     });
   }
 
