@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -35,7 +36,8 @@ constexpr std::size_t kQuickDispatchSessions = 2000;
 void printUsage(std::FILE* out) {
   std::fprintf(
       out,
-      "usage: roomkeeper-bench [--workload rooms|timers|dispatch|all|cluster]\n"
+      "usage: roomkeeper-bench [--workload rooms|timers|dispatch|dispatch_threads|\n"
+      "                         all|cluster]\n"
       "                        [--sessions N] [--dispatch-sessions N]\n"
       "                        [--timers N] [--restarts K] [--quick]\n"
       "\n"
@@ -44,7 +46,7 @@ void printUsage(std::FILE* out) {
       "                        sessions (default 3000; cluster starts its own\n"
       "                        redis-server and 3 node processes, and runs only\n"
       "                        when named)\n"
-      "  --dispatch-sessions N W3 dispatch sessions (default 20000)\n"
+      "  --dispatch-sessions N W3 and W3t dispatch sessions (default 20000)\n"
       "  --timers N            W2 timers (default 1000000)\n"
       "  --restarts K          W2/W3 restart rounds (default 10)\n"
       "  --quick               small sizes: sessions 2000, timers 20000,\n"
@@ -137,7 +139,7 @@ int main(int argc, char** argv) {
 
   const bool runAll = workload == "all";
   if (!runAll && workload != "rooms" && workload != "timers" &&
-      workload != "dispatch" && workload != "cluster") {
+      workload != "dispatch" && workload != "dispatch_threads" && workload != "cluster") {
     std::fprintf(stderr, "roomkeeper-bench: unknown workload '%s'\n",
                  workload.c_str());
     printUsage(stderr);
@@ -161,6 +163,19 @@ int main(int argc, char** argv) {
   if (runAll || workload == "rooms") runRooms(cfg);
   if (runAll || workload == "timers") runTimers(cfg);
   if (runAll || workload == "dispatch") runDispatch(cfg);
+  if (runAll || workload == "dispatch_threads") {
+#if ROOMKEEPER_BENCH_CLUSTER
+    // W3t: 1 and 2 threads (and 4 where the machine has the cores).
+    std::vector<std::size_t> threads{1, 2};
+    if (std::thread::hardware_concurrency() >= 4) threads.push_back(4);
+    runDispatchThreadsRoomkeeper(cfg, cfg.dispatchSessions, threads);
+#else
+    if (!runAll) {
+      std::fprintf(stderr, "roomkeeper-bench: built without roomkeeper::cluster\n");
+      return 2;
+    }
+#endif
+  }
   // W4 starts its own redis-server and node processes: asked for by name
   // only (not part of "all").
   if (workload == "cluster") {

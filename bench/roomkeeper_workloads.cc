@@ -325,3 +325,218 @@ void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads,
   j.addObject("left", statsObject(after));
   j.print();
 }
+
+#if ROOMKEEPER_BENCH_CLUSTER
+// ---------------------------------------------------------------------------
+// W3t dispatch_threads: the W3 day on N threads at once.
+//   * "multi-loop": one Keeper per thread, joined by an InProcessHub; a
+//     thread's own sessions only; what another loop must deliver is handed
+//     over through that loop's queue (its "post"), drained between calls;
+//   * the peer: one SyncKeeper shared by the N threads.
+// Every phase ends with a barrier that opens when
+// all threads have arrived and no queue holds anything, so each phase's
+// effects are delivered before the next starts, in both modes alike.
+
+#include <roomkeeper/cluster/in_process.h>
+
+#include <functional>
+#include <mutex>
+
+namespace {
+
+// A thread's event loop, as small as one can be: a locked queue.
+struct BenchLoop {
+  std::mutex mu;
+  std::vector<std::function<void()>> q, running;
+  std::atomic<std::int64_t>* pending = nullptr;  // queued or running, all loops
+
+  void post(std::function<void()> fn) {
+    pending->fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> g(mu);
+    q.push_back(std::move(fn));
+  }
+  bool drain() {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      if (q.empty()) return false;
+      running.swap(q);
+    }
+    for (auto& fn : running) {
+      fn();
+      pending->fetch_sub(1, std::memory_order_acq_rel);
+    }
+    running.clear();
+    return true;
+  }
+};
+
+struct BarrierSlot {
+  std::atomic<std::size_t> arrived{0}, passed{0};
+};
+
+// Waits, draining `loop`, until all n threads have arrived and nothing is
+// queued anywhere; then until all have seen that.
+void barrier(BarrierSlot& b, std::size_t n, const std::atomic<std::int64_t>& pending,
+             BenchLoop* loop) {
+  auto drainOrYield = [&] {
+    if (loop == nullptr || !loop->drain()) std::this_thread::yield();
+  };
+  b.arrived.fetch_add(1);
+  while (b.arrived.load() != n || pending.load() != 0) drainOrYield();
+  b.passed.fetch_add(1);
+  while (b.passed.load() != n) drainOrYield();
+}
+
+struct DayResult {
+  std::uint64_t dayNs = 0;
+  MemoryStats left;
+  std::size_t hubEntries = 0;
+  std::uint64_t emitted = 0, crossLoop = 0;
+};
+
+// The day for thread t of n, on keeper k (a Keeper of its own, or the shared
+// SyncKeeper), its queue `loop` (null for the peer).
+template <typename K>
+void dayOnThread(K& k, const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t t,
+                 std::size_t n, std::vector<BarrierSlot>& slots,
+                 const std::atomic<std::int64_t>& pending, BenchLoop* loop) {
+  std::size_t slot = 0;
+  auto each = [&](auto&& body) {
+    std::size_t i = 0;
+    for (std::size_t s = t; s < S; s += n) {
+      body(s);
+      if (loop != nullptr && (++i & 63) == 0) loop->drain();
+    }
+    barrier(slots[slot++], n, pending, loop);
+  };
+  each([&](std::size_t s) {
+    (void)k.connect(d.session[s]);
+    (void)k.authenticate(d.session[s], d.user[s]);
+    joinAll(k, d, s, std::string_view(d.session[s]));
+  });
+  // The typing rounds are one phase: round r + 1 of a session follows its
+  // round r on the same thread, with no barrier in between.
+  each([&](std::size_t s) {
+    for (std::size_t round = 0; round <= K_; ++round)
+      (void)k.startTyping(d.session[s], d.thread[s]);
+  });
+  each([&](std::size_t s) {
+    if (s % 2 == 0) (void)k.stopTyping(d.session[s], d.thread[s]);
+    (void)k.untrackRoom(d.session[s], d.jobs[s][0]);
+  });
+  each([&](std::size_t s) { (void)k.disconnect(d.session[s]); });
+}
+
+// Starts n threads on body(t), times from their common start to the last one's end.
+std::uint64_t timeThreads(std::size_t n, const std::function<void(std::size_t)>& body) {
+  std::atomic<bool> go{false};
+  std::vector<std::thread> pool;
+  for (std::size_t t = 0; t < n; ++t)
+    pool.emplace_back([&, t] {
+      while (!go.load()) std::this_thread::yield();
+      body(t);
+    });
+  Stopwatch sw;
+  go.store(true);
+  for (auto& th : pool) th.join();
+  return sw.elapsedNs();
+}
+
+DayResult multiLoopDay(const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t n) {
+  struct PerLoop {
+    BenchLoop loop;
+    ManualClock clock{SteadyTime{} + std::chrono::hours(1)};
+    std::uint64_t emitted = 0;  // on its own thread only
+    std::unique_ptr<cluster::Node> node;
+    std::unique_ptr<Keeper> keeper;
+  };
+  std::atomic<std::int64_t> pending{0};
+  cluster::InProcessHub hub;
+  std::vector<std::unique_ptr<PerLoop>> loops;
+  for (std::size_t t = 0; t < n; ++t) {
+    auto l = std::make_unique<PerLoop>();
+    PerLoop* p = l.get();
+    p->loop.pending = &pending;
+    p->node = hub.join();
+    KeeperCallbacks cb;
+    cb.emit = [p](std::string_view, std::string_view, std::string_view) { ++p->emitted; };
+    cb.persist = [](const PersistCall&) { return true; };
+    KeeperOptions opt;
+    opt.clock = &p->clock;
+    opt.bus = p->node.get();
+    p->keeper = std::make_unique<Keeper>(std::move(cb), opt);
+    p->node->bind(*p->keeper, [p](std::function<void()> fn) { p->loop.post(std::move(fn)); });
+    loops.push_back(std::move(l));
+  }
+  std::vector<BarrierSlot> slots(4);
+  DayResult r;
+  r.dayNs = timeThreads(n, [&](std::size_t t) {
+    dayOnThread(*loops[t]->keeper, d, S, K_, t, n, slots, pending, &loops[t]->loop);
+  });
+  for (auto& l : loops) {
+    r.left += l->keeper->getMemoryStats();
+    r.emitted += l->emitted;
+    r.crossLoop += l->node->stats().received;
+  }
+  r.hubEntries = hub.entries();
+  for (auto& l : loops) {
+    l->keeper.reset();
+    l->node.reset();
+  }
+  return r;
+}
+
+DayResult syncKeeperDay(const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t n) {
+  ManualClock clock(SteadyTime{} + std::chrono::hours(1));
+  std::atomic<std::uint64_t> emitted{0};
+  KeeperCallbacks cb;
+  cb.emit = [&](std::string_view, std::string_view, std::string_view) {
+    emitted.fetch_add(1, std::memory_order_relaxed);
+  };
+  cb.persist = [](const PersistCall&) { return true; };
+  KeeperOptions opt;
+  opt.clock = &clock;
+  SyncKeeper k(std::move(cb), opt);
+  std::atomic<std::int64_t> none{0};
+  std::vector<BarrierSlot> slots(4);
+  DayResult r;
+  r.dayNs = timeThreads(n, [&](std::size_t t) {
+    dayOnThread(k, d, S, K_, t, n, slots, none, nullptr);
+  });
+  r.left = k.getMemoryStats();
+  r.emitted = emitted.load();
+  return r;
+}
+
+}  // namespace
+
+void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
+                                  const std::vector<std::size_t>& threads) {
+  const DispatchIds d = makeIds(S);
+  for (int mode = 0; mode < 2; ++mode) {
+    double day1 = 0;
+    for (std::size_t n : threads) {
+      const DayResult r = mode == 0 ? multiLoopDay(d, S, cfg.restarts, n)
+                                    : syncKeeperDay(d, S, cfg.restarts, n);
+      const double day = static_cast<double>(r.dayNs) / static_cast<double>(S);
+      if (n == 1) day1 = day;
+      JsonLine j;
+      j.addString("workload", "dispatch_threads");
+      j.addString("system", kSystem + (mode == 0 ? " multi-loop (Keeper per loop, InProcessHub)"
+                                                 : " SyncKeeper shared"));
+      j.addCount("sessions", S);
+      j.addCount("threads", n);
+      j.addCount("restarts", cfg.restarts);
+      j.addNumber("day_ns_per_session", day);
+      if (day1 > 0) j.addNumber("scaling", day1 / day);
+      j.addCount("emitted", r.emitted);
+      if (mode == 0) {
+        j.addCount("cross_loop_commands", r.crossLoop);
+        j.addCount("hub_entries_left", r.hubEntries);
+      }
+      j.addObject("left", statsObject(r.left));
+      j.print();
+    }
+  }
+}
+#endif  // ROOMKEEPER_BENCH_CLUSTER

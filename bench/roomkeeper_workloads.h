@@ -19,6 +19,7 @@
 #define ROOMKEEPER_BENCH_ROOMKEEPER_WORKLOADS_H_
 
 #include <cstddef>
+#include <vector>
 
 #include "bench_util.h"
 
@@ -36,5 +37,15 @@ void runTimersRoomkeeper(const BenchConfig& cfg);
 // (WORKLOAD.md allows it; the output says "session_ids":"handle").
 void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t sessions,
                            int threads, bool handles = false);
+
+#if ROOMKEEPER_BENCH_CLUSTER
+// W3t dispatch_threads: the W3 day on each thread count of `threads` (the
+// first must be 1: scaling = day(1) / day(N)), once as one Keeper per
+// thread joined by an InProcessHub, once through one shared SyncKeeper.
+//   keys: workload, system, sessions, threads, restarts, day_ns_per_session,
+//         scaling, emitted, (cross_loop_commands, hub_entries_left), left{...}
+void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t sessions,
+                                  const std::vector<std::size_t>& threads);
+#endif
 
 #endif  // ROOMKEEPER_BENCH_ROOMKEEPER_WORKLOADS_H_

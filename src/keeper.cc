@@ -23,13 +23,16 @@ RegistryCallbacks registryCallbacks(const KeeperCallbacks& k, Bus* bus) {
   RegistryCallbacks r;
   r.leave = k.leave;
   if (bus) {
-    // Presence is the bus's (relayPresence); memberships are reported.
-    r.roomJoined = [bus](std::string_view room, std::string_view session) {
-      bus->joined(session, room);
-    };
-    r.roomLeft = [bus](std::string_view room, std::string_view session) {
-      bus->left(session, room);
-    };
+    // Presence is the bus's (relayPresence); memberships are reported if
+    // the bus keeps them.
+    if (bus->wantsMemberships()) {
+      r.roomJoined = [bus](std::string_view room, std::string_view session) {
+        bus->joined(session, room);
+      };
+      r.roomLeft = [bus](std::string_view room, std::string_view session) {
+        bus->left(session, room);
+      };
+    }
   } else {
     r.userOnline = k.userOnline;
     r.userOffline = k.userOffline;
@@ -665,6 +668,7 @@ std::size_t Keeper::replayToBus() {
       const std::string name(ss.name.view());
       im.queueSessionUp(name, im.reg.userSlots[ss.user].name.view());
       ++n;
+      if (!bus->wantsMemberships()) continue;
       for (std::uint32_t i = 0; i < ss.rooms.size(); ++i) {
         im.queue([bus, name, r = std::string(im.reg.roomSlots[ss.rooms[i].slot].name.view())]() {
           bus->joined(name, r);
@@ -678,6 +682,13 @@ std::size_t Keeper::replayToBus() {
   }
   im.reg.flush();
   return n;
+}
+
+std::size_t Keeper::localRoomSize(std::string_view room) const {
+  return registry().roomSize(room);
+}
+std::vector<std::string> Keeper::localRoomMembers(std::string_view room) const {
+  return registry().membersOf(room);
 }
 
 bool Keeper::relayUserGone(std::string_view user) {
@@ -768,17 +779,16 @@ std::vector<Metric> metricsOf(const MemoryStats& s) {
 }
 }  // namespace
 
-std::string Keeper::prometheusText() const {
+std::string prometheusText(const MemoryStats& stats) {
   std::string out;
-  for (const Metric& m : metricsOf(getMemoryStats())) {
+  for (const Metric& m : metricsOf(stats)) {
     out += fmt::format("# HELP roomkeeper_{} {}\n# TYPE roomkeeper_{} {}\nroomkeeper_{} {}\n",
                        m.name, m.help, m.name, m.type, m.name, m.value);
   }
   return out;
 }
 
-std::string Keeper::statsJson() const {
-  const MemoryStats s = getMemoryStats();
+std::string statsJson(const MemoryStats& s) {
   return fmt::format(
       "{{\"connectedClients\":{},\"authenticated\":{},\"userSockets\":{},"
       "\"connectionTimers\":{},\"typingTimers\":{},\"trackedRooms\":{},"
@@ -792,5 +802,32 @@ std::string Keeper::statsJson() const {
       s.persistDropped, s.callbackErrors, s.authTimeouts, s.forcedCleanups, s.eventsDropped,
       s.bytes);
 }
+
+MemoryStats& operator+=(MemoryStats& a, const MemoryStats& b) noexcept {
+  a.connectedClients += b.connectedClients;
+  a.authenticated += b.authenticated;
+  a.userSockets += b.userSockets;
+  a.connectionTimers += b.connectionTimers;
+  a.typingTimers += b.typingTimers;
+  a.trackedRooms += b.trackedRooms;
+  a.sessionsWithRooms += b.sessionsWithRooms;
+  a.rooms += b.rooms;
+  a.totalEntries += b.totalEntries;
+  a.timersPending += b.timersPending;
+  a.pendingPersistence += b.pendingPersistence;
+  a.persistDelivered += b.persistDelivered;
+  a.persistFailures += b.persistFailures;
+  a.persistDropped += b.persistDropped;
+  a.callbackErrors += b.callbackErrors;
+  a.authTimeouts += b.authTimeouts;
+  a.forcedCleanups += b.forcedCleanups;
+  a.eventsDropped += b.eventsDropped;
+  a.bytes += b.bytes;
+  return a;
+}
+
+std::string Keeper::prometheusText() const { return roomkeeper::prometheusText(getMemoryStats()); }
+
+std::string Keeper::statsJson() const { return roomkeeper::statsJson(getMemoryStats()); }
 
 }  // namespace roomkeeper

@@ -13,6 +13,7 @@
 //   typing(user, thread, started)       relayTyping(user, thread, started)
 //   broadcast(targets, event, payload)  relayUserGone(user)
 //   query: typingElsewhere(user, thread) replayToBus()
+//                                       localRoomSize / localRoomMembers
 //
 // With a bus (KeeperOptions::bus) a Keeper changes three things:
 //   * presence is the bus's: the Keeper no longer calls userOnline /
@@ -91,6 +92,11 @@ class BusTarget {
                                   bool started) = 0;
   virtual bool relayUserGone(std::string_view user) = 0;
   virtual std::size_t replayToBus() = 0;
+  /// Queries about this Keeper's own sessions, for a bus that answers room
+  /// questions by asking every Keeper instead of mirroring memberships
+  /// (Bus::wantsMemberships() false): on the Keeper's own thread.
+  virtual std::size_t localRoomSize(std::string_view room) const = 0;
+  virtual std::vector<std::string> localRoomMembers(std::string_view room) const = 0;
 
  protected:
   ~BusTarget() = default;
@@ -108,9 +114,15 @@ class Bus {
   /// each, before this) and its typing ended.
   virtual void sessionDown(std::string_view session, std::string_view user) = 0;
   /// A membership started / ended (for every reason: untrackRoom,
-  /// clearRoomTracking, disconnect, shutdown).
+  /// clearRoomTracking, disconnect, shutdown). Only if wantsMemberships().
   virtual void joined(std::string_view session, std::string_view room) = 0;
   virtual void left(std::string_view session, std::string_view room) = 0;
+  /// Asked once, when the Keeper is made. False: the bus does not keep a
+  /// copy of the memberships (it sends every broadcast to every Keeper and
+  /// asks each Keeper's localRoomSize/localRoomMembers), so the Keeper does
+  /// not report joined/left at all -- the in-process backend, where a copy
+  /// would cost more than the Keeper's own bookkeeping.
+  virtual bool wantsMemberships() const noexcept { return true; }
   /// A local typing indicator of `user` in `thread` started or ended.
   virtual void typing(std::string_view user, std::string_view thread, bool started) = 0;
   /// Keeper::broadcast() was called; local members have been sent to.

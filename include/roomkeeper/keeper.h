@@ -157,6 +157,15 @@ struct MemoryStats {
   std::size_t bytes = 0;              // heap bytes held (index, timers, typing)
 };
 
+/// Several Keepers, one per event loop (docs/design.md "Threads"): their
+/// statistics add up to the process's. Every field is summed; `rooms`
+/// counts a room once per Keeper that has members in it.
+MemoryStats& operator+=(MemoryStats& a, const MemoryStats& b) noexcept;
+/// Prometheus text and JSON for any statistics (a sum, one loop's): what
+/// Keeper::prometheusText() and statsJson() print for their own.
+std::string prometheusText(const MemoryStats& stats);
+std::string statsJson(const MemoryStats& stats);
+
 /// What shutdown() did.
 struct ShutdownReport {
   /// kOk: this call shut down. Refused, nothing done: kShutDown (already
@@ -284,6 +293,9 @@ class Keeper final : public BusTarget {
   /// like every event. Returns how many events; 0 without a bus.
   /// O(sessions + memberships + indicators).
   std::size_t replayToBus() override;
+  /// This Keeper's members of `room` (registry().roomSize / membersOf).
+  std::size_t localRoomSize(std::string_view room) const override;
+  std::vector<std::string> localRoomMembers(std::string_view room) const override;
 
   /// Read-only views of the parts.
   const SessionRegistry& registry() const noexcept;

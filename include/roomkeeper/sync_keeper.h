@@ -92,6 +92,10 @@ class SyncKeeper final : public BusTarget {
                           bool started) override;
   bool relayUserGone(std::string_view user) override;
   std::size_t replayToBus() override;
+  std::size_t localRoomSize(std::string_view room) const override { return roomSize(room); }
+  std::vector<std::string> localRoomMembers(std::string_view room) const override {
+    return membersOf(room);
+  }
 
   /// Queries, under the lock.
   bool isConnected(std::string_view session) const;

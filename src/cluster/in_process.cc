@@ -1,9 +1,25 @@
 // SPDX-License-Identifier: MIT
+//
+// The in-process backend. No lock is shared by every change:
+//   * memberships are not copied at all (wantsMemberships() is false): a
+//     broadcast goes to every other loop, whose Keeper delivers it to its
+//     own members, and a room query asks every loop's Keeper;
+//   * each node keeps what only it decides (its sessions per user) in a
+//     table of its own, behind a mutex that only its Keeper's thread takes;
+//   * what must be decided once for the whole process (a user's first and
+//     last session anywhere, a user's typing indicator in a thread) is kept
+//     in 64 shards by key, each behind its own mutex;
+//   * commands for another loop go into that loop's inbox in the order they
+//     were decided (pushed while the deciding lock is held), and the loop
+//     is woken through the host's post function once per batch, after
+//     every lock is released. A wake drains the whole inbox.
+// Lock order: node -> shard -> inbox; never two nodes, never two shards.
 #include "roomkeeper/cluster/in_process.h"
 
-#include <map>
+#include <array>
+#include <atomic>
+#include <functional>
 #include <mutex>
-#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -13,11 +29,92 @@ namespace roomkeeper::cluster {
 
 namespace {
 
-struct Target {
-  // Read and cleared on the node's own thread only (commands run there).
-  std::shared_ptr<BusTarget*> keeper = std::make_shared<BusTarget*>(nullptr);
-  Post post;
+constexpr std::size_t kShards = 64;
+
+// One command for a Keeper, decided on another node.
+struct Cmd {
+  enum class Op : std::uint8_t { kPresence, kTyping, kUserGone, kBroadcast };
+  Op op;
+  bool flag = false;  // online / started
+  std::string a, b;   // user, thread
+  std::shared_ptr<const BroadcastMessage> msg;
 };
+
+// A node's queue of commands, drained on its Keeper's thread.
+struct Inbox {
+  std::mutex mu;
+  std::vector<Cmd> q;
+  bool scheduled = false;      // a drain is posted and has not started yet
+  BusTarget* keeper = nullptr;  // null before bind() and once the node is gone
+  Post post;
+  std::atomic<std::uint64_t> received{0};
+};
+using Wakes = std::vector<std::shared_ptr<Inbox>>;
+
+// Under the lock that decided `c`: keeps the decision order.
+void push(const std::shared_ptr<Inbox>& in, Cmd c, Wakes& wakes) {
+  std::lock_guard<std::mutex> g(in->mu);
+  if (in->keeper == nullptr) return;
+  in->q.push_back(std::move(c));
+  if (!in->scheduled) {
+    in->scheduled = true;
+    wakes.push_back(in);
+  }
+}
+
+void apply(BusTarget& k, const Cmd& c) {
+  switch (c.op) {
+    case Cmd::Op::kPresence:
+      k.relayPresence(c.a, c.flag);
+      break;
+    case Cmd::Op::kTyping:
+      (void)k.relayTyping(c.a, c.b, c.flag);
+      break;
+    case Cmd::Op::kUserGone:
+      (void)k.relayUserGone(c.a);
+      break;
+    case Cmd::Op::kBroadcast:
+      (void)k.relayBroadcast(c.msg->targets(), c.msg->event, c.msg->payload);
+      break;
+  }
+}
+
+// Runs on the inbox's own thread (through its post function).
+void drain(const std::shared_ptr<Inbox>& in) {
+  std::vector<Cmd> batch;
+  BusTarget* k = nullptr;
+  {
+    std::lock_guard<std::mutex> g(in->mu);
+    batch.swap(in->q);
+    in->scheduled = false;
+    k = in->keeper;
+  }
+  if (k == nullptr) return;
+  in->received.fetch_add(batch.size(), std::memory_order_relaxed);
+  for (const Cmd& c : batch) {
+    try {
+      apply(*k, c);
+    } catch (...) {
+      // A Keeper's relay does not throw; a host callback's exception is
+      // the Keeper's to count. Nothing else of the batch is lost.
+    }
+  }
+}
+
+// With no lock held.
+void wake(Wakes& wakes) {
+  for (auto& in : wakes) {
+    try {
+      in->post([in]() { drain(in); });
+    } catch (...) {
+      // The host could not queue the drain (out of memory): the next
+      // command for this inbox posts again.
+      std::lock_guard<std::mutex> g(in->mu);
+      in->scheduled = false;
+    }
+  }
+  wakes.clear();
+}
 
 std::string typingKey(std::string_view user, std::string_view thread) {
   std::string k(user);
@@ -26,50 +123,56 @@ std::string typingKey(std::string_view user, std::string_view thread) {
   return k;
 }
 
-// A deferred command: where to post it and what to run on that Keeper.
-struct Send {
-  Target to;
-  std::function<void(BusTarget&)> fn;
+// The nodes (by id) holding one key.
+using Holders = std::vector<std::uint32_t>;
+bool removeHolder(Holders& h, std::uint32_t id) {
+  for (auto& x : h)
+    if (x == id) {
+      x = h.back();
+      h.pop_back();
+      return true;
+    }
+  return false;
+}
+bool holds(const Holders& h, std::uint32_t id) {
+  for (auto x : h)
+    if (x == id) return true;
+  return false;
+}
+
+struct alignas(64) Shard {
+  std::mutex mu;
+  std::unordered_map<std::string, Holders> map;
 };
 
-void run(std::vector<Send>& out) {
-  for (Send& s : out) {
-    if (!s.to.post) continue;
-    s.to.post([cell = s.to.keeper, fn = std::move(s.fn)]() {
-      if (*cell) fn(**cell);
-    });
-  }
-  out.clear();
-}
+// What one node decides alone.
+struct NodeState {
+  explicit NodeState(std::uint32_t i) : id(i) {}
+  const std::uint32_t id;
+  std::mutex mu;
+  std::unordered_map<std::string, std::uint32_t> users;  // user -> sessions here
+  std::uint64_t published = 0;
+  std::shared_ptr<Inbox> inbox = std::make_shared<Inbox>();
+};
+using Registry = std::vector<std::shared_ptr<NodeState>>;
 
 }  // namespace
 
 struct InProcessHub::State {
-  mutable std::mutex mu;
+  std::mutex regMu;  // the registry: taken on bind, on a node's end, on a query
   std::uint32_t nextId = 0;
-  std::map<std::uint32_t, Target> nodes;  // bound nodes
   std::size_t alive = 0;
-  // user -> node -> sessions of that user on it
-  std::unordered_map<std::string, std::map<std::uint32_t, std::size_t>> users;
-  // room -> node -> members there
-  std::unordered_map<std::string, std::map<std::uint32_t, std::set<std::string>>> rooms;
-  // user \x1f thread -> nodes with the user typing there
-  std::unordered_map<std::string, std::set<std::uint32_t>> typing;
-  std::uint64_t reaped = 0;
+  std::shared_ptr<const Registry> registry = std::make_shared<const Registry>();
+  std::atomic<std::uint64_t> generation{0};
+  std::array<Shard, kShards> users, typing;
+  std::atomic<std::uint64_t> reaped{0};
 
-  // Each under mu; the commands they produce go to `out`.
-  void toAllBut(std::uint32_t self, std::vector<Send>& out,
-                const std::function<void(BusTarget&)>& fn) {
-    for (auto& [id, t] : nodes)
-      if (id != self) out.push_back({t, fn});
+  Shard& shardOf(std::array<Shard, kShards>& a, std::string_view key) {
+    return a[std::hash<std::string_view>{}(key) % kShards];
   }
-  void toAll(std::vector<Send>& out, const std::function<void(BusTarget&)>& fn) {
-    for (auto& [id, t] : nodes) out.push_back({t, fn});
-  }
-  std::size_t entries() const {
-    std::size_t n = users.size() + typing.size();
-    for (auto& [r, m] : rooms) n += 1 + m.size();
-    return n;
+  std::shared_ptr<const Registry> snapshot() {
+    std::lock_guard<std::mutex> g(regMu);
+    return registry;
   }
 };
 
@@ -78,204 +181,265 @@ namespace {
 class InProcessNode final : public Node {
  public:
   InProcessNode(std::shared_ptr<InProcessHub::State> hub, std::uint32_t id)
-      : hub_(std::move(hub)), id_(id) {}
+      : hub_(std::move(hub)), me_(std::make_shared<NodeState>(id)) {}
 
   ~InProcessNode() override {
-    std::vector<Send> out;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
+      std::lock_guard<std::mutex> g(hub_->regMu);
       --hub_->alive;
-      auto it = hub_->nodes.find(id_);
-      if (it != hub_->nodes.end()) {
-        *it->second.keeper = nullptr;  // no command reaches a gone Keeper
-        hub_->nodes.erase(it);
-      }
-      reapLocked(out);
+      auto next = std::make_shared<Registry>();
+      for (auto& n : *hub_->registry)
+        if (n != me_) next->push_back(n);
+      hub_->registry = std::move(next);
+      hub_->generation.fetch_add(1, std::memory_order_release);
     }
-    run(out);
+    {
+      std::lock_guard<std::mutex> g(me_->inbox->mu);
+      me_->inbox->keeper = nullptr;  // no command reaches a gone Keeper
+      me_->inbox->q.clear();
+    }
+    reap();
   }
 
   bool bind(BusTarget& keeper, Post post) override {
-    std::lock_guard<std::mutex> g(hub_->mu);
-    if (bound_ || !post) return false;
-    bound_ = true;
-    Target t;
-    *t.keeper = &keeper;
-    t.post = std::move(post);
-    self_ = t;
-    hub_->nodes.emplace(id_, std::move(t));
+    if (!post) return false;
+    {
+      std::lock_guard<std::mutex> g(me_->inbox->mu);
+      if (me_->inbox->keeper != nullptr) return false;
+      me_->inbox->keeper = &keeper;
+      me_->inbox->post = std::move(post);
+    }
+    std::lock_guard<std::mutex> g(hub_->regMu);
+    auto next = std::make_shared<Registry>(*hub_->registry);
+    next->push_back(me_);
+    hub_->registry = std::move(next);
+    hub_->generation.fetch_add(1, std::memory_order_release);
     return true;
   }
 
   void sessionUp(std::string_view, std::string_view user) override {
-    std::vector<Send> out;
+    Wakes w;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      ++published_;
-      auto& per = hub_->users[std::string(user)];
-      const bool first = per.empty();
-      ++per[id_];
-      if (first)
-        hub_->toAll(out, [u = std::string(user)](BusTarget& k) { k.relayPresence(u, true); });
+      std::lock_guard<std::mutex> g(me_->mu);
+      ++me_->published;
+      auto& n = me_->users[std::string(user)];
+      if (n++ == 0) {
+        const Registry& reg = registry();
+        Shard& sh = hub_->shardOf(hub_->users, user);
+        std::lock_guard<std::mutex> s(sh.mu);
+        Holders& h = sh.map[std::string(user)];
+        h.push_back(me_->id);
+        if (h.size() == 1)
+          for (auto& to : reg) push(to->inbox, {Cmd::Op::kPresence, true, std::string(user), {}, {}}, w);
+      }
     }
-    run(out);
+    wake(w);
   }
 
   void sessionDown(std::string_view, std::string_view user) override {
-    std::vector<Send> out;
+    Wakes w;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      ++published_;
-      auto it = hub_->users.find(std::string(user));
-      if (it == hub_->users.end()) return;
-      auto n = it->second.find(id_);
-      if (n != it->second.end() && --n->second == 0) it->second.erase(n);
-      if (it->second.empty()) {
-        hub_->users.erase(it);
-        const std::string u(user);
-        hub_->toAll(out, [u](BusTarget& k) { k.relayPresence(u, false); });
-        out.push_back({self_, [u](BusTarget& k) { k.relayUserGone(u); }});
+      std::lock_guard<std::mutex> g(me_->mu);
+      ++me_->published;
+      auto it = me_->users.find(std::string(user));
+      if (it == me_->users.end() || --it->second != 0) return;
+      me_->users.erase(it);
+      const Registry& reg = registry();
+      Shard& sh = hub_->shardOf(hub_->users, user);
+      std::lock_guard<std::mutex> s(sh.mu);
+      auto h = sh.map.find(std::string(user));
+      if (h == sh.map.end()) return;
+      removeHolder(h->second, me_->id);
+      if (h->second.empty()) {
+        sh.map.erase(h);
+        for (auto& to : reg) push(to->inbox, {Cmd::Op::kPresence, false, std::string(user), {}, {}}, w);
+        // The wildcard is this node's to persist: its session was the last.
+        push(me_->inbox, {Cmd::Op::kUserGone, false, std::string(user), {}, {}}, w);
       }
     }
-    run(out);
+    wake(w);
   }
 
-  void joined(std::string_view session, std::string_view room) override {
-    std::lock_guard<std::mutex> g(hub_->mu);
-    ++published_;
-    hub_->rooms[std::string(room)][id_].emplace(session);
-  }
-
-  void left(std::string_view session, std::string_view room) override {
-    std::lock_guard<std::mutex> g(hub_->mu);
-    ++published_;
-    auto it = hub_->rooms.find(std::string(room));
-    if (it == hub_->rooms.end()) return;
-    auto n = it->second.find(id_);
-    if (n != it->second.end()) {
-      n->second.erase(std::string(session));
-      if (n->second.empty()) it->second.erase(n);
-    }
-    if (it->second.empty()) hub_->rooms.erase(it);
-  }
+  // Memberships stay in each Keeper (see wantsMemberships).
+  bool wantsMemberships() const noexcept override { return false; }
+  void joined(std::string_view, std::string_view) override {}
+  void left(std::string_view, std::string_view) override {}
 
   void typing(std::string_view user, std::string_view thread, bool started) override {
-    std::vector<Send> out;
+    Wakes w;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      ++published_;
+      std::lock_guard<std::mutex> g(me_->mu);
+      ++me_->published;
+      const Registry& reg = registry();
       const std::string key = typingKey(user, thread);
-      auto& who = hub_->typing[key];
-      const bool was = !who.empty();
-      if (started)
-        who.insert(id_);
-      else
-        who.erase(id_);
-      const bool is = !who.empty();
-      if (!is) hub_->typing.erase(key);
+      Shard& sh = hub_->shardOf(hub_->typing, key);
+      std::lock_guard<std::mutex> s(sh.mu);
+      auto it = sh.map.find(key);
+      const bool was = it != sh.map.end();
+      if (started) {
+        if (!was) it = sh.map.emplace(key, Holders{}).first;
+        if (!holds(it->second, me_->id)) it->second.push_back(me_->id);
+      } else if (was) {
+        removeHolder(it->second, me_->id);
+        if (it->second.empty()) sh.map.erase(it);
+      }
+      const bool is = sh.map.count(key) != 0;
       if (was != is)
-        hub_->toAllBut(id_, out,
-                       [u = std::string(user), t = std::string(thread), is](BusTarget& k) {
-                         k.relayTyping(u, t, is);
-                       });
+        for (auto& to : reg)
+          if (to != me_)
+            push(to->inbox, {Cmd::Op::kTyping, is, std::string(user), std::string(thread), {}}, w);
     }
-    run(out);
+    wake(w);
   }
 
   void broadcast(const BroadcastTargets& targets, std::string_view event,
                  std::string_view payload) override {
-    std::vector<Send> out;
+    // To every other loop: its Keeper finds its own members (or none) in
+    // one lookup per room, cheaper than keeping a copy of every membership.
+    Wakes w;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      ++published_;
-      // Only to nodes holding a member of a named room (every node when no
-      // room is named: a broadcast to everyone).
-      std::set<std::uint32_t> to;
-      if (targets.rooms.empty()) {
-        for (auto& [id, t] : hub_->nodes) to.insert(id);
-      } else {
-        for (auto r : targets.rooms) {
-          auto it = hub_->rooms.find(std::string(r));
-          if (it == hub_->rooms.end()) continue;
-          for (auto& [id, m] : it->second) to.insert(id);
-        }
-      }
-      to.erase(id_);
-      if (to.empty()) return;
+      // Under this node's lock: one sender's broadcasts stay in order.
+      std::lock_guard<std::mutex> g(me_->mu);
+      ++me_->published;
+      const Registry& reg = registry();
+      if (reg.size() < 2) return;
       auto msg = std::make_shared<const BroadcastMessage>(
           BroadcastMessage::copyOf(targets, event, payload));
-      for (std::uint32_t id : to) {
-        auto t = hub_->nodes.find(id);
-        if (t == hub_->nodes.end()) continue;
-        out.push_back({t->second, [msg](BusTarget& k) {
-                         k.relayBroadcast(msg->targets(), msg->event, msg->payload);
-                       }});
-      }
+      for (auto& n : reg)
+        if (n != me_) push(n->inbox, {Cmd::Op::kBroadcast, false, {}, {}, msg}, w);
     }
-    run(out);
+    wake(w);
   }
 
   bool typingElsewhere(std::string_view user, std::string_view thread) const noexcept override {
     try {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      auto it = hub_->typing.find(typingKey(user, thread));
-      if (it == hub_->typing.end()) return false;
-      return it->second.size() > 1 || it->second.count(id_) == 0;
+      const std::string key = typingKey(user, thread);
+      Shard& sh = hub_->shardOf(hub_->typing, key);
+      std::lock_guard<std::mutex> s(sh.mu);
+      auto it = sh.map.find(key);
+      if (it == sh.map.end()) return false;
+      return it->second.size() > 1 || !holds(it->second, me_->id);
     } catch (...) {
       return false;
     }
   }
 
   void roomSize(std::string room, std::function<void(std::size_t)> done) override {
-    std::size_t n = 0;
-    {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      auto it = hub_->rooms.find(room);
-      if (it != hub_->rooms.end())
-        for (auto& [id, m] : it->second) n += m.size();
-    }
-    answer([done = std::move(done), n]() { done(n); });
+    gather(std::move(room), [done = std::move(done)](std::vector<std::string>, std::size_t n) {
+      done(n);
+    }, false);
   }
 
   void roomMembers(std::string room,
                    std::function<void(std::vector<std::string>)> done) override {
-    std::vector<std::string> v;
-    {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      auto it = hub_->rooms.find(room);
-      if (it != hub_->rooms.end())
-        for (auto& [id, m] : it->second) v.insert(v.end(), m.begin(), m.end());
-    }
-    answer([done = std::move(done), v = std::move(v)]() { done(v); });
+    gather(std::move(room), [done = std::move(done)](std::vector<std::string> v, std::size_t) {
+      done(std::move(v));
+    }, true);
   }
 
   void isOnline(std::string user, std::function<void(bool)> done) override {
     bool on = false;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      on = hub_->users.count(user) != 0;
+      Shard& sh = hub_->shardOf(hub_->users, user);
+      std::lock_guard<std::mutex> s(sh.mu);
+      on = sh.map.count(user) != 0;
     }
     answer([done = std::move(done), on]() { done(on); });
   }
 
-  std::string id() const override { return "loop-" + std::to_string(id_); }
+  std::string id() const override { return "loop-" + std::to_string(me_->id); }
 
   ClusterStats stats() const override {
     ClusterStats s;
-    std::lock_guard<std::mutex> g(hub_->mu);
     s.connected = true;
-    s.nodes = hub_->alive;
-    s.published = published_;
-    s.nodesReaped = hub_->reaped;
+    {
+      std::lock_guard<std::mutex> g(hub_->regMu);
+      s.nodes = hub_->alive;
+    }
+    {
+      std::lock_guard<std::mutex> g(me_->mu);
+      s.published = me_->published;
+    }
+    s.received = me_->inbox->received.load(std::memory_order_relaxed);
+    s.nodesReaped = hub_->reaped.load(std::memory_order_relaxed);
     return s;
   }
 
  private:
+  // The bound nodes, as cached by this node (under me_->mu); refreshed
+  // only when a node was bound or went since the last look.
+  const Registry& registry() { return *registryPtr(); }
+  const std::shared_ptr<const Registry>& registryPtr() {
+    const auto gen = hub_->generation.load(std::memory_order_acquire);
+    if (!reg_ || gen != regGen_) {
+      reg_ = hub_->snapshot();
+      regGen_ = gen;
+    }
+    return reg_;
+  }
+
+  // Asks every loop's Keeper about `room` on its own thread; the last one
+  // to answer hands the total to this node's loop.
+  void gather(std::string room,
+              std::function<void(std::vector<std::string>, std::size_t)> done, bool names) {
+    struct Ask {
+      std::string room;
+      bool names = false;
+      std::mutex mu;
+      std::size_t waiting = 0, total = 0;
+      std::vector<std::string> members;
+      std::function<void(std::vector<std::string>, std::size_t)> done;
+      std::function<void(std::function<void()>)> answer;
+    };
+    auto ask = std::make_shared<Ask>();
+    ask->room = std::move(room);
+    ask->names = names;
+    ask->done = std::move(done);
+    ask->answer = [this](std::function<void()> fn) { answer(std::move(fn)); };
+    auto reg = hub_->snapshot();
+    ask->waiting = reg->size();
+    if (reg->empty()) return answer([ask]() { ask->done({}, 0); });
+    for (auto& n : *reg) {
+      auto in = n->inbox;
+      auto one = [ask, in]() {
+        std::size_t k = 0;
+        std::vector<std::string> v;
+        BusTarget* keeper = nullptr;
+        {
+          std::lock_guard<std::mutex> g(in->mu);
+          keeper = in->keeper;
+        }
+        if (keeper != nullptr) {
+          if (ask->names)
+            v = keeper->localRoomMembers(ask->room);
+          else
+            k = keeper->localRoomSize(ask->room);
+        }
+        bool last = false;
+        {
+          std::lock_guard<std::mutex> g(ask->mu);
+          ask->total += ask->names ? v.size() : k;
+          ask->members.insert(ask->members.end(), std::make_move_iterator(v.begin()),
+                              std::make_move_iterator(v.end()));
+          last = --ask->waiting == 0;
+        }
+        if (last)
+          ask->answer([ask]() { ask->done(std::move(ask->members), ask->total); });
+      };
+      Post p;
+      {
+        std::lock_guard<std::mutex> g(in->mu);
+        p = in->post;
+      }
+      p(std::move(one));
+    }
+  }
+
   void answer(std::function<void()> fn) {
     Post p;
     {
-      std::lock_guard<std::mutex> g(hub_->mu);
-      p = self_.post;
+      std::lock_guard<std::mutex> g(me_->inbox->mu);
+      p = me_->inbox->post;
     }
     if (p)
       p(std::move(fn));
@@ -283,49 +447,54 @@ class InProcessNode final : public Node {
       fn();
   }
 
-  // Removes node `id` from every entry of `m` (a map of per-node maps or
-  // sets); `gone(key)` for each entry left with no node. True if any held it.
-  template <typename Map, typename F>
-  static bool dropNode(Map& m, std::uint32_t id, F gone) {
+  // Takes node `id` out of every entry of `shards`; `gone(key)` (under the
+  // shard's lock) for each entry left with no node. True if any held it.
+  template <typename F>
+  static bool dropFrom(std::array<Shard, kShards>& shards, std::uint32_t id, F gone) {
     bool any = false;
-    for (auto it = m.begin(); it != m.end();) {
-      if (it->second.erase(id) == 0) {
-        ++it;
-        continue;
+    for (Shard& sh : shards) {
+      std::lock_guard<std::mutex> s(sh.mu);
+      for (auto it = sh.map.begin(); it != sh.map.end();) {
+        const bool held = removeHolder(it->second, id);
+        any = any || held;
+        if (!held || !it->second.empty()) {
+          ++it;
+          continue;
+        }
+        gone(it->first);
+        it = sh.map.erase(it);
       }
-      any = true;
-      if (!it->second.empty()) {
-        ++it;
-        continue;
-      }
-      gone(it->first);
-      it = m.erase(it);
     }
     return any;
   }
 
   // Everything this node still held goes, as a reaper would take it.
-  void reapLocked(std::vector<Send>& out) {
-    const Target* heir = hub_->nodes.empty() ? nullptr : &hub_->nodes.begin()->second;
-    bool any = dropNode(hub_->users, id_, [&](const std::string& u) {
-      hub_->toAll(out, [u](BusTarget& k) { k.relayPresence(u, false); });
-      if (heir) out.push_back({*heir, [u](BusTarget& k) { k.relayUserGone(u); }});
+  void reap() {
+    const auto reg = hub_->snapshot();
+    const std::shared_ptr<NodeState> heir = reg->empty() ? nullptr : reg->front();
+    Wakes w;
+    bool any = dropFrom(hub_->users, me_->id, [&](const std::string& user) {
+      for (auto& to : *reg) push(to->inbox, {Cmd::Op::kPresence, false, user, {}, {}}, w);
+      if (heir) push(heir->inbox, {Cmd::Op::kUserGone, false, user, {}, {}}, w);
     });
-    any = dropNode(hub_->rooms, id_, [](const std::string&) {}) || any;
-    any = dropNode(hub_->typing, id_, [&](const std::string& key) {
+    any = dropFrom(hub_->typing, me_->id, [&](const std::string& key) {
             const std::size_t cut = key.find('\x1f');
-            hub_->toAll(out, [u = key.substr(0, cut), t = key.substr(cut + 1)](BusTarget& k) {
-              k.relayTyping(u, t, false);
-            });
+            for (auto& to : *reg)
+              push(to->inbox,
+                   {Cmd::Op::kTyping, false, key.substr(0, cut), key.substr(cut + 1), {}}, w);
           }) || any;
-    if (any) ++hub_->reaped;
+    {
+      std::lock_guard<std::mutex> g(me_->mu);
+      me_->users.clear();
+    }
+    if (any) hub_->reaped.fetch_add(1, std::memory_order_relaxed);
+    wake(w);
   }
 
   std::shared_ptr<InProcessHub::State> hub_;
-  std::uint32_t id_;
-  bool bound_ = false;
-  Target self_;
-  std::uint64_t published_ = 0;
+  std::shared_ptr<NodeState> me_;
+  std::shared_ptr<const Registry> reg_;  // under me_->mu
+  std::uint64_t regGen_ = 0;
 };
 
 }  // namespace
@@ -336,7 +505,7 @@ InProcessHub::~InProcessHub() = default;
 std::unique_ptr<Node> InProcessHub::join() {
   std::uint32_t id;
   {
-    std::lock_guard<std::mutex> g(state_->mu);
+    std::lock_guard<std::mutex> g(state_->regMu);
     id = ++state_->nextId;
     ++state_->alive;
   }
@@ -344,13 +513,25 @@ std::unique_ptr<Node> InProcessHub::join() {
 }
 
 std::size_t InProcessHub::nodes() const {
-  std::lock_guard<std::mutex> g(state_->mu);
+  std::lock_guard<std::mutex> g(state_->regMu);
   return state_->alive;
 }
 
 std::size_t InProcessHub::entries() const {
-  std::lock_guard<std::mutex> g(state_->mu);
-  return state_->entries();
+  std::size_t n = 0;
+  for (Shard& sh : state_->users) {
+    std::lock_guard<std::mutex> g(sh.mu);
+    n += sh.map.size();
+  }
+  for (Shard& sh : state_->typing) {
+    std::lock_guard<std::mutex> g(sh.mu);
+    n += sh.map.size();
+  }
+  for (auto& node : *state_->snapshot()) {
+    std::lock_guard<std::mutex> g(node->mu);
+    n += node->users.size();
+  }
+  return n;
 }
 
 }  // namespace roomkeeper::cluster
