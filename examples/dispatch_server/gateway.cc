@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: MIT
 // The dispatch gateway. Who owns what:
-//   * roomkeeper::SyncKeeper owns every piece of per-socket bookkeeping the
-//     original server kept by hand: rooms, typing timers, auth deadlines,
-//     user -> sockets. Its driver thread fires the timers.
-//   * The gateway keeps one map, "sock-<n>" -> Session, so that roomkeeper's
+//   * --threads N event loops (Loop): each an io_context run by one thread,
+//     with a roomkeeper::SyncKeeper of its own for the sessions accepted
+//     onto it (round-robin). The Keeper owns every piece of per-socket
+//     bookkeeping the original server kept by hand: rooms, typing timers,
+//     auth deadlines, user -> sockets. Its driver thread fires the timers.
+//     The loops' Keepers are joined by a roomkeeper::cluster::InProcessHub
+//     (or, with --redis, each is a node of the Redis cluster), so rooms,
+//     presence and typing span loops: docs/design.md "Threads".
+//   * Each loop keeps one map, "sock-<n>" -> Session, so that its Keeper's
 //     callbacks (which name sessions by id) reach a live connection. A
 //     session enters it after the WebSocket handshake and leaves it when its
 //     read loop ends, right after roomkeeper's disconnect.
@@ -14,6 +19,7 @@
 #include "gateway.h"
 
 #if DISPATCH_CLUSTER
+#include <roomkeeper/cluster/in_process.h>
 #include <roomkeeper/cluster/redis_node.h>
 #endif
 #include <roomkeeper/roomkeeper.h>
@@ -80,13 +86,44 @@ std::string wireEvent(std::string_view event, std::string_view payload) {
 }
 
 class Gateway;
+class Session;
+
+// ---- One event loop -------------------------------------------------------
+
+struct Loop {
+  asio::io_context ioc{1};
+#if DISPATCH_CLUSTER
+  std::unique_ptr<roomkeeper::cluster::Node> node;  // its bus; outlives the Keeper
+  roomkeeper::cluster::RedisNode* redis = nullptr;  // node, when it is a Redis one
+#endif
+  std::unique_ptr<roomkeeper::SyncKeeper> keeperPtr;
+  std::string prefix = "sock-";  // session ids: unique across the cluster
+  std::mutex mu;
+  std::unordered_map<std::string, std::shared_ptr<Session>> sessions;
+
+  roomkeeper::SyncKeeper& keeper() { return *keeperPtr; }
+  void addSession(const std::shared_ptr<Session>& s);
+  void removeSession(const std::string& id) {
+    std::lock_guard<std::mutex> g(mu);
+    sessions.erase(id);
+  }
+  std::shared_ptr<Session> findSession(std::string_view id) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = sessions.find(sv(id));
+    return it == sessions.end() ? nullptr : it->second;
+  }
+  std::size_t sessionCount() {
+    std::lock_guard<std::mutex> g(mu);
+    return sessions.size();
+  }
+};
 
 // ---- One WebSocket connection ---------------------------------------------
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Gateway& gw, beast::tcp_stream&& stream)
-      : gw_(gw), ws_(std::move(stream)), ex_(ws_.get_executor()), dropTimer_(ex_) {}
+  Session(Gateway& gw, Loop& loop, beast::tcp_stream&& stream)
+      : gw_(gw), loop_(loop), ws_(std::move(stream)), ex_(ws_.get_executor()), dropTimer_(ex_) {}
 
   void start(http::request<http::string_body> req);
 
@@ -137,6 +174,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<std::string> idField(const json& data, const char* key) const;
 
   Gateway& gw_;
+  Loop& loop_;  // the session's loop: its Keeper, its map
   websocket::stream<beast::tcp_stream> ws_;
   const asio::any_io_executor ex_;  // the strand
   asio::steady_timer dropTimer_;    // bounds the close of a peer that stopped reading
@@ -156,73 +194,31 @@ class Session : public std::enable_shared_from_this<Session> {
   Clock::time_point refilled_{};
 };
 
+void Loop::addSession(const std::shared_ptr<Session>& s) {
+  std::lock_guard<std::mutex> g(mu);
+  sessions.emplace(s->id(), s);
+}
+
 // ---- The server -----------------------------------------------------------
 
 class Gateway {
  public:
-  Gateway(asio::io_context& ioc, const ServerOptions& opt, TypingStore& store)
-      : ioc_(ioc),
-        opt_(opt),
+  Gateway(const ServerOptions& opt, TypingStore& store)
+      : opt_(opt),
         store_(store),
-        acceptor_(asio::make_strand(ioc)),
-        signals_(ioc, SIGINT, SIGTERM),
-        shutdownTimer_(ioc) {
-    roomkeeper::KeeperCallbacks cb;
-    // Rooms live in roomkeeper; plain WebSocket has no transport rooms, so
-    // cb.leave is not needed.
-    cb.emit = [this](std::string_view session, std::string_view event,
-                     std::string_view payload) {
-      if (auto s = findSession(session)) s->postSend(wireEvent(event, payload));
-    };
-    cb.closeSession = [this](std::string_view session, std::string_view reason) {
-      if (auto s = findSession(session)) {
-        const std::uint16_t code = reason == "auth_timeout"
-                                       ? kCloseAuthTimeout
-                                       : std::uint16_t(websocket::close_code::going_away);
-        s->postClose(code, sv(reason));
-      }
-    };
-    cb.persist = [this](const roomkeeper::PersistCall& call) {
-      return store_.apply(call);
-    };
-    cb.log = [this](roomkeeper::LogLevel level, std::string_view msg) {
-      if (level >= roomkeeper::LogLevel::kWarning || opt_.verbose)
-        std::fprintf(stderr, "[%s] %.*s\n",
-                     std::string(roomkeeper::toString(level)).c_str(), int(msg.size()),
-                     msg.data());
-    };
-    roomkeeper::KeeperOptions ko;
-    ko.authTimeout = roomkeeper::Millis(opt.authTimeoutMs);
-    ko.typing.timeout = roomkeeper::Millis(opt.typingTimeoutMs);
-    // The leak warnings keep roomkeeper's defaults (relative to what is
-    // connected): no thresholds tuned to this demo's traffic.
-    ko.statsLogInterval = roomkeeper::Millis(opt.statsIntervalMs);
-#if DISPATCH_CLUSTER
-    if (!opt.redis.empty()) {
-      // One node of a cluster: rooms, presence and typing span every
-      // server on the same Redis (docs/cluster.md).
-      roomkeeper::cluster::RedisConfig rc;
-      const auto colon = opt.redis.rfind(':');
-      rc.host = opt.redis.substr(0, colon);
-      rc.port = static_cast<std::uint16_t>(std::stoi(opt.redis.substr(colon + 1)));
-      rc.log = cb.log;
-      node_ = std::make_unique<roomkeeper::cluster::RedisNode>(ioc, rc);
-      ko.bus = node_.get();
-      // Session ids must be unique across the cluster.
-      sessionPrefix_ = "sock-" + node_->id().substr(0, 8) + "-";
-    }
-#endif
-    keeper_ = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
-#if DISPATCH_CLUSTER
-    if (node_)
-      node_->bind(*keeper_, [&ioc](std::function<void()> fn) { asio::post(ioc, std::move(fn)); });
-#endif
+        loops_(makeLoops(opt.threads)),
+        acceptor_(asio::make_strand(loops_[0]->ioc)),
+        signals_(loops_[0]->ioc, SIGINT, SIGTERM),
+        shutdownTimer_(loops_[0]->ioc) {
+    for (auto& l : loops_) makeKeeper(*l);
   }
 
   ~Gateway() {
-    keeper_.reset();  // stops the driver before the map goes
-    std::lock_guard<std::mutex> g(sessionsMu_);
-    sessions_.clear();
+    for (auto& l : loops_) l->keeperPtr.reset();  // stops the drivers before the maps go
+    for (auto& l : loops_) {
+      std::lock_guard<std::mutex> g(l->mu);
+      l->sessions.clear();
+    }
   }
 
   bool listen(std::string* error) {
@@ -240,80 +236,174 @@ class Gateway {
   unsigned short port() const { return acceptor_.local_endpoint().port(); }
 
   void start() {
+    for (auto& l : loops_) {
 #if DISPATCH_CLUSTER
-    if (node_) node_->start();
+      if (l->redis) l->redis->start();
 #endif
-    keeper_->startDriver();
+      l->keeper().startDriver();
+      work_.emplace_back(asio::make_work_guard(l->ioc));
+    }
     signals_.async_wait([this](const beast::error_code& ec, int signo) {
       if (!ec) beginShutdown(signo);
     });
     asio::post(acceptor_.get_executor(), [this] { doAccept(); });
   }
 
-  roomkeeper::SyncKeeper& keeper() { return *keeper_; }
+  /// Runs loop 0 on the calling thread and every other loop on a thread of
+  /// its own; returns when all have stopped.
+  void run() {
+    std::vector<std::thread> pool;
+    for (std::size_t i = 1; i < loops_.size(); ++i)
+      pool.emplace_back([l = loops_[i].get()] { l->ioc.run(); });
+    loops_[0]->ioc.run();
+    for (std::thread& t : pool) t.join();
+  }
+
   const ServerOptions& options() const { return opt_; }
-  asio::io_context& ioc() { return ioc_; }
+  std::size_t loopCount() const { return loops_.size(); }
 
-  std::string nextSessionId() { return sessionPrefix_ + std::to_string(++nextId_); }
-  void addSession(const std::shared_ptr<Session>& s) {
-    std::lock_guard<std::mutex> g(sessionsMu_);
-    sessions_.emplace(s->id(), s);
-  }
-  void removeSession(const std::string& id) {
-    std::lock_guard<std::mutex> g(sessionsMu_);
-    sessions_.erase(id);
-  }
-  std::shared_ptr<Session> findSession(std::string_view id) {
-    std::lock_guard<std::mutex> g(sessionsMu_);
-    auto it = sessions_.find(sv(id));
-    return it == sessions_.end() ? nullptr : it->second;
-  }
+  std::string nextSessionId(Loop& l) { return l.prefix + std::to_string(++nextId_); }
   std::size_t sessionCount() {
-    std::lock_guard<std::mutex> g(sessionsMu_);
-    return sessions_.size();
+    std::size_t n = 0;
+    for (auto& l : loops_) n += l->sessionCount();
+    return n;
+  }
+  /// Every loop's statistics, summed.
+  roomkeeper::MemoryStats memoryStats() {
+    roomkeeper::MemoryStats sum;
+    for (auto& l : loops_) sum += l->keeper().getMemoryStats();
+    return sum;
   }
 
-  /// roomkeeper's statsJson() plus what only the host knows.
+  /// roomkeeper's statistics (summed over the loops) plus what only the
+  /// host knows.
   std::string statsJson() {
-    // Our open connections against roomkeeper's sessions: the library warns
-    // if it holds sessions whose socket we no longer have.
-    (void)keeper_->checkTransport(sessionCount());
-    std::string s = keeper_->statsJson();
+    roomkeeper::MemoryStats sum;
+    std::string perLoop;
+    for (auto& l : loops_) {
+      // Our open connections against roomkeeper's sessions: the library
+      // warns if it holds sessions whose socket we no longer have.
+      (void)l->keeper().checkTransport(l->sessionCount());
+      const roomkeeper::MemoryStats st = l->keeper().getMemoryStats();
+      sum += st;
+      perLoop += (perLoop.empty() ? "" : ",") + std::to_string(st.connectedClients);
+    }
+    std::string s = roomkeeper::statsJson(sum);
     s.pop_back();  // the closing brace
     s += ",\"typingRows\":" + std::to_string(store_.countRows());
     s += ",\"serverSessions\":" + std::to_string(sessionCount());
+    s += ",\"loops\":" + std::to_string(loops_.size());
+    s += ",\"connectedPerLoop\":[" + perLoop + "]";
     s += ",\"authTimeoutMs\":" + std::to_string(opt_.authTimeoutMs);
     s += ",\"typingTimeoutMs\":" + std::to_string(opt_.typingTimeoutMs);
     s += ",\"shuttingDown\":" + std::string(shuttingDown_ ? "true" : "false");
 #if DISPATCH_CLUSTER
-    if (node_) s += ",\"cluster\":" + node_->statsJson();
+    // Loop 0's node (with --redis every loop is a node of its own).
+    if (loops_[0]->redis) s += ",\"cluster\":" + loops_[0]->node->statsJson();
 #endif
     return s + "}";
   }
   std::string metricsText() {
-    std::string s = keeper_->prometheusText();
+    std::string s = roomkeeper::prometheusText(memoryStats());
     s += "# HELP dispatch_typing_rows Typing indicator rows in SQLite.\n"
          "# TYPE dispatch_typing_rows gauge\n"
          "dispatch_typing_rows " +
          std::to_string(store_.countRows()) + "\n";
-    s += "# HELP dispatch_server_sessions WebSocket sessions in the gateway's map.\n"
+    s += "# HELP dispatch_server_sessions WebSocket sessions in the gateway's maps.\n"
          "# TYPE dispatch_server_sessions gauge\n"
          "dispatch_server_sessions " +
          std::to_string(sessionCount()) + "\n";
+    s += "# HELP dispatch_loop_connected_clients Sessions connected, per event loop.\n"
+         "# TYPE dispatch_loop_connected_clients gauge\n";
+    for (std::size_t i = 0; i < loops_.size(); ++i)
+      s += "dispatch_loop_connected_clients{loop=\"" + std::to_string(i) + "\"} " +
+           std::to_string(loops_[i]->keeper().getMemoryStats().connectedClients) + "\n";
 #if DISPATCH_CLUSTER
-    if (node_) s += node_->prometheusText();
+    if (loops_[0]->redis) s += loops_[0]->node->prometheusText();
 #endif
     return s;
   }
 
  private:
+  static std::vector<std::unique_ptr<Loop>> makeLoops(int n) {
+    std::vector<std::unique_ptr<Loop>> v;
+    for (int i = 0; i < std::max(n, 1); ++i) v.push_back(std::make_unique<Loop>());
+    return v;
+  }
+
+  void makeKeeper(Loop& l) {
+    roomkeeper::KeeperCallbacks cb;
+    // Rooms live in roomkeeper; plain WebSocket has no transport rooms, so
+    // cb.leave is not needed. A loop's Keeper only ever names its own
+    // loop's sessions.
+    cb.emit = [&l](std::string_view session, std::string_view event, std::string_view payload) {
+      if (auto s = l.findSession(session)) s->postSend(wireEvent(event, payload));
+    };
+    cb.closeSession = [&l](std::string_view session, std::string_view reason) {
+      if (auto s = l.findSession(session)) {
+        const std::uint16_t code = reason == "auth_timeout"
+                                       ? kCloseAuthTimeout
+                                       : std::uint16_t(websocket::close_code::going_away);
+        s->postClose(code, sv(reason));
+      }
+    };
+    cb.persist = [this](const roomkeeper::PersistCall& call) { return store_.apply(call); };
+    cb.log = [this](roomkeeper::LogLevel level, std::string_view msg) {
+      if (level >= roomkeeper::LogLevel::kWarning || opt_.verbose)
+        std::fprintf(stderr, "[%s] %.*s\n", std::string(roomkeeper::toString(level)).c_str(),
+                     int(msg.size()), msg.data());
+    };
+    roomkeeper::KeeperOptions ko;
+    ko.authTimeout = roomkeeper::Millis(opt_.authTimeoutMs);
+    ko.typing.timeout = roomkeeper::Millis(opt_.typingTimeoutMs);
+    // The leak warnings keep roomkeeper's defaults (relative to what is
+    // connected): no thresholds tuned to this demo's traffic.
+    ko.statsLogInterval = roomkeeper::Millis(opt_.statsIntervalMs);
+#if DISPATCH_CLUSTER
+    if (!opt_.redis.empty()) {
+      // One node of a cluster: rooms, presence and typing span every
+      // server on the same Redis (docs/cluster.md).
+      roomkeeper::cluster::RedisConfig rc;
+      const auto colon = opt_.redis.rfind(':');
+      rc.host = opt_.redis.substr(0, colon);
+      rc.port = static_cast<std::uint16_t>(std::stoi(opt_.redis.substr(colon + 1)));
+      rc.log = cb.log;
+      auto node = std::make_unique<roomkeeper::cluster::RedisNode>(l.ioc, rc);
+      l.redis = node.get();
+      l.prefix = "sock-" + node->id().substr(0, 8) + "-";
+      l.node = std::move(node);
+    } else if (loops_.size() > 1) {
+      l.node = hub_.join();  // the loops of this process, as one
+    }
+    if (l.node) ko.bus = l.node.get();
+#endif
+    l.keeperPtr = std::make_unique<roomkeeper::SyncKeeper>(std::move(cb), ko);
+#if DISPATCH_CLUSTER
+    if (l.redis) {
+      l.node->bind(l.keeper(),
+                   [io = &l.ioc](std::function<void()> fn) { asio::post(*io, std::move(fn)); });
+    } else if (l.node) {
+      // The loops shut down together: what one loop's shutdown tells the
+      // others (typingStopped, userOffline) is not delivered, so that every
+      // client hears serverShutdown and nothing else (docs/protocol.md).
+      l.node->bind(l.keeper(), [this, io = &l.ioc](std::function<void()> fn) {
+        asio::post(*io, [this, fn = std::move(fn)]() {
+          if (!shuttingDown_) fn();
+        });
+      });
+    }
+#endif
+  }
+
+  // One accept at a time; each socket goes to the next loop in turn.
   void doAccept() {
-    acceptor_.async_accept(asio::make_strand(ioc_),
-                           [this](beast::error_code ec, tcp::socket socket) {
-                             onAccept(ec, std::move(socket));
+    Loop& l = *loops_[nextLoop_++ % loops_.size()];
+    acceptor_.async_accept(asio::make_strand(l.ioc),
+                           [this, &l](beast::error_code ec, tcp::socket socket) {
+                             onAccept(ec, std::move(socket), l);
                            });
   }
-  void onAccept(beast::error_code ec, tcp::socket socket);
+  void onAccept(beast::error_code ec, tcp::socket socket, Loop& l);
 
   void beginShutdown(int signo) {
     if (shuttingDown_.exchange(true)) return;
@@ -325,7 +415,13 @@ class Gateway {
     });
     // serverShutdown to every session, a close (1001) for each, and every
     // session's disconnect sequence: typing rows deleted, rooms left.
-    const roomkeeper::ShutdownReport rep = keeper_->shutdown();
+    roomkeeper::ShutdownReport rep;
+    for (auto& l : loops_) {
+      const roomkeeper::ShutdownReport r = l->keeper().shutdown();
+      rep.sessionsClosed += r.sessionsClosed;
+      rep.timersCancelled += r.timersCancelled;
+      rep.persistUndelivered += r.persistUndelivered;
+    }
     std::printf(
         "dispatch_server: told %zu sessions; %zu timers cancelled; "
         "%zu persistence calls undelivered\n",
@@ -338,31 +434,39 @@ class Gateway {
     if (sessionCount() == 0 || Clock::now() >= shutdownDeadline_) {
       // A cluster node removes what it still holds in Redis, then goes.
 #if DISPATCH_CLUSTER
-      if (node_) return node_->stop([this] { ioc_.stop(); });
+      if (loops_[0]->redis) {
+        auto left = std::make_shared<std::atomic<std::size_t>>(loops_.size());
+        for (auto& l : loops_)
+          l->redis->stop([this, left] {
+            if (--*left == 0) stopLoops();
+          });
+        return;
+      }
 #endif
-      ioc_.stop();
+      stopLoops();
       return;
     }
     shutdownTimer_.expires_after(std::chrono::milliseconds(20));
     shutdownTimer_.async_wait([this](const beast::error_code&) { pollShutdown(); });
   }
+  void stopLoops() {
+    for (auto& l : loops_) l->ioc.stop();
+  }
 
-  asio::io_context& ioc_;
   ServerOptions opt_;
   TypingStore& store_;
+#if DISPATCH_CLUSTER
+  roomkeeper::cluster::InProcessHub hub_;  // outlives the loops' nodes
+#endif
+  std::vector<std::unique_ptr<Loop>> loops_;
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> work_;
   tcp::acceptor acceptor_;
   asio::signal_set signals_;
   asio::steady_timer shutdownTimer_;
   Clock::time_point shutdownDeadline_{};
   std::atomic<bool> shuttingDown_{false};
   std::atomic<std::uint64_t> nextId_{0};
-  std::mutex sessionsMu_;
-  std::unordered_map<std::string, std::shared_ptr<Session>> sessions_;
-  std::string sessionPrefix_ = "sock-";
-#if DISPATCH_CLUSTER
-  std::unique_ptr<roomkeeper::cluster::RedisNode> node_;  // outlives keeper_ (its bus)
-#endif
-  std::unique_ptr<roomkeeper::SyncKeeper> keeper_;  // last: goes first
+  std::size_t nextLoop_ = 0;  // on the acceptor's strand
 };
 
 // ---- Plain HTTP (GET /metrics, /stats, /healthz) and the upgrade -----------
@@ -373,8 +477,8 @@ constexpr std::uint64_t kMaxHttpBody = 16 * 1024;
 
 class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
  public:
-  HttpConnection(Gateway& gw, tcp::socket&& socket)
-      : gw_(gw), stream_(std::move(socket)) {}
+  HttpConnection(Gateway& gw, Loop& loop, tcp::socket&& socket)
+      : gw_(gw), loop_(loop), stream_(std::move(socket)) {}
 
   void start() {
     stream_.expires_after(std::chrono::seconds(10));
@@ -399,7 +503,7 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
       if (path != "/" && path != "/ws")
         return respond(http::status::not_found, "text/plain", "not found\n");
       stream_.expires_never();  // the WebSocket stream keeps its own timeouts
-      std::make_shared<Session>(gw_, std::move(stream_))->start(std::move(req));
+      std::make_shared<Session>(gw_, loop_, std::move(stream_))->start(std::move(req));
       return;
     }
     if (req.method() != http::verb::get && !head_)
@@ -461,6 +565,7 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
   }
 
   Gateway& gw_;
+  Loop& loop_;
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
@@ -469,7 +574,7 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
   char scratch_[4096];
 };
 
-void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
+void Gateway::onAccept(beast::error_code ec, tcp::socket socket, Loop& l) {
   if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
   if (ec) {
     // EMFILE and friends: log, breathe, go on accepting.
@@ -484,7 +589,7 @@ void Gateway::onAccept(beast::error_code ec, tcp::socket socket) {
   // waits for the peer's delayed ACK (~40 ms on Linux).
   beast::error_code ignored;
   socket.set_option(tcp::no_delay(true), ignored);
-  std::make_shared<HttpConnection>(*this, std::move(socket))->start();
+  std::make_shared<HttpConnection>(*this, l, std::move(socket))->start();
   doAccept();
 }
 
@@ -513,13 +618,13 @@ void Session::start(http::request<http::string_body> req) {
 
 void Session::onAccept(beast::error_code ec) {
   if (ec) return;  // handshake failed: nothing was registered
-  id_ = gw_.nextSessionId();
-  gw_.addSession(shared_from_this());
-  const Result r = gw_.keeper().connect(id_);  // arms the auth deadline
+  id_ = gw_.nextSessionId(loop_);
+  loop_.addSession(shared_from_this());
+  const Result r = loop_.keeper().connect(id_);  // arms the auth deadline
   if (r == Result::kOk) {
     registered_ = true;
   } else {
-    gw_.removeSession(id_);
+    loop_.removeSession(id_);
     // Only after shutdown() (ids are unique): the same close as everyone's.
     requestClose(websocket::close_reason(websocket::close_code::going_away, "shutdown"));
   }
@@ -574,9 +679,9 @@ void Session::finish(beast::error_code ec) {
     // close frame, timeout): the transport lost it, so forceCleanup (same
     // cleanup, counted in forcedCleanups).
     const bool lost = ec != websocket::error::closed && !closeRequested_;
-    const Result r = lost ? gw_.keeper().forceCleanup(id_) : gw_.keeper().disconnect(id_);
+    const Result r = lost ? loop_.keeper().forceCleanup(id_) : loop_.keeper().disconnect(id_);
     (void)r;  // kNotConnected after an auth timeout, kShutDown after shutdown: fine
-    gw_.removeSession(id_);
+    loop_.removeSession(id_);
   }
   outbox_.clear();
   dropTimer_.cancel();
@@ -752,7 +857,7 @@ void Session::route(const std::string& ev, const json& id, const json& data) {
     const std::string room = "thread:" + *thread;
     if (ev == "thread.subscribe") return joinRoom(ev, id, room, {{"threadId", *thread}});
     // Leaving a thread ends this user's typing indicator in it.
-    (void)gw_.keeper().stopTyping(id_, *thread);
+    (void)loop_.keeper().stopTyping(id_, *thread);
     return leaveRoom(ev, id, room, {{"threadId", *thread}});
   }
   if (ev == "subscribeToAnalytics") return onAnalytics(true, ev, id, data);
@@ -782,14 +887,14 @@ void Session::onAuthenticate(const std::string& ev, const json& id, const json& 
   if (check == TokenCheck::kExpired)
     return error(id, ev, "token_expired", "the token has expired; send a fresh one");
   // On refusal (too_many_sessions) nothing changes: still unauthenticated.
-  const Result r = gw_.keeper().authenticate(id_, who.userId);  // cancels the deadline
+  const Result r = loop_.keeper().authenticate(id_, who.userId);  // cancels the deadline
   if (r != Result::kOk) return resultError(id, ev, r);
   identity_ = std::move(who);
   std::vector<std::string> rooms = {"role:" + identity_->role,
                                     "user:" + identity_->userId};
   if (!identity_->crewId.empty()) rooms.push_back("crew:" + identity_->crewId);
   for (const std::string& room : rooms) {
-    const Result j = gw_.keeper().trackRoom(id_, room);
+    const Result j = loop_.keeper().trackRoom(id_, room);
     if (!roomkeeper::ok(j)) return resultError(id, ev, j);
   }
   ack(id, ev,
@@ -801,7 +906,7 @@ void Session::onAuthenticate(const std::string& ev, const json& id, const json& 
 
 void Session::joinRoom(const std::string& ev, const json& id, const std::string& room,
                        json extra) {
-  const Result r = gw_.keeper().trackRoom(id_, room);
+  const Result r = loop_.keeper().trackRoom(id_, room);
   if (!roomkeeper::ok(r)) return resultError(id, ev, r);
   extra["room"] = room;
   extra["result"] = sv(roomkeeper::toString(r));
@@ -810,7 +915,7 @@ void Session::joinRoom(const std::string& ev, const json& id, const std::string&
 
 void Session::leaveRoom(const std::string& ev, const json& id, const std::string& room,
                         json extra) {
-  const Result r = gw_.keeper().untrackRoom(id_, room);
+  const Result r = loop_.keeper().untrackRoom(id_, room);
   if (!roomkeeper::ok(r)) return resultError(id, ev, r);
   extra["room"] = room;
   extra["result"] = sv(roomkeeper::toString(r));
@@ -824,7 +929,7 @@ void Session::onAnalytics(bool subscribe, const std::string& ev, const json& id,
   const auto type = idField(data, "type");
   if (!type) return error(id, ev, "bad_request", "data.type: [A-Za-z0-9_.-]{1,64}");
   const std::string room = "analytics:" + *type;
-  roomkeeper::SyncKeeper& k = gw_.keeper();
+  roomkeeper::SyncKeeper& k = loop_.keeper();
   if (subscribe) {
     const Result r = k.trackRoom(id_, room);
     if (!roomkeeper::ok(r)) return resultError(id, ev, r);
@@ -848,7 +953,7 @@ void Session::onTyping(bool start, const std::string& ev, const json& id,
                        const json& data) {
   const auto thread = idField(data, "threadId");
   if (!thread) return error(id, ev, "bad_request", "data.threadId: [A-Za-z0-9_.-]{1,64}");
-  roomkeeper::SyncKeeper& k = gw_.keeper();
+  roomkeeper::SyncKeeper& k = loop_.keeper();
   if (start && !k.isMember(id_, "thread:" + *thread))
     return error(id, ev, "not_subscribed", "subscribe to the thread first");
   // roomkeeper emits typingStarted/typingStopped to the thread's other
@@ -865,7 +970,7 @@ void Session::onMessageSend(const std::string& ev, const json& id, const json& d
       text->get_ref<const std::string&>().size() > 4096)
     return error(id, ev, "bad_request", "data.threadId and data.text (<= 4096 bytes)");
   const std::string room = "thread:" + *thread;
-  roomkeeper::SyncKeeper& k = gw_.keeper();
+  roomkeeper::SyncKeeper& k = loop_.keeper();
   if (!k.isMember(id_, room))
     return error(id, ev, "not_subscribed", "subscribe to the thread first");
   const json payload = {
@@ -888,7 +993,7 @@ void Session::onJobUpdate(const std::string& ev, const json& id, const json& dat
   const std::string room = "job:" + *job;
   to.rooms.push_back(room);
   to.sender = id_;
-  const std::size_t n = gw_.keeper().broadcast(to, "jobUpdated", dump(payload));
+  const std::size_t n = loop_.keeper().broadcast(to, "jobUpdated", dump(payload));
   ack(id, ev, {{"jobId", *job}, {"delivered", n}});
 }
 
@@ -924,25 +1029,30 @@ int runServer(const ServerOptions& opt) {
     std::printf("dispatch_server: cleared %lld stale typing rows\n",
                 static_cast<long long>(stale));
 
-  asio::io_context ioc(opt.threads);
-  auto gw = std::make_unique<Gateway>(ioc, opt, *store);
+  ServerOptions o = opt;
+#if !DISPATCH_CLUSTER
+  if (o.threads > 1) {
+    std::fprintf(stderr, "dispatch_server: built without roomkeeper::cluster: 1 event loop "
+                         "(--threads %d needs it to join the loops' Keepers)\n", o.threads);
+    o.threads = 1;
+  }
+#endif
+  auto gw = std::make_unique<Gateway>(o, *store);
   if (!gw->listen(&err)) {
     std::fprintf(stderr, "dispatch_server: %s\n", err.c_str());
     return 1;
   }
   std::printf(
-      "dispatch_server: db %s, %d threads, auth timeout %ld ms, typing timeout %ld ms\n",
-      opt.db.c_str(), opt.threads, opt.authTimeoutMs, opt.typingTimeoutMs);
+      "dispatch_server: db %s, %zu event loops (a Keeper each), auth timeout %ld ms, "
+      "typing timeout %ld ms\n",
+      opt.db.c_str(), gw->loopCount(), opt.authTimeoutMs, opt.typingTimeoutMs);
   std::printf("listening on %s:%u\n", opt.host.c_str(), unsigned(gw->port()));
   std::fflush(stdout);
   gw->start();
 
-  std::vector<std::thread> pool;
-  for (int i = 1; i < opt.threads; ++i) pool.emplace_back([&ioc] { ioc.run(); });
-  ioc.run();
-  for (std::thread& t : pool) t.join();
+  gw->run();
 
-  const roomkeeper::MemoryStats st = gw->keeper().getMemoryStats();
+  const roomkeeper::MemoryStats st = gw->memoryStats();
   const std::size_t left = gw->sessionCount();
   const std::int64_t rows = store->countRows();
   gw.reset();

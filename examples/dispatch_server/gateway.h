@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// The dispatch example's WebSocket gateway: Boost.Beast in front,
-// roomkeeper::SyncKeeper for rooms, typing and the auth deadline, SQLite
+// The dispatch example's WebSocket gateway: Boost.Beast in front, one
+// event loop per thread with a roomkeeper::SyncKeeper each for rooms, typing
+// and the auth deadline (the loops joined by roomkeeper::cluster), SQLite
 // (TypingStore) behind roomkeeper's persistence hook. The wire protocol is
 // in docs/protocol.md.
 #ifndef ROOMKEEPER_EXAMPLES_DISPATCH_GATEWAY_H_
@@ -14,7 +15,7 @@ namespace dispatch {
 struct ServerOptions {
   std::string host = "127.0.0.1";
   unsigned short port = 8080;               // 0 = ephemeral
-  int threads = 2;                          // threads running the one io_context
+  int threads = 2;                          // event loops, a thread and a Keeper each
   std::string db = "dispatch.db";           // ":memory:" for a private database
   long authTimeoutMs = 30000;               // unauthenticated sockets closed (4001)
   long typingTimeoutMs = 5000;              // typing auto-clear
