@@ -636,6 +636,8 @@ std::size_t Keeper::relayBroadcast(const BroadcastTargets& targets, std::string_
 void Keeper::relayPresence(std::string_view user, bool online) {
   Impl& im = *impl_;
   if (im.shut) return;
+  // Gone everywhere: a typingStopped that never came is sent now.
+  if (!online) (void)im.typing.impl_->forgetShown(user);
   auto& fn = online ? im.cb.userOnline : im.cb.userOffline;
   if (fn) {
     try {

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -30,7 +31,8 @@ thread_local const void* tDeliveringFor = nullptr;
 }  // namespace
 
 struct SyncKeeper::Impl {
-  Impl(KeeperCallbacks c, KeeperOptions o) : keeper(std::move(c), std::move(o)) {
+  Impl(KeeperCallbacks c, KeeperOptions o)
+      : ordered(o.bus != nullptr), keeper(std::move(c), std::move(o)) {
     keeper.impl_->typing.impl_->mu = &mu;
   }
 
@@ -57,9 +59,9 @@ struct SyncKeeper::Impl {
         }
         events = reg.events.take();
         wakeDriverIfEarlier();
+        if (ordered) enqueue(std::move(events));
       }
-      deliver(events);
-      wakeAfterDelivery(events);
+      deliverAll(events);
     } else {
       R result;
       {
@@ -70,10 +72,47 @@ struct SyncKeeper::Impl {
         }
         events = reg.events.take();
         wakeDriverIfEarlier();
+        if (ordered) enqueue(std::move(events));
       }
+      deliverAll(events);
+      return result;
+    }
+  }
+  // With a bus, the events of every call reach the bus (and the host) in
+  // the order the calls changed the state, whichever threads made them:
+  // each call's batch joins one FIFO under the lock, and one thread at a
+  // time delivers the FIFO (a call whose batch another thread is already
+  // delivering returns at once). Without a bus, each caller delivers its
+  // own batch (no cross-thread order is needed).
+  void enqueue(std::vector<detail::Event>&& events) {
+    if (events.empty()) return;
+    std::lock_guard<std::mutex> g(fifoMu);
+    fifo.push_back(std::move(events));
+  }
+  void deliverAll(std::vector<detail::Event>& events) {
+    if (!ordered) {
       deliver(events);
       wakeAfterDelivery(events);
-      return result;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(fifoMu);
+      if (delivering || fifo.empty()) return;
+      delivering = true;
+    }
+    for (;;) {
+      std::vector<detail::Event> batch;
+      {
+        std::lock_guard<std::mutex> g(fifoMu);
+        if (fifo.empty()) {
+          delivering = false;
+          return;
+        }
+        batch = std::move(fifo.front());
+        fifo.pop_front();
+      }
+      deliver(batch);
+      wakeAfterDelivery(batch);
     }
   }
   void deliver(std::vector<detail::Event>& events) {
@@ -231,6 +270,10 @@ struct SyncKeeper::Impl {
   }
   static constexpr std::chrono::hours kMaxDriverSleep{1};
 
+  const bool ordered;  // KeeperOptions::bus set: deliverAll keeps one order
+  std::mutex fifoMu;   // after mu, never before
+  std::deque<std::vector<detail::Event>> fifo;
+  bool delivering = false;  // a thread is delivering the FIFO (under fifoMu)
   mutable std::recursive_mutex mu;
   Keeper keeper;
   // Driver.

@@ -5,6 +5,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <unordered_map>
 #include <mutex>
 #include <thread>
 #include <string>
@@ -93,6 +94,12 @@ struct TypingTimerManager::Impl {
   std::size_t replayToBus();
   /// Keeper::relayTyping.
   std::size_t relay(std::string_view user, std::string_view thread, bool started) noexcept;
+  /// With a bus: marks (user, thread) as told to the local members (on) or
+  /// no longer (off); true if that changed anything.
+  bool markShown(std::string_view user, std::string_view thread, bool on);
+  /// The user is offline everywhere: typingStopped for whatever of theirs
+  /// the local members were still shown (a stop that never came).
+  std::size_t forgetShown(std::string_view user) noexcept;
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
   void undoStart(std::uint32_t idx) noexcept;
   void scheduleDrain(std::uint64_t upTo) noexcept;
@@ -132,6 +139,12 @@ struct TypingTimerManager::Impl {
   std::uint64_t callbackErrors = 0;
   std::recursive_mutex* mu = nullptr;  // SyncKeeper's lock, when there is one
   Bus* bus = nullptr;                  // KeeperOptions::bus (see bus.h)
+  // With a bus: user -> threads whose indicator the local members have been
+  // told typingStarted for and not yet typingStopped, whether the event came
+  // from an indicator here or from another Keeper (relay). Each start and
+  // each stop reaches a member once, whichever Keeper's news comes first.
+  std::unordered_map<std::string, std::vector<std::string>> shown;
+  std::size_t shownBytes = 0;  // in stats().bytes
 };
 
 }  // namespace roomkeeper

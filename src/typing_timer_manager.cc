@@ -238,13 +238,26 @@ void TypingTimerManager::Impl::announce(std::uint32_t s, const TypingKeyView& ke
     emitToThread(s, key, event);
     return;
   }
-  bool elsewhere = false;
+  // A start is shown unless it already is (another Keeper's relay came
+  // first); a stop only when nobody else has the user typing there, and
+  // then only if it was shown (a relayed stop may have come first).
   try {
-    elsewhere = bus->typingElsewhere(key.user, key.thread);
+    bool show = false;
+    if (started) {
+      show = markShown(key.user, key.thread, true);
+    } else {
+      bool elsewhere = false;
+      try {
+        elsewhere = bus->typingElsewhere(key.user, key.thread);
+      } catch (...) {
+        reportError("bus");
+      }
+      show = !elsewhere && markShown(key.user, key.thread, false);
+    }
+    if (show) emitToThread(s, key, event);
   } catch (...) {
-    reportError("bus");
+    reg.events.countDropped();
   }
-  if (!elsewhere) emitToThread(s, key, event);
   try {
     reg.events.tryPush([&](detail::Event& ev) {
       ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
@@ -275,12 +288,73 @@ std::size_t TypingTimerManager::Impl::replayToBus() {
 
 std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_view thread,
                                             bool started) noexcept {
-  // This Keeper's own indicator of the user there speaks for it.
-  if (index.find(TypingKeyView{user, thread, false}) != index.end()) return 0;
+  // A stop while this Keeper has the user typing there itself: its own
+  // indicator speaks for it (its own stop comes later).
+  if (!started && index.find(TypingKeyView{user, thread, false}) != index.end()) return 0;
+  try {
+    if (!markShown(user, thread, started)) return 0;  // shown already / not shown
+  } catch (...) {
+    reg.events.countDropped();
+    return 0;
+  }
   const std::size_t before = reg.events.size();
   emitToThread(detail::kNone, TypingKeyView{user, thread, false},
                started ? opt.startedEvent : opt.stoppedEvent);
   return reg.events.size() - before;
+}
+
+namespace {
+std::size_t heapOfString(std::string_view s) { return s.size() > 15 ? s.size() + 1 : 0; }
+}  // namespace
+
+bool TypingTimerManager::Impl::markShown(std::string_view user, std::string_view thread,
+                                         bool on) {
+  auto it = shown.find(std::string(user));
+  if (on) {
+    if (it == shown.end()) {
+      it = shown.emplace(std::string(user), std::vector<std::string>{}).first;
+      shownBytes += 64 + heapOfString(user);
+    }
+    for (const std::string& t : it->second)
+      if (t == thread) return false;
+    it->second.emplace_back(thread);
+    shownBytes += sizeof(std::string) + heapOfString(thread);
+    return true;
+  }
+  if (it == shown.end()) return false;
+  auto& threads = it->second;
+  for (std::size_t i = 0; i < threads.size(); ++i) {
+    if (threads[i] != thread) continue;
+    shownBytes -= sizeof(std::string) + heapOfString(thread);
+    threads[i] = std::move(threads.back());
+    threads.pop_back();
+    if (threads.empty()) {
+      shownBytes -= 64 + heapOfString(user);
+      shown.erase(it);
+    }
+    return true;
+  }
+  return false;
+}
+
+std::size_t TypingTimerManager::Impl::forgetShown(std::string_view user) noexcept {
+  std::size_t n = 0;
+  try {
+    auto it = shown.find(std::string(user));
+    if (it == shown.end()) return 0;
+    const std::vector<std::string> threads = std::move(it->second);
+    shown.erase(it);
+    shownBytes -= 64 + heapOfString(user);
+    for (const std::string& t : threads) {
+      shownBytes -= sizeof(std::string) + heapOfString(t);
+      const std::size_t before = reg.events.size();
+      emitToThread(detail::kNone, TypingKeyView{user, t, false}, opt.stoppedEvent);
+      n += reg.events.size() - before;
+    }
+  } catch (...) {
+    reg.events.countDropped();
+  }
+  return n;
 }
 
 void TypingTimerManager::Impl::persist(PersistOp op, std::string_view user,
@@ -631,6 +705,8 @@ std::size_t TypingTimerManager::Impl::onDisconnect(std::uint32_t s) {
 
 std::size_t TypingTimerManager::Impl::clearAll() {
   std::size_t n = 0;
+  shown.clear();  // shutdown: nobody is told anything more
+  shownBytes = 0;
   // highWater() drops to 0 when the last indicator returns the pages.
   for (std::uint32_t i = 0; i < entries.highWater(); ++i) {
     if (!entries[i].live) continue;
@@ -650,7 +726,7 @@ TypingStats TypingTimerManager::Impl::stats() const noexcept {
   st.persistFailures = failures;
   st.persistDropped = dropped_;
   st.callbackErrors = callbackErrors;
-  st.bytes = bytes + queueHeap;
+  st.bytes = bytes + queueHeap + shownBytes;
   return st;
 }
 

@@ -243,6 +243,8 @@ class Load {
   void onStayReady();
   void onUnexpectedError(const std::string& text);
   void onRestart() { ++restarts_; }
+  /// Every WebSocket message a client sends or receives.
+  void countMessage() { ++messages_; }
 
   const tcp::endpoint& endpoint(std::size_t server) const { return endpoints_[server]; }
   std::string hostHeader(std::size_t server = 0) const {
@@ -290,6 +292,7 @@ class Load {
   std::vector<double> loginMs_, fanoutMs_;
   std::map<std::string, Clock::time_point> typingSentAt_;
   Clock::time_point loginStarted_{}, loginEnded_{};
+  std::uint64_t messages_ = 0, messagesAtLoginStart_ = 0, messagesAtLoginEnd_ = 0;
   ProcSample procStart_, procPeak_;
   bool procOk_ = false;
   int lingering_ = 0, lingerGone_ = 0, finishedNonLinger_ = 0, finished_ = 0, failed_ = 0;
@@ -384,6 +387,7 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
     opEc_ = {};
     lastEvent_ = event;
     out_ = json{{"event", event}, {"id", waitId_}, {"data", std::move(data)}}.dump();
+    load_.countMessage();
     ws_.async_write(asio::buffer(out_),
                     [self = shared_from_this()](beast::error_code ec, std::size_t) {
                       self->writeDone_ = true;
@@ -423,6 +427,7 @@ class Client : public std::enable_shared_from_this<Client>, private asio::corout
     }
     const std::string text = beast::buffers_to_string(rbuf_.data());
     rbuf_.consume(rbuf_.size());
+    load_.countMessage();
     const json m = json::parse(text, nullptr, false);
     const std::string event =
         m.is_object() && m.contains("event") && m["event"].is_string()
@@ -680,7 +685,10 @@ int Load::run() {
 }
 
 void Load::launchActive() {
-  if (nextActive_ == 0) loginStarted_ = Clock::now();
+  if (nextActive_ == 0) {
+    loginStarted_ = Clock::now();
+    messagesAtLoginStart_ = messages_;
+  }
   const int inFlight = int(nextActive_) - ready_ - activeFailed_;
   for (int k = inFlight; k < opt_.concurrency && nextActive_ < active_.size(); ++k)
     active_[nextActive_++]->start();
@@ -724,6 +732,7 @@ void Load::activeProgress() {
   launchActive();
   if (phase_ == "login" && ready_ + activeFailed_ == int(active_.size())) {
     loginEnded_ = Clock::now();
+    messagesAtLoginEnd_ = messages_;
     // Last: the ones that never log in, so that they are all still there
     // (inside the auth deadline) when the peak is measured.
     phase_ = "never-auth";
@@ -1004,6 +1013,11 @@ void Load::printTimes() {
         "login phase: %d clients connected, logged in, joined, typed and posted in "
         "%.2f s: %.0f a second, %d at a time\n",
         ready_, loginS, double(ready_) / loginS, opt_.concurrency);
+  if (loginEnded_ > loginStarted_)
+    std::printf("messages in the login phase (sent and received by the clients): %llu, "
+                "%.0f a second\n",
+                static_cast<unsigned long long>(messagesAtLoginEnd_ - messagesAtLoginStart_),
+                double(messagesAtLoginEnd_ - messagesAtLoginStart_) / loginS);
   rusage self{};
   if (getrusage(RUSAGE_SELF, &self) == 0) {
     const auto ms = [](const timeval& tv) {

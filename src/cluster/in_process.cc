@@ -105,7 +105,12 @@ void drain(const std::shared_ptr<Inbox>& in) {
 void wake(Wakes& wakes) {
   for (auto& in : wakes) {
     try {
-      in->post([in]() { drain(in); });
+      Post p;
+      {
+        std::lock_guard<std::mutex> g(in->mu);
+        p = in->post;  // empty once the node is gone
+      }
+      if (p) p([in]() { drain(in); });
     } catch (...) {
       // The host could not queue the drain (out of memory): the next
       // command for this inbox posts again.
@@ -196,6 +201,7 @@ class InProcessNode final : public Node {
     {
       std::lock_guard<std::mutex> g(me_->inbox->mu);
       me_->inbox->keeper = nullptr;  // no command reaches a gone Keeper
+      me_->inbox->post = nullptr;    // and nothing more is posted to its loop
       me_->inbox->q.clear();
     }
     reap();
@@ -284,10 +290,12 @@ class InProcessNode final : public Node {
         if (it->second.empty()) sh.map.erase(it);
       }
       const bool is = sh.map.count(key) != 0;
+      // Every Keeper hears the edge, this one too: a Keeper that did not
+      // show its own stop (someone else still held the indicator when it
+      // asked typingElsewhere) shows it now; one that did ignores it.
       if (was != is)
         for (auto& to : reg)
-          if (to != me_)
-            push(to->inbox, {Cmd::Op::kTyping, is, std::string(user), std::string(thread), {}}, w);
+          push(to->inbox, {Cmd::Op::kTyping, is, std::string(user), std::string(thread), {}}, w);
     }
     wake(w);
   }
@@ -395,7 +403,15 @@ class InProcessNode final : public Node {
     ask->room = std::move(room);
     ask->names = names;
     ask->done = std::move(done);
-    ask->answer = [this](std::function<void()> fn) { answer(std::move(fn)); };
+    // Through this node's inbox, not the node: it may be gone by then.
+    ask->answer = [in = me_->inbox](std::function<void()> fn) {
+      Post p;
+      {
+        std::lock_guard<std::mutex> g(in->mu);
+        p = in->post;
+      }
+      if (p) p(std::move(fn));
+    };
     auto reg = hub_->snapshot();
     ask->waiting = reg->size();
     if (reg->empty()) return answer([ask]() { ask->done({}, 0); });
@@ -431,7 +447,10 @@ class InProcessNode final : public Node {
         std::lock_guard<std::mutex> g(in->mu);
         p = in->post;
       }
-      p(std::move(one));
+      if (p)
+        p(std::move(one));
+      else
+        one();  // a node that went meanwhile: counted as 0
     }
   }
 

@@ -548,17 +548,21 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     if (fields.size() < 2 || stopping) return;
     // Presence edges, this node's own included, are applied only from here,
     // so that every node sees them in Redis's order.
-    if (kind != "P" && (fields[1] == id || pastIds.count(fields[1]) != 0)) return;
+    // A typing edge of this node's own is applied too (the Keeper shows
+    // each start and stop once, whoever's news comes first).
+    const bool own = fields[1] == id;
+    if (kind != "P" && pastIds.count(fields[1]) != 0) return;
+    if (own && kind != "P" && kind != "T") return;
     if (kind == "P" && fields.size() == 4) {
       count(&ClusterStats::received);
       toKeeper([u = std::string(fields[2]), on = fields[3] == "1"](BusTarget& k) {
         k.relayPresence(u, on);
       });
     } else if (kind == "T" && fields.size() == 7) {
-      count(&ClusterStats::received);
+      if (!own) count(&ClusterStats::received);
       const std::string key = key2(fields[3], fields[4]);
       const bool on = fields[5] == "1";
-      if (fields[2] != id) {
+      if (!own && fields[2] != id) {
         std::lock_guard<std::mutex> g(mu);
         if (on) {
           remoteTyping[key].emplace(fields[2]);

@@ -133,6 +133,40 @@ TEST_CASE("cluster: typing crosses nodes, one indicator for one user's two devic
   CHECK(w.s(0).count("u@0", "typingStopped") == 0);
 }
 
+TEST_CASE("cluster: two devices start and stop typing at once on two nodes: every member "
+          "hears one typingStarted and one typingStopped",
+          "[cluster]") {
+  CLUSTER_WORLD w(2);
+  const std::string room = "thread:9";
+  rkt::join(w, 0, "u", {room});
+  rkt::join(w, 1, "u", {room});
+  rkt::join(w, 0, "m", {room});
+  rkt::join(w, 1, "n", {room});
+  w.settle();
+  // Node 1's start comes before node 0's news reaches it (in-process: the
+  // shared view already has node 0 typing, its relay is still queued).
+  REQUIRE(w.s(0).keeper->startTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.s(1).keeper->startTyping("u@1", "9") == Result::kOk);
+  REQUIRE(w.until([&] {
+    return w.s(0).count("m@0", "typingStarted") == 1 &&
+           w.s(1).count("n@1", "typingStarted") == 1;
+  }));
+  w.settle();
+  CHECK(w.s(0).count("m@0", "typingStarted") == 1);
+  CHECK(w.s(1).count("n@1", "typingStarted") == 1);
+  // Both stop before either hears of the other.
+  REQUIRE(w.s(0).keeper->stopTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.s(1).keeper->stopTyping("u@1", "9") == Result::kOk);
+  REQUIRE(w.until([&] {
+    return w.s(0).count("m@0", "typingStopped") == 1 &&
+           w.s(1).count("n@1", "typingStopped") == 1;
+  }));
+  w.settle();
+  CHECK(w.s(0).count("m@0", "typingStopped") == 1);
+  CHECK(w.s(1).count("n@1", "typingStopped") == 1);
+  CHECK(w.s(0).countEvent("typingStarted") + w.s(1).countEvent("typingStarted") == 2);
+}
+
 TEST_CASE("cluster: the typing wildcard is persisted only when the user's last session "
           "in the cluster goes",
           "[cluster]") {
