@@ -34,6 +34,11 @@ def main() -> int:
                     print(f"line {n}: cluster {key} = {obj.get(key)}"); return 1
             if obj.get("kill_to_clean_ms") is None or obj["kill_to_clean_ms"] > 10000:
                 print(f"line {n}: cluster kill_to_clean_ms = {obj.get('kill_to_clean_ms')}"); return 1
+        if obj["workload"] == "dispatch_threads":
+            if not obj.get("day_ns_per_session", 0) > 0 or "scaling" not in obj:
+                print(f"line {n}: dispatch_threads without day_ns_per_session/scaling"); return 1
+            if "multi-loop" in obj["system"] and obj.get("left", {}).get("bytes") != 0:
+                print(f"line {n}: multi-loop left {obj['left'].get('bytes')} bytes"); return 1
         if obj["workload"] == "timers" and "fired" in obj:
             if obj["fired"] != obj["timers"] or obj.get("early", 0) or obj.get("late", 0):
                 print(f"line {n}: fired {obj['fired']} of {obj['timers']}, "

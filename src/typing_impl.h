@@ -5,13 +5,13 @@
 
 #include <condition_variable>
 #include <deque>
-#include <unordered_map>
 #include <mutex>
 #include <thread>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "internal.h"
 #include "registry_impl.h"
@@ -143,7 +143,7 @@ struct TypingTimerManager::Impl {
   // told typingStarted for and not yet typingStopped, whether the event came
   // from an indicator here or from another Keeper (relay). Each start and
   // each stop reaches a member once, whichever Keeper's news comes first.
-  std::unordered_map<std::string, std::vector<std::string>> shown;
+  absl::flat_hash_map<std::string, std::vector<std::string>> shown;
   std::size_t shownBytes = 0;  // in stats().bytes
 };
 

@@ -309,7 +309,9 @@ std::size_t heapOfString(std::string_view s) { return s.size() > 15 ? s.size() +
 
 bool TypingTimerManager::Impl::markShown(std::string_view user, std::string_view thread,
                                          bool on) {
-  auto it = shown.find(std::string(user));
+  // (Debian's Abseil has its own string_view for heterogeneous lookup.)
+  const absl::string_view key(user.data(), user.size());
+  auto it = shown.find(key);
   if (on) {
     if (it == shown.end()) {
       it = shown.emplace(std::string(user), std::vector<std::string>{}).first;
@@ -340,7 +342,7 @@ bool TypingTimerManager::Impl::markShown(std::string_view user, std::string_view
 std::size_t TypingTimerManager::Impl::forgetShown(std::string_view user) noexcept {
   std::size_t n = 0;
   try {
-    auto it = shown.find(std::string(user));
+    auto it = shown.find(absl::string_view(user.data(), user.size()));
     if (it == shown.end()) return 0;
     const std::vector<std::string> threads = std::move(it->second);
     shown.erase(it);

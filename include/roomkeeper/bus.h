@@ -22,11 +22,14 @@
 //     relayPresence() on every Keeper when the user's first session
 //     anywhere connects and when the last one anywhere goes;
 //   * typing indicators of users (never of anonymous sessions, which are
-//     local) are announced to the bus; a typingStarted / typingStopped is
-//     emitted to local members only when no other Keeper has the user typing
-//     in that thread (typingElsewhere), so that one user typing on two
-//     devices behind two Keepers is one indicator; the other Keepers hear it
-//     through relayTyping();
+//     local) are announced to the bus. The Keeper remembers which (user,
+//     thread) its members have been told typingStarted for, whether by its
+//     own indicator or by relayTyping(), and tells them each start and each
+//     stop once, whichever news comes first; its own stop is told only when
+//     no other Keeper has the user typing there (typingElsewhere), so that
+//     one user typing on two devices behind two Keepers is one indicator.
+//     A bus sends relayTyping() for the user's first start and last stop in
+//     the whole cluster to every Keeper, the one that made it too;
 //   * the kTypingStoppedAll wildcard is not persisted when the user's last
 //     local session goes: the bus calls relayUserGone() on that Keeper when
 //     the user's last session in the whole cluster has gone.
@@ -36,7 +39,8 @@
 //
 // Calls: every event is made on the Keeper's thread, after the change it
 // reports, in the order of the changes, with no Keeper lock held (it is
-// queued with the host callbacks). typingElsewhere() is the exception: it
+// queued with the host callbacks; under a SyncKeeper, one thread at a time
+// delivers them, in that order). typingElsewhere() is the exception: it
 // is asked synchronously while the Keeper changes state (under SyncKeeper's
 // lock), so it must be fast, must not block, and must not call the Keeper.
 // A bus must never throw; a throwing bus is caught and counted as a

@@ -13,8 +13,17 @@
 //   * a callback may call back into the SyncKeeper from the same or any
 //     thread without deadlock (the lock is free by then);
 //   * callbacks of one call run in the order of its changes; callbacks of
-//     calls on different threads may interleave.
+//     calls on different threads may interleave -- except with a bus
+//     (KeeperOptions::bus): then every call's callbacks and bus events join
+//     one queue in the order of the changes, and one thread at a time runs
+//     it (a call whose batch another thread is running returns at once, its
+//     callbacks run there shortly after), so that a bus never hears a
+//     stop before the start it follows.
 // The single-threaded Keeper pays nothing for this: it has no lock at all.
+//
+// For speed on several cores, do not share one SyncKeeper: run one Keeper
+// per event loop, joined by roomkeeper::cluster::InProcessHub (docs/design.md
+// "Threads", roomkeeper-bench --workload dispatch_threads).
 //
 // The driver thread (startDriver/stopDriver) is started only when asked. It
 // sleeps until the earliest deadline (woken early when a call arms an

@@ -6,11 +6,23 @@
 // presence and typing spanning the loops, exactly as RedisNode spans
 // processes. join() gives the cluster::Node for one Keeper.
 //
-// The hub keeps the shared view (which node holds which session, member,
-// typing indicator) behind one mutex of its own, taken for the length of
-// one map update and never while a Keeper or a host callback runs: what a
-// change means for other Keepers is handed to them through their post
-// functions, after the mutex is released, in order per sender.
+//   hub: InProcessHub            loop i: io_context + thread
+//   node_i = hub.join()          Keeper k_i(callbacks, {.bus = node_i.get()})
+//   node_i->bind(k_i, [&io_i](auto fn) { asio::post(io_i, std::move(fn)); });
+//   each session lives on one loop; every call about it is made there.
+//
+// No lock is shared by every change (the hot path):
+//   * memberships are not copied (Bus::wantsMemberships() is false): a
+//     broadcast is handed to every other loop, whose Keeper delivers it to
+//     its own members; roomSize/roomMembers ask every loop's Keeper
+//     (BusTarget::localRoomSize/localRoomMembers) and answer when all have;
+//   * a user's first and last session anywhere and a user's typing in a
+//     thread are decided in one of 64 shards by key, each with its mutex;
+//   * what a change means for another loop goes into that loop's inbox in
+//     the order it was decided, and the loop is woken through its post
+//     function once per batch, after every lock is released; the wake runs
+//     the whole inbox on the loop's thread, in order per sender.
+// No mutex is ever held while a Keeper or a host callback runs.
 //
 // A node that is destroyed while its Keeper still held sessions (the
 // in-process picture of a crashed server) is cleaned up as RedisNode's

@@ -29,7 +29,8 @@
 // Session ids must be unique across the cluster (as socket ids are).
 //
 // Lifetimes: create the node, then the Keeper (with KeeperOptions::bus),
-// then bind(). Destroy (or shut down) the Keeper before the node: the
+// then bind(). Destroy (or shut down) the Keeper before the node, and the
+// node before the loop its post function feeds (its io_context): the
 // Keeper's shutdown reports every session down, so the node leaves nothing
 // behind. Thread safety: a node's Bus events come from its Keeper's thread;
 // queries and stats() may be called from any thread; answers and commands
@@ -49,7 +50,9 @@
 namespace roomkeeper::cluster {
 
 /// Runs a function on the bound Keeper's own thread, in call order (Asio:
-/// post onto its io_context). Called from any thread; must be thread-safe.
+/// post onto its io_context). Called from any thread, possibly while the
+/// Keeper (a SyncKeeper) holds its lock: it must be thread-safe and must
+/// queue the function, never run it inline (asio::post, not dispatch).
 using Post = std::function<void(std::function<void()>)>;
 
 /// Cluster counters and gauges (also in prometheusText()/statsJson()).
