@@ -29,7 +29,7 @@ run_tsan() {
   # target is built (it needs hiredis and Boost; setup.sh installs both).
   if grep -q 'multi_loop_test' "$b/build.ninja" 2>/dev/null ||
      grep -q 'multi_loop_test' "$b/Makefile" 2>/dev/null; then
-    cmake --build "$b" -j2 --target multi_loop_test
+    cmake --build "$b" -j2 --target multi_loop_test cluster_loop_suite_test
   fi
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
     ctest --test-dir "$b" --output-on-failure -L concurrency

@@ -29,7 +29,9 @@
 //     no other Keeper has the user typing there (typingElsewhere), so that
 //     one user typing on two devices behind two Keepers is one indicator.
 //     A bus sends relayTyping() for the user's first start and last stop in
-//     the whole cluster to every Keeper, the one that made it too;
+//     the whole cluster to every other Keeper, and a stop also to the one
+//     that made it if that one held its own stop back (typingElsewhere was
+//     true when it asked);
 //   * the kTypingStoppedAll wildcard is not persisted when the user's last
 //     local session goes: the bus calls relayUserGone() on that Keeper when
 //     the user's last session in the whole cluster has gone.
@@ -43,6 +45,9 @@
 // delivers them, in that order). typingElsewhere() is the exception: it
 // is asked synchronously while the Keeper changes state (under SyncKeeper's
 // lock), so it must be fast, must not block, and must not call the Keeper.
+// It is asked once for each stop of a user's indicator, right before the
+// Keeper announces it (typing(..., false)); true means the Keeper does not
+// tell its members of that stop, and counts on the bus's stop edge.
 // A bus must never throw; a throwing bus is caught and counted as a
 // callback error. A bus is not owned by the Keeper and must outlive it.
 // Commands must be made on the Keeper's own thread (post them there).

@@ -155,6 +155,10 @@ absl::string_view key(std::string_view s) { return {s.data(), s.size()}; }
 struct alignas(64) Shard {
   Lock mu;
   absl::flat_hash_map<std::string, Holders> map;
+  // Typing shards: the nodes that held back their own typingStopped for a
+  // key because typingElsewhere() said another node still typed; the stop
+  // edge goes to them too (and to no other node that made it).
+  absl::flat_hash_map<std::string, Holders> owed;
 };
 
 // What one node decides alone.
@@ -300,12 +304,22 @@ class InProcessNode final : public Node {
         if (it->second.empty()) sh.map.erase(it);
       }
       const bool is = sh.map.count(key) != 0;
-      // Every Keeper hears the edge, this one too: a Keeper that did not
-      // show its own stop (someone else still held the indicator when it
-      // asked typingElsewhere) shows it now; one that did ignores it.
-      if (was != is)
+      // Every other Keeper hears the edge. Its maker shows its own start
+      // itself, and its own stop too unless it held it back (owed).
+      if (was != is) {
+        bool toMe = false;
+        if (!is) {
+          auto o = sh.owed.find(key);
+          if (o != sh.owed.end()) {
+            toMe = holds(o->second, me_->id);
+            sh.owed.erase(o);
+          }
+        }
         for (auto& to : reg)
-          push(to->inbox, {Cmd::Op::kTyping, is, std::string(user), std::string(thread), {}}, w);
+          if (to != me_ || toMe)
+            push(to->inbox, {Cmd::Op::kTyping, is, std::string(user), std::string(thread), {}},
+                 w);
+      }
     }
     wake(w);
   }
@@ -336,7 +350,13 @@ class InProcessNode final : public Node {
       std::lock_guard<Lock> s(sh.mu);
       auto it = sh.map.find(key);
       if (it == sh.map.end()) return false;
-      return it->second.size() > 1 || !holds(it->second, me_->id);
+      const bool elsewhere = it->second.size() > 1 || !holds(it->second, me_->id);
+      // Asked before a stop: this node will not show it; the edge will.
+      if (elsewhere) {
+        Holders& o = sh.owed[key];
+        if (!holds(o, me_->id)) o.push_back(me_->id);
+      }
+      return elsewhere;
     } catch (...) {
       return false;
     }
@@ -491,6 +511,7 @@ class InProcessNode final : public Node {
           continue;
         }
         gone(it->first);
+        sh.owed.erase(it->first);
         sh.map.erase(it++);  // (Abseil's erase returns nothing)
       }
     }
@@ -554,7 +575,7 @@ std::size_t InProcessHub::entries() const {
   }
   for (Shard& sh : state_->typing) {
     std::lock_guard<Lock> g(sh.mu);
-    n += sh.map.size();
+    n += sh.map.size() + sh.owed.size();
   }
   for (auto& node : *state_->snapshot()) {
     std::lock_guard<Lock> g(node->mu);
