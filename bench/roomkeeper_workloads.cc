@@ -390,6 +390,7 @@ void barrier(BarrierSlot& b, std::size_t n, const std::atomic<std::int64_t>& pen
 
 struct DayResult {
   std::uint64_t dayNs = 0;
+  std::array<std::uint64_t, 4> phaseEnds{};  // ns from the start, thread 0's view
   MemoryStats left;
   std::size_t hubEntries = 0;
   std::uint64_t emitted = 0, crossLoop = 0;
@@ -400,27 +401,29 @@ struct DayResult {
 template <typename K>
 void dayOnThread(K& k, const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t t,
                  std::size_t n, std::vector<BarrierSlot>& slots,
-                 const std::atomic<std::int64_t>& pending, BenchLoop* loop) {
+                 const std::atomic<std::int64_t>& pending, BenchLoop* loop,
+                 std::array<std::uint64_t, 4>* phaseEnds) {
   std::size_t slot = 0;
-  auto each = [&](auto&& body) {
+  Stopwatch sw;
+  auto each = [&](auto&& body, std::size_t rounds = 1) {
     std::size_t i = 0;
-    for (std::size_t s = t; s < S; s += n) {
-      body(s);
-      if (loop != nullptr && (++i & 63) == 0) loop->drain();
-    }
-    barrier(slots[slot++], n, pending, loop);
+    for (std::size_t r = 0; r < rounds; ++r)
+      for (std::size_t s = t; s < S; s += n) {
+        body(s);
+        if (loop != nullptr && (++i & 63) == 0) loop->drain();
+      }
+    barrier(slots[slot], n, pending, loop);
+    if (t == 0) (*phaseEnds)[slot] = sw.elapsedNs();
+    ++slot;
   };
   each([&](std::size_t s) {
     (void)k.connect(d.session[s]);
     (void)k.authenticate(d.session[s], d.user[s]);
     joinAll(k, d, s, std::string_view(d.session[s]));
   });
-  // The typing rounds are one phase: round r + 1 of a session follows its
-  // round r on the same thread, with no barrier in between.
-  each([&](std::size_t s) {
-    for (std::size_t round = 0; round <= K_; ++round)
-      (void)k.startTyping(d.session[s], d.thread[s]);
-  });
+  // The K + 1 typing rounds (each over all of the thread's sessions, as in
+  // W3) are one phase: no barrier between rounds.
+  each([&](std::size_t s) { (void)k.startTyping(d.session[s], d.thread[s]); }, K_ + 1);
   each([&](std::size_t s) {
     if (s % 2 == 0) (void)k.stopTyping(d.session[s], d.thread[s]);
     (void)k.untrackRoom(d.session[s], d.jobs[s][0]);
@@ -472,7 +475,8 @@ DayResult multiLoopDay(const DispatchIds& d, std::size_t S, std::size_t K_, std:
   std::vector<BarrierSlot> slots(4);
   DayResult r;
   r.dayNs = timeThreads(n, [&](std::size_t t) {
-    dayOnThread(*loops[t]->keeper, d, S, K_, t, n, slots, pending, &loops[t]->loop);
+    dayOnThread(*loops[t]->keeper, d, S, K_, t, n, slots, pending, &loops[t]->loop,
+                &r.phaseEnds);
   });
   for (auto& l : loops) {
     r.left += l->keeper->getMemoryStats();
@@ -502,7 +506,7 @@ DayResult syncKeeperDay(const DispatchIds& d, std::size_t S, std::size_t K_, std
   std::vector<BarrierSlot> slots(4);
   DayResult r;
   r.dayNs = timeThreads(n, [&](std::size_t t) {
-    dayOnThread(k, d, S, K_, t, n, slots, none, nullptr);
+    dayOnThread(k, d, S, K_, t, n, slots, none, nullptr, &r.phaseEnds);
   });
   r.left = k.getMemoryStats();
   r.emitted = emitted.load();
@@ -553,6 +557,13 @@ void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
       j.addNumber("day_ns_per_session_min", *std::min_element(se.days.begin(), se.days.end()));
       j.addNumber("day_ns_per_session_max", *std::max_element(se.days.begin(), se.days.end()));
       j.addNumber("scaling", day1 / day);
+      // Per phase (ns per session), from the last of the runs.
+      JsonLine ph;
+      const char* names[4] = {"connect", "typing", "stop_and_unsubscribe", "disconnect"};
+      for (int p = 0; p < 4; ++p)
+        ph.addNumber(names[p], static_cast<double>(r.phaseEnds[p] - (p ? r.phaseEnds[p - 1] : 0)) /
+                                   static_cast<double>(S));
+      j.addObject("phase_ns_per_session", ph);
       j.addCount("emitted", r.emitted);
       if (mode == 0) {
         j.addCount("cross_loop_commands", r.crossLoop);

@@ -36,7 +36,8 @@ struct Indicator {
   TimerHandle timer;
   detail::EntryList sessions;  // {session slot, session generation}
   bool live = false;
-  bool anon = false;  // user is a session id (see TypingKeyView)
+  bool anon = false;   // user is a session id (see TypingKeyView)
+  bool shown = false;  // with a bus: the local members were told typingStarted
 };
 using IndicatorSlab = detail::Slab<Indicator>;
 
@@ -89,7 +90,7 @@ struct TypingTimerManager::Impl {
                     const std::string& event) noexcept;
   /// An indicator started or ended here: emitted to local members (unless
   /// the bus has the user typing there elsewhere) and told to the bus.
-  void announce(std::uint32_t s, const TypingKeyView& key, bool started) noexcept;
+  void announce(std::uint32_t s, const TypingKeyView& key, bool started, Indicator& e) noexcept;
   /// Keeper::replayToBus: typing(started) for every user indicator.
   std::size_t replayToBus();
   /// Keeper::relayTyping.
@@ -139,10 +140,12 @@ struct TypingTimerManager::Impl {
   std::uint64_t callbackErrors = 0;
   std::recursive_mutex* mu = nullptr;  // SyncKeeper's lock, when there is one
   Bus* bus = nullptr;                  // KeeperOptions::bus (see bus.h)
-  // With a bus: user -> threads whose indicator the local members have been
-  // told typingStarted for and not yet typingStopped, whether the event came
-  // from an indicator here or from another Keeper (relay). Each start and
-  // each stop reaches a member once, whichever Keeper's news comes first.
+  // With a bus, what the local members were told typingStarted for and not
+  // yet typingStopped: Indicator::shown for a (user, thread) with an
+  // indicator here; this table, user -> threads, for one without (told by
+  // another Keeper's relay, or an indicator here that ended while another
+  // Keeper still had the user typing). Each start and each stop reaches a
+  // member once, whichever Keeper's news comes first.
   absl::flat_hash_map<std::string, std::vector<std::string>> shown;
   std::size_t shownBytes = 0;  // in stats().bytes
 };

@@ -230,7 +230,7 @@ void TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView
 }
 
 void TypingTimerManager::Impl::announce(std::uint32_t s, const TypingKeyView& key,
-                                        bool started) noexcept {
+                                        bool started, Indicator& e) noexcept {
   const std::string& event = started ? opt.startedEvent : opt.stoppedEvent;
   // Anonymous indicators are this Keeper's own: a session id means nothing
   // behind another one.
@@ -239,20 +239,26 @@ void TypingTimerManager::Impl::announce(std::uint32_t s, const TypingKeyView& ke
     return;
   }
   // A start is shown unless it already is (another Keeper's relay came
-  // first); a stop only when nobody else has the user typing there, and
-  // then only if it was shown (a relayed stop may have come first).
+  // first: the table's entry passes to the indicator); a stop only if it
+  // was shown and nobody else has the user typing there (else it stays
+  // shown, in the table, until the bus's stop edge).
   try {
     bool show = false;
     if (started) {
-      show = markShown(key.user, key.thread, true);
-    } else {
+      show = !markShown(key.user, key.thread, false);
+      e.shown = true;
+    } else if (e.shown) {
       bool elsewhere = false;
       try {
         elsewhere = bus->typingElsewhere(key.user, key.thread);
       } catch (...) {
         reportError("bus");
       }
-      show = !elsewhere && markShown(key.user, key.thread, false);
+      e.shown = false;
+      if (elsewhere)
+        (void)markShown(key.user, key.thread, true);
+      else
+        show = true;
     }
     if (show) emitToThread(s, key, event);
   } catch (...) {
@@ -288,14 +294,21 @@ std::size_t TypingTimerManager::Impl::replayToBus() {
 
 std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_view thread,
                                             bool started) noexcept {
-  // A stop while this Keeper has the user typing there itself: its own
-  // indicator speaks for it (its own stop comes later).
-  if (!started && index.find(TypingKeyView{user, thread, false}) != index.end()) return 0;
-  try {
-    if (!markShown(user, thread, started)) return 0;  // shown already / not shown
-  } catch (...) {
-    reg.events.countDropped();
-    return 0;
+  const auto own = index.find(TypingKeyView{user, thread, false});
+  if (own != index.end()) {
+    // A stop while this Keeper has the user typing there itself: its own
+    // indicator speaks for it (its own stop comes later). A start it has
+    // not shown yet (its start raced the relay's): shown now.
+    Indicator& e = entries[*own];
+    if (!started || e.shown) return 0;
+    e.shown = true;
+  } else {
+    try {
+      if (!markShown(user, thread, started)) return 0;  // shown already / not shown
+    } catch (...) {
+      reg.events.countDropped();
+      return 0;
+    }
   }
   const std::size_t before = reg.events.size();
   emitToThread(detail::kNone, TypingKeyView{user, thread, false},
@@ -523,11 +536,12 @@ void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
   e.timer = {};
   // The messages copy what they need (and never throw); then the names go.
   const TypingKeyView key{e.user.view(), e.thread.view(), e.anon};
-  announce(s, key, false);
+  announce(s, key, false, e);
   if (!e.anon) persist(PersistOp::kTypingStopped, key.user, key.thread);
   e.user.reset(&bytes);
   e.thread.reset(&bytes);
   e.anon = false;
+  e.shown = false;
   entries.release(idx);  // the last one returns every page
   if (index.empty()) releaseIdle();
 }
@@ -619,7 +633,7 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   Indicator& e = entries[idx];
   e.live = true;
   const TypingKeyView made{e.user.view(), e.thread.view(), e.anon};
-  announce(s, made, true);
+  announce(s, made, true, e);
   if (!e.anon) persist(PersistOp::kTypingStarted, made.user, made.thread);
   return Result::kOk;
 }
