@@ -105,16 +105,17 @@ void drain(const std::shared_ptr<Inbox>& in) {
   }
 }
 
+// The inbox's post function (empty before bind() and once the node is gone).
+Post postOf(const std::shared_ptr<Inbox>& in) {
+  std::lock_guard<Lock> g(in->mu);
+  return in->post;
+}
+
 // With no lock held.
 void wake(Wakes& wakes) {
   for (auto& in : wakes) {
     try {
-      Post p;
-      {
-        std::lock_guard<Lock> g(in->mu);
-        p = in->post;  // empty once the node is gone
-      }
-      if (p) p([in]() { drain(in); });
+      if (Post p = postOf(in)) p([in]() { drain(in); });
     } catch (...) {
       // The host could not queue the drain (out of memory): the next
       // command for this inbox posts again.
@@ -406,14 +407,13 @@ class InProcessNode final : public Node {
  private:
   // The bound nodes, as cached by this node (under me_->mu); refreshed
   // only when a node was bound or went since the last look.
-  const Registry& registry() { return *registryPtr(); }
-  const std::shared_ptr<const Registry>& registryPtr() {
+  const Registry& registry() {
     const auto gen = hub_->generation.load(std::memory_order_acquire);
     if (!reg_ || gen != regGen_) {
       reg_ = hub_->snapshot();
       regGen_ = gen;
     }
-    return reg_;
+    return *reg_;
   }
 
   // Asks every loop's Keeper about `room` on its own thread; the last one
@@ -427,21 +427,13 @@ class InProcessNode final : public Node {
       std::size_t waiting = 0, total = 0;
       std::vector<std::string> members;
       std::function<void(std::vector<std::string>, std::size_t)> done;
-      std::function<void(std::function<void()>)> answer;
+      std::shared_ptr<Inbox> home;  // the asker's: the node itself may be gone by then
     };
     auto ask = std::make_shared<Ask>();
     ask->room = std::move(room);
     ask->names = names;
     ask->done = std::move(done);
-    // Through this node's inbox, not the node: it may be gone by then.
-    ask->answer = [in = me_->inbox](std::function<void()> fn) {
-      Post p;
-      {
-        std::lock_guard<Lock> g(in->mu);
-        p = in->post;
-      }
-      if (p) p(std::move(fn));
-    };
+    ask->home = me_->inbox;
     auto reg = hub_->snapshot();
     ask->waiting = reg->size();
     if (reg->empty()) return answer([ask]() { ask->done({}, 0); });
@@ -469,15 +461,11 @@ class InProcessNode final : public Node {
                               std::make_move_iterator(v.end()));
           last = --ask->waiting == 0;
         }
-        if (last)
-          ask->answer([ask]() { ask->done(std::move(ask->members), ask->total); });
+        if (!last) return;
+        if (Post p = postOf(ask->home))
+          p([ask]() { ask->done(std::move(ask->members), ask->total); });
       };
-      Post p;
-      {
-        std::lock_guard<Lock> g(in->mu);
-        p = in->post;
-      }
-      if (p)
+      if (Post p = postOf(in))
         p(std::move(one));
       else
         one();  // a node that went meanwhile: counted as 0
@@ -485,12 +473,7 @@ class InProcessNode final : public Node {
   }
 
   void answer(std::function<void()> fn) {
-    Post p;
-    {
-      std::lock_guard<Lock> g(me_->inbox->mu);
-      p = me_->inbox->post;
-    }
-    if (p)
+    if (Post p = postOf(me_->inbox))
       p(std::move(fn));
     else
       fn();
