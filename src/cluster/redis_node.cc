@@ -269,6 +269,10 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
 
   void eval(RedisConn& c, const char* script, std::vector<std::string> args,
             RedisConn::Callback cb, const std::string* as = nullptr) {
+    c.command(evalArgs(script, std::move(args), as ? *as : id), std::move(cb));
+  }
+  std::vector<std::string> evalArgs(const char* script, std::vector<std::string> args,
+                                    const std::string& as) {
     std::vector<std::string> argv;
     argv.reserve(args.size() + 5);
     // By name: every connection loads every script first thing (loadScripts).
@@ -276,9 +280,9 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     argv.push_back(shaOf(script));
     argv.emplace_back("0");
     argv.push_back(cfg.keyPrefix);
-    argv.push_back(as ? *as : id);
+    argv.push_back(as);
     for (auto& a : args) argv.push_back(std::move(a));
-    c.command(std::move(argv), std::move(cb));
+    return argv;
   }
 
   // The scripts, by SHA-1 (computed once).
@@ -287,7 +291,8 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       std::vector<std::pair<const char*, std::string>> v;
       for (const char* s : {detail::kSession, detail::kMember, detail::kTyping,
                             detail::kRegister, detail::kRenew, detail::kDead, detail::kReap,
-                            detail::kAudit, detail::kKeyCount})
+                            detail::kAudit, detail::kKeyCount, detail::kRoomSize,
+                            detail::kRoomMembers, detail::kOnline})
         v.emplace_back(s, detail::sha1Hex(s));
       return v;
     }();
@@ -783,8 +788,9 @@ bool RedisNode::typingElsewhere(std::string_view user, std::string_view thread) 
   }
 }
 
+// Queries run as no node (they need no lease): "" as the caller's id.
 void RedisNode::roomSize(std::string room, std::function<void(std::size_t)> done) {
-  impl_->query({"HLEN", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
+  impl_->query(impl_->evalArgs(detail::kRoomSize, {std::move(room)}, {}), [done](Reply&& r) {
     const std::size_t n = r.type == Reply::Type::kInteger ? static_cast<std::size_t>(r.integer) : 0;
     return std::function<void()>([done, n]() { done(n); });
   });
@@ -792,18 +798,15 @@ void RedisNode::roomSize(std::string room, std::function<void(std::size_t)> done
 
 void RedisNode::roomMembers(std::string room,
                             std::function<void(std::vector<std::string>)> done) {
-  impl_->query({"HKEYS", impl_->cfg.keyPrefix + ":r:" + room}, [done](Reply&& r) {
+  impl_->query(impl_->evalArgs(detail::kRoomMembers, {std::move(room)}, {}), [done](Reply&& r) {
     std::vector<std::string> v;
-    for (auto& e : r.elements) {
-      const std::size_t cut = e.str.find('\x1f');
-      if (cut != std::string::npos) v.push_back(e.str.substr(cut + 1));
-    }
+    for (auto& e : r.elements) v.push_back(std::move(e.str));
     return std::function<void()>([done, v = std::move(v)]() { done(v); });
   });
 }
 
 void RedisNode::isOnline(std::string user, std::function<void(bool)> done) {
-  impl_->query({"EXISTS", impl_->cfg.keyPrefix + ":u:" + user}, [done](Reply&& r) {
+  impl_->query(impl_->evalArgs(detail::kOnline, {std::move(user)}, {}), [done](Reply&& r) {
     const bool on = r.integer == 1;
     return std::function<void()>([done, on]() { done(on); });
   });

@@ -168,6 +168,14 @@ TEST_CASE("redis cluster: a node that stops heartbeating is reaped by the others
   w.redisNode(1).audit([&](roomkeeper::cluster::AuditReport r) { rep = std::move(r); });
   REQUIRE(w.until([&] { return rep.ok; }));
   CHECK(rep.orphans.empty());
+  // Every key expires: one made to live for ever is what the audit names.
+  const std::string live = "rk:node:" + w.s(1).node->id() + ":s";
+  CHECK(w.peek().integer({"PTTL", live}) > 0);
+  REQUIRE(w.peek().integer({"PERSIST", live}) == 1);
+  rep = {};
+  w.redisNode(1).audit([&](roomkeeper::cluster::AuditReport r) { rep = std::move(r); });
+  REQUIRE(w.until([&] { return rep.ok; }));
+  CHECK(rep.orphans == std::vector<std::string>{live});
 }
 
 TEST_CASE("redis cluster: Redis killed and restarted: local work goes on, the shared view "

@@ -74,12 +74,12 @@ struct RedisConfig {
   LogFn log;
 };
 
-/// What RedisNode::audit() found: keys (or fields) that no registered node
-/// accounts for. Empty when the namespace is clean.
+/// What RedisNode::audit() found: keys that no registered node accounts
+/// for, or that would never expire. Empty when the namespace is clean.
 struct AuditReport {
   bool ok = false;                   // the audit ran (Redis reachable)
   std::size_t keys = 0;              // keys in the namespace
-  std::vector<std::string> orphans;  // "key" or "key field"
+  std::vector<std::string> orphans;  // the keys
 };
 
 class RedisNode final : public Node {
