@@ -11,6 +11,7 @@
 #include <set>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "fmt/format.h"
@@ -119,6 +120,14 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   std::set<std::string> reaping;
   // user \x1f thread -> other nodes with the user typing there
   std::unordered_map<std::string, std::set<std::string>> remoteTyping;
+  // The users this node has told its Keeper are online (each presence
+  // edge is relayed once), and the snapshot that mends it and remoteTyping
+  // after the subscription was down (see mend()).
+  std::unordered_set<std::string> online;
+  bool snapWanted = false, snapSeed = false, snapInFlight = false;
+  Clock::time_point snapAfter{};
+  std::uint64_t snapGen = 0;
+  std::unordered_set<std::string> touched;  // users, typing keys: news since asked
   mutable std::mutex mu;  // st, remoteTyping, idCopy, leaseAtMs: read elsewhere
   ClusterStats st;
   std::string idCopy;          // id, for id() from any thread
@@ -212,6 +221,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
         loadScripts(*cmd);
         cmdBackoff = {};
         maybeRegister();
+        trySnapshot();
         return;
       }
       retry(cmdRetry, cmdBackoff, [this]() { connectCmd(); });
@@ -236,13 +246,98 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
         // at-most-once): the typing we knew of is dropped rather than
         // trusted, and counted as a resynchronisation.
         if (subscribedOnce) count(&ClusterStats::resyncs);
+        // The first time, the view is seeded from Redis at once; after a
+        // gap, it is mended one lease later (time for every node to be back
+        // and replayed after a Redis restart).
+        wantSnapshot(!subscribedOnce);
         subscribedOnce = true;
-        std::lock_guard<std::mutex> g(mu);
-        remoteTyping.clear();
       });
     });
   }
   bool subscribedOnce = false;
+
+  // ---- Mending the view after a gap in the subscription -------------------
+  // Presence and typing are state: what was published while the
+  // subscription was down is read back from Redis (kSnapshot) and the
+  // differences are relayed. A user or typing key with news on the
+  // subscription while the snapshot is in flight is left to that news
+  // (the subscription is ordered; the snapshot's time is not known).
+  void wantSnapshot(bool seed) {
+    snapWanted = true;
+    snapSeed = seed;
+    ++snapGen;
+    snapInFlight = false;
+    snapAfter = Clock::now() + (seed ? Clock::duration::zero() : Clock::duration(cfg.lease));
+    trySnapshot();
+  }
+  void trySnapshot() {
+    if (!snapWanted || snapInFlight || stopping || !cmd->connected() ||
+        Clock::now() < snapAfter)
+      return;
+    snapInFlight = true;
+    touched.clear();
+    auto self = shared_from_this();
+    eval(*cmd, detail::kSnapshot, {}, [this, self, gen = snapGen](Reply&& r) {
+      if (gen != snapGen) return;  // a newer gap asked again
+      snapInFlight = false;
+      if (r.type != Reply::Type::kArray || r.elements.size() != 2) return;  // next beat
+      snapWanted = false;
+      mend(r.elements[0].elements, r.elements[1].elements, snapSeed);
+      touched.clear();
+    });
+  }
+  void mend(const std::vector<Reply>& users, const std::vector<Reply>& typing, bool seed) {
+    std::unordered_set<std::string> now;
+    for (const Reply& u : users) {
+      if (touched.count(u.str)) continue;
+      now.insert(u.str);
+      if (online.insert(u.str).second && !seed) relayPresence(u.str, true);
+    }
+    if (!seed) {
+      for (auto it = online.begin(); it != online.end();) {
+        if (now.count(*it) || touched.count(*it)) {
+          ++it;
+          continue;
+        }
+        relayPresence(*it, false);
+        it = online.erase(it);
+      }
+    }
+    std::unordered_map<std::string, std::set<std::string>> remote;
+    std::unordered_set<std::string> here;  // typing on this node
+    for (std::size_t i = 0; i + 1 < typing.size(); i += 2) {
+      if (touched.count(typing[i + 1].str)) continue;
+      if (typing[i].str == id) here.insert(typing[i + 1].str);
+      else remote[typing[i + 1].str].insert(typing[i].str);
+    }
+    std::vector<std::pair<std::string, bool>> edges;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      for (auto it = remoteTyping.begin(); it != remoteTyping.end();) {
+        if (touched.count(it->first) || remote.count(it->first)) {
+          ++it;
+          continue;
+        }
+        if (!here.count(it->first)) edges.emplace_back(it->first, false);
+        it = remoteTyping.erase(it);
+      }
+      for (auto& [key, nodes] : remote) {
+        auto [it, added] = remoteTyping.try_emplace(key);
+        if (added && !here.count(key)) edges.emplace_back(key, true);
+        it->second = std::move(nodes);
+      }
+    }
+    if (seed) return;
+    for (auto& [key, on] : edges) {
+      const std::size_t cut = key.find('\x1f');
+      toKeeper([u = key.substr(0, cut), t = key.substr(cut + 1), on = on](BusTarget& k) {
+        k.relayTyping(u, t, on);
+      });
+    }
+  }
+  void relayPresence(const std::string& user, bool on) {
+    toKeeper([u = user, on](BusTarget& k) { k.relayPresence(u, on); });
+  }
   void subLost() { retry(subRetry, subBackoff, [this]() { connectSub(); }); }
   void connectHb() {
     if (stopping) return;
@@ -292,7 +387,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
       for (const char* s : {detail::kSession, detail::kMember, detail::kTyping,
                             detail::kRegister, detail::kRenew, detail::kDead, detail::kReap,
                             detail::kAudit, detail::kKeyCount, detail::kRoomSize,
-                            detail::kRoomMembers, detail::kOnline})
+                            detail::kRoomMembers, detail::kOnline, detail::kSnapshot})
         v.emplace_back(s, detail::sha1Hex(s));
       return v;
     }();
@@ -419,6 +514,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
 
   void beatOnce() {
     if (draining) return;  // stop() is removing this node: no lease, no reaping
+    trySnapshot();
     if (!hb->connected()) {
       good = false;
       setConnected(false);
@@ -560,12 +656,18 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     if (own && kind != "P" && kind != "T") return;
     if (kind == "P" && fields.size() == 4) {
       count(&ClusterStats::received);
-      toKeeper([u = std::string(fields[2]), on = fields[3] == "1"](BusTarget& k) {
-        k.relayPresence(u, on);
-      });
+      std::string u(fields[2]);
+      const bool on = fields[3] == "1";
+      if (snapInFlight) touched.insert(u);
+      // Each edge once: a replay after a Redis restart says "online" again.
+      // Until the view is first seeded, a user may be online unseen.
+      const bool unseeded = snapWanted && snapSeed;
+      if (on ? online.insert(u).second : online.erase(u) != 0 || unseeded)
+        relayPresence(u, on);
     } else if (kind == "T" && fields.size() == 7) {
       if (!own) count(&ClusterStats::received);
       const std::string key = key2(fields[3], fields[4]);
+      if (snapInFlight) touched.insert(key);
       const bool on = fields[5] == "1";
       if (!own && fields[2] != id) {
         std::lock_guard<std::mutex> g(mu);

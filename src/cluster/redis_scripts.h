@@ -219,6 +219,23 @@ inline constexpr const char* kOnline = RK_LUA_PRELUDE R"(
 return held('u', 'HEXISTS', ARGV[3]) and 1 or 0
 )";
 
+// Who is online and who is typing, on every registered node: {users,
+// {node, user␟thread, ...}} (a node mends its view with it after its
+// subscription was down).
+inline constexpr const char* kSnapshot = RK_LUA_PRELUDE R"(
+local users, typing, seen = {}, {}, {}
+for _, id in ipairs(redis.call('ZRANGE', ns .. ':nodes', 0, -1)) do
+  for _, u in ipairs(redis.call('HKEYS', nk(id, 'u'))) do
+    if not seen[u] then seen[u] = true; users[#users + 1] = u end
+  end
+  for _, e in ipairs(redis.call('SMEMBERS', nk(id, 't'))) do
+    typing[#typing + 1] = id
+    typing[#typing + 1] = e
+  end
+end
+return {users, typing}
+)";
+
 #undef RK_LUA_PRELUDE
 
 }  // namespace roomkeeper::cluster::detail

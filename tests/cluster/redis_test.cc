@@ -12,6 +12,9 @@
 // including <utility> (a C++20 build fails without this).
 #include <utility>
 #include <boost/asio.hpp>
+
+#include <algorithm>
+
 #include <catch2/catch.hpp>
 
 #include "cluster/redis_support.h"
@@ -226,6 +229,65 @@ TEST_CASE("redis cluster: the subscription cut by CLIENT KILL comes back (resubs
     w.settle();
     return w.s(1).count("b@1", "ping") >= 1;
   }));
+}
+
+TEST_CASE("redis cluster: what was published while the subscriptions were down is mended "
+          "(presence and typing differences, each once)",
+          "[cluster][redis]") {
+  auto pw = pairIn("r");
+  rkt::RedisWorld& w = *pw;
+  rkt::join(w, 1, "c", {"thread:9"});
+  rkt::join(w, 0, "watcher", {"thread:9"});
+  REQUIRE(w.s(1).keeper->startTyping("c@1", "9") == Result::kOk);
+  REQUIRE(w.until([&] {
+    return w.s(0).count("watcher@0", "typingStarted") == 1 &&
+           std::count(w.s(0).online.begin(), w.s(0).online.end(), "c") == 1;
+  }));
+  // Every subscription drops; before any is back (the first retry waits
+  // 100 ms), c goes and d comes, on node 1.
+  REQUIRE(w.peek().integer({"CLIENT", "KILL", "TYPE", "pubsub"}) == 2);
+  REQUIRE(w.s(1).keeper->disconnect("c@1") == Result::kOk);
+  rkt::join(w, 1, "d", {"r"});
+  // Both nodes missed both edges, node 1 its own too: a lease after the
+  // subscription is back, each relays the differences, once.
+  auto seen = [](const std::vector<std::string>& v, const char* u) {
+    return std::count(v.begin(), v.end(), u);
+  };
+  REQUIRE(w.until([&] {
+    return seen(w.s(0).offline, "c") == 1 && seen(w.s(0).online, "d") == 1 &&
+           seen(w.s(1).offline, "c") == 1 && seen(w.s(1).online, "d") == 1 &&
+           w.s(0).count("watcher@0", "typingStopped") == 1;
+  }));
+  CHECK(w.s(0).node->stats().resyncs >= 1);
+  w.settle();
+  w.settle();
+  CHECK(seen(w.s(0).offline, "c") == 1);
+  CHECK(seen(w.s(0).online, "d") == 1);
+  CHECK(seen(w.s(0).online, "c") == 1);
+  CHECK(w.s(0).count("watcher@0", "typingStopped") == 1);
+  CHECK_FALSE(w.s(0).node->typingElsewhere("c", "9"));
+  // Afterwards the subscription carries the news again, each edge once.
+  REQUIRE(w.s(1).keeper->disconnect("d@1") == Result::kOk);
+  REQUIRE(w.until([&] { return seen(w.s(0).offline, "d") == 1; }));
+  w.settle();
+  CHECK(seen(w.s(0).offline, "d") == 1);
+  CHECK(seen(w.s(1).offline, "d") == 1);
+}
+
+TEST_CASE("redis cluster: a node that starts later hears userOffline for a user who was "
+          "online before it started",
+          "[cluster][redis]") {
+  auto pw = pairIn("r");
+  rkt::RedisWorld& w = *pw;
+  w.add(milliseconds(1000));
+  REQUIRE(w.until([&] { return w.s(2).node->stats().connected; }));
+  w.settle();
+  CHECK(w.s(2).online.empty());  // the view is seeded without a word
+  REQUIRE(w.s(0).keeper->disconnect("a@0") == Result::kOk);
+  REQUIRE(w.until([&] { return !w.s(2).offline.empty(); }));
+  w.settle();
+  CHECK(w.s(2).offline == std::vector<std::string>{"a"});
+  CHECK(w.s(1).offline == std::vector<std::string>{"a"});
 }
 
 TEST_CASE("redis cluster: a node whose lease expired is fenced and re-registers; no "
