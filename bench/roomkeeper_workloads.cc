@@ -130,6 +130,19 @@ void runTimersRoomkeeper(const BenchConfig& cfg) {
   for (std::size_t k = 0; k < K; ++k)
     for (std::size_t i = 0; i < T; ++i) benchSink(timers->restart(handles[i], milliseconds(5000)));
   const std::uint64_t restartNs = sw.elapsedNs();
+  // Random order (WORKLOAD.md): round k restarts timer (i * 7919 + k * 104729) % T,
+  // walked incrementally (the same sequence without a division per step).
+  const std::size_t step = 7919 % T;
+  sw.restart();
+  for (std::size_t k = 0; k < K; ++k) {
+    std::size_t idx = (k * 104729) % T;
+    for (std::size_t i = 0; i < T; ++i) {
+      benchSink(timers->restart(handles[idx], milliseconds(5000)));
+      idx += step;
+      if (idx >= T) idx -= T;
+    }
+  }
+  const std::uint64_t restartRandomNs = sw.elapsedNs();
   sw.restart();
   for (std::size_t i = 0; i < T; ++i) benchSink(timers->cancel(handles[i]));
   const std::uint64_t cancelNs = sw.elapsedNs();
@@ -166,6 +179,7 @@ void runTimersRoomkeeper(const BenchConfig& cfg) {
   j.addCount("restarts", K);
   j.addNumber("arm_ns_per_op", perOp(armNs, T));
   j.addNumber("restart_ns_per_op", perOp(restartNs, T * K));
+  j.addNumber("restart_random_ns_per_op", perOp(restartRandomNs, T * K));
   j.addNumber("cancel_ns_per_op", perOp(cancelNs, T));
   j.addNumber("bytes_per_timer", bytesPer(before, after, T));
   j.addNumber("fire_ns_per_timer", perOp(fireNs, T));

@@ -190,6 +190,39 @@ TEST_CASE("restart moves a timer later or earlier", "[timer]") {
     CHECK(timers.advance() == 1);
     CHECK(log.fires.at(0).at == kStart + 105s);
   }
+  SECTION("moved later (kept in its old slot), then cancelled or moved earlier") {
+    const TimerHandle t = timers.arm(100ms, h, 6);
+    const TimerHandle u = timers.arm(100ms, h, 7);
+    clock.advanceBy(30ms);
+    CHECK(timers.restart(t, 300ms));  // lazy: now due at 330 ms
+    CHECK(timers.restart(u, 300ms));
+    CHECK(timers.cancel(t));          // found in the slot it was left in
+    CHECK_FALSE(timers.isPending(t));
+    CHECK(timers.restart(u, 50ms));   // earlier than 330: moved now, to 80 ms
+    clock.advanceBy(49ms);
+    CHECK(timers.advance() == 0);
+    clock.advanceBy(1ms);
+    CHECK(timers.advance() == 1);
+    CHECK(log.data() == std::vector<std::uint32_t>{7});
+    CHECK(log.fires.at(0).at == kStart + 80ms);
+    clock.advanceBy(1s);
+    CHECK(timers.advance() == 0);
+    CHECK(timers.size() == 0);
+  }
+  SECTION("moved later across coarse slots: fires at the new deadline, once") {
+    std::vector<TimerHandle> ts;
+    for (std::uint32_t i = 0; i < 64; ++i) ts.push_back(timers.arm(5s, h, 100 + i));
+    for (int round = 1; round <= 3; ++round) {
+      clock.advanceBy(4s);
+      CHECK(timers.advance() == 0);
+      for (const TimerHandle& x : ts) CHECK(timers.restart(x, 5s));  // never fires
+    }
+    clock.advanceBy(4999ms);
+    CHECK(timers.advance() == 0);
+    clock.advanceBy(1ms);
+    CHECK(timers.advance() == 64);
+    for (const Log::Fire& f : log.fires) CHECK(f.at == kStart + 17s);
+  }
   SECTION("a due timer not yet run, moved later, leaves the due set") {
     const TimerHandle a = timers.arm(5ms, h, 10);
     const TimerHandle b = timers.arm(5ms, h, 11);
@@ -432,7 +465,8 @@ TEST_CASE("same deadline: timers fire in the order they were armed", "[timer]") 
   for (const Log::Fire& f : log.fires) CHECK(f.at == kStart + 3ms + delay);
 }
 
-TEST_CASE("same deadline reached from different arm times, and restart goes last",
+TEST_CASE("same deadline reached from different arm times; a restart to the same tick "
+          "keeps its place",
           "[timer]") {
   ManualClock clock(kStart);
   TimerService timers(&clock);
@@ -448,10 +482,10 @@ TEST_CASE("same deadline reached from different arm times, and restart goes last
   (void)timers.arm(50ms, h, 2);
   const TimerHandle x = timers.arm(50ms, h, 3);
   (void)timers.arm(50ms, h, 4);
-  CHECK(timers.restart(x, 50ms));  // same deadline, now after 4
+  CHECK(timers.restart(x, 50ms));  // same tick: lazy, it stays before 4
   clock.advanceBy(50ms);
   CHECK(timers.advance() == 5);
-  CHECK(log.data() == std::vector<std::uint32_t>{0, 1, 2, 4, 3});
+  CHECK(log.data() == std::vector<std::uint32_t>{0, 1, 2, 3, 4});
 }
 
 // --------------------------------------------------- stale handles ---
@@ -1063,7 +1097,9 @@ TEST_CASE("size and bytes return to the start after shrinkToFit", "[timer]") {
 
 /// Runs random arm/restart/cancel/advance against a plain model that knows
 /// each timer's deadline tick and arming sequence: every advance must fire
-/// exactly the due timers, in (tick, sequence) order.
+/// exactly the due timers (a bounded one: the earliest by tick), in tick
+/// order; within a tick, the timers not restarted lazily (a restart to the
+/// same or a later tick while in the wheel) fire in sequence order.
 class TimerModelRun {
  public:
   explicit TimerModelRun(std::uint64_t seed)
@@ -1095,6 +1131,7 @@ class TimerModelRun {
     std::uint64_t tick;
     std::uint64_t seq;
     TimerHandle handle;
+    bool lazy = false;  // restarted lazily: its place within its tick is open
   };
 
   std::uint64_t floorTick(SteadyTime t) const {
@@ -1155,8 +1192,16 @@ class TimerModelRun {
       if (timers_.restart(t, d) != want) return "restart result differs";
       ++(want ? restarts_ : staleCalls_);
       if (want) {
-        live_[data].tick = deadlineTick(d);
-        live_[data].seq = seq_++;
+        Entry& e = live_[data];
+        const std::uint64_t tick = deadlineTick(d);
+        if (e.tick > wheel_ && tick >= e.tick) {
+          e.lazy = true;  // kept where it is; moved when its old slot comes up
+          ++lazyRestarts_;
+        } else {
+          e.lazy = false;
+          e.seq = seq_++;
+        }
+        e.tick = tick;
       }
       return {};
     }
@@ -1186,22 +1231,43 @@ class TimerModelRun {
     for (const auto& [data, e] : live_)
       if (e.tick <= wheel_) due.emplace_back(e.tick, e.seq, data);
     std::sort(due.begin(), due.end());
-    if (due.size() > maxFire) due.resize(maxFire);
+    const std::size_t want = std::min(due.size(), maxFire);
     fired_.clear();
     firedHandles_.clear();
     const std::size_t n = timers_.advance(clock_.now(), maxFire);
-    if (n != due.size())
-      return "advance fired " + std::to_string(n) + ", model says " + std::to_string(due.size());
+    if (n != want || fired_.size() != want)
+      return "advance fired " + std::to_string(n) + ", model says " + std::to_string(want);
     fires_ += n;
     if (bounded && timers_.dueCount() > 0) ++backlogs_;
-    for (std::size_t i = 0; i < due.size(); ++i) {
-      const std::uint32_t data = std::get<2>(due[i]);
-      if (fired_[i] != data)
-        return "firing order differs at " + std::to_string(i) + ": " +
-               std::to_string(fired_[i]) + " vs " + std::to_string(data);
-      if (firedHandles_[i] != live_.at(data).handle) return "fired with another handle";
+    // Which timers: every due one, or (bounded) the earliest `want` by tick,
+    // the last tick's group possibly in part.
+    const std::uint64_t lastTick = want == 0 ? 0 : std::get<0>(due[want - 1]);
+    std::uint64_t prevTick = 0, prevSeq = 0;
+    bool prevOrdered = false;
+    for (std::size_t i = 0; i < want; ++i) {
+      const std::uint32_t data = fired_[i];
+      const auto it = live_.find(data);
+      if (it == live_.end()) return "fired a timer that is not live: " + std::to_string(data);
+      const Entry& e = it->second;
+      if (e.tick > wheel_) return "fired early: " + std::to_string(data);
+      if (e.tick > lastTick) return "fired a later tick before an earlier one was done";
+      if (firedHandles_[i] != e.handle) return "fired with another handle";
+      if (i > 0 && e.tick < prevTick)
+        return "firing order differs at " + std::to_string(i) + ": tick goes back";
+      if (i == 0 || e.tick != prevTick) prevOrdered = false;
+      if (!e.lazy) {
+        if (prevOrdered && e.seq < prevSeq)
+          return "firing order differs at " + std::to_string(i) + ": within a tick, " +
+                 std::to_string(data) + " was armed before the one fired earlier";
+        prevSeq = e.seq;
+        prevOrdered = true;
+      }
+      prevTick = e.tick;
       retire(data);
     }
+    // Nothing earlier than the last fired tick is left due.
+    for (const auto& [data, e] : live_)
+      if (e.tick <= wheel_ && e.tick < lastTick) return "left an earlier tick unfired";
     return {};
   }
 
@@ -1238,6 +1304,7 @@ class TimerModelRun {
 
  public:
   std::size_t restarts_ = 0;
+  std::size_t lazyRestarts_ = 0;
   std::size_t cancels_ = 0;
   std::size_t staleCalls_ = 0;
   std::size_t fires_ = 0;
@@ -1267,6 +1334,7 @@ TEST_CASE("randomized model test: the wheel matches a sorted model", "[timer][mo
     REQUIRE(err == "");
     // The generator reaches every case.
     CHECK(run.restarts_ > 500);
+    CHECK(run.lazyRestarts_ > 100);
     CHECK(run.cancels_ > 500);
     CHECK(run.staleCalls_ > 100);
     CHECK(run.fires_ > 1000);

@@ -25,8 +25,14 @@
 // however late the host calls advance(); with a host that advances at
 // nextDeadline(), that is within 1 ms.
 //
-// Order: due timers fire in deadline order (by tick; within one tick, in the
-// order they were armed or restarted). All due timers are detached from the
+// Order: due timers fire in deadline order, by tick. Within one tick, timers
+// fire in the order they were armed, or restarted to an earlier tick (or
+// from a due state). A restart to the same or a later tick is lazy: it only
+// records the new deadline, and the timer stays where it was in the wheel
+// until its old place comes up, when the wheel moves it on. So within its
+// tick a timer restarted that way has no set place among the others (it
+// keeps its old place when the tick did not change); timers 1 ms apart or
+// more are always in deadline order. All due timers are detached from the
 // wheel before the first callback runs.
 //
 // Re-entrancy: a callback may arm, restart or cancel any timer, its own
@@ -188,7 +194,10 @@ class TimerService {
 
   /// Moves a pending (or due, not yet run) timer to `delay` from now, later
   /// or earlier. Returns false, doing nothing, for a stale handle (fired,
-  /// cancelled, or never armed). O(1).
+  /// cancelled, or never armed). O(1). To a later (or the same) tick it
+  /// touches only the timer's own node -- a keystroke's restart costs one
+  /// memory access --, and advance() moves the timer when its old deadline
+  /// comes (see Order above).
   bool restart(TimerHandle timer, std::chrono::nanoseconds delay);
   /// As above; the delay is converted saturating (see arm()).
   template <typename Rep, typename Period>
@@ -212,7 +221,9 @@ class TimerService {
   /// A lower bound of the earliest pending deadline, or nullopt if none.
   /// Never later than the earliest deadline; it may be earlier: when the
   /// earliest timer sits in a coarse slot, it is the tick at which that slot
-  /// must be refined (at most a few per second for second-range timers);
+  /// must be refined (at most a few per second for second-range timers), and
+  /// after a restart to a later deadline, it may be the old deadline, where
+  /// the timer is moved on;
   /// advance() there fires nothing early, and nextDeadline() then tells the
   /// next. With timers due now, the earliest due deadline (<= now).
   std::optional<SteadyTime> nextDeadline() const noexcept;
