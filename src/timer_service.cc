@@ -50,14 +50,15 @@ enum class NodeState : std::uint8_t { kFree, kWheel, kDue, kNextDue, kFiring };
 // deadlineTick): 48 bits hold it.
 constexpr std::uint64_t kDeadlineMask = (std::uint64_t{1} << 48) - 1;
 
-// 28 bytes: no 8-byte member, so no padding to 32. `deadline` is the
-// timer's deadline; `level` and `slot` say which wheel list holds it, which
-// after a lazy restart (see restart()) is the list of an earlier deadline.
-struct Node {
-  std::uint32_t prev;
-  std::uint32_t next;  // also the free-list link
+// A timer is 28 bytes in two parts. The 16-byte Node is what a call about
+// the timer reads (a restart reads and writes nothing else): aligned to 16,
+// it never straddles a cache line. `deadline` is the timer's deadline;
+// `level` and `slot` say which wheel list holds it, which after a lazy
+// restart (see restart()) is the list of an earlier deadline. The 12-byte
+// Link holds the list pointers and the context, touched only when the timer
+// is linked, unlinked or fired.
+struct alignas(16) Node {
   std::uint32_t generation;
-  std::uint32_t data;
   std::uint32_t deadlineLo;
   std::uint16_t deadlineHi;
   TimerHandlerId handler;
@@ -73,7 +74,18 @@ struct Node {
     deadlineHi = static_cast<std::uint16_t>((d & kDeadlineMask) >> 32);
   }
 };
-static_assert(sizeof(Node) == 28, "a timer node is 28 bytes");
+struct Link {
+  std::uint32_t prev;
+  std::uint32_t next;  // also the free-list link
+  std::uint32_t data;
+};
+static_assert(sizeof(Node) == 16 && sizeof(Link) == 12, "a timer is 28 bytes");
+
+// A slab page: the nodes first (16-byte aligned, as new gives), then links.
+struct Page {
+  Node nodes[kPage];
+  Link links[kPage];
+};
 
 struct List {
   std::uint32_t head = kNil;
@@ -92,9 +104,13 @@ struct TimerService::Impl {
   explicit Impl(const Clock* c)
       : clock(c ? c : &SteadyClock::instance()), epoch(clock->now()) {}
 
-  Node& node(std::uint32_t i) noexcept { return pages[i >> kPageBits][i & (kPage - 1)]; }
+  Node& node(std::uint32_t i) noexcept { return pages[i >> kPageBits][0].nodes[i & (kPage - 1)]; }
   const Node& node(std::uint32_t i) const noexcept {
-    return pages[i >> kPageBits][i & (kPage - 1)];
+    return pages[i >> kPageBits][0].nodes[i & (kPage - 1)];
+  }
+  Link& link(std::uint32_t i) noexcept { return pages[i >> kPageBits][0].links[i & (kPage - 1)]; }
+  const Link& link(std::uint32_t i) const noexcept {
+    return pages[i >> kPageBits][0].links[i & (kPage - 1)];
   }
   std::uint32_t resolve(TimerHandle h) const noexcept {
     if (!h.valid() || h.index >= highWater) return kNil;
@@ -137,16 +153,16 @@ struct TimerService::Impl {
 
   // ---- lists ----
   void pushBack(List& l, std::uint32_t i) noexcept {
-    Node& n = node(i);
+    Link& n = link(i);
     n.next = kNil;
     n.prev = l.tail;
-    if (l.tail == kNil) l.head = i; else node(l.tail).next = i;
+    if (l.tail == kNil) l.head = i; else link(l.tail).next = i;
     l.tail = i;
   }
   void unlink(List& l, std::uint32_t i) noexcept {
-    Node& n = node(i);
-    if (n.prev == kNil) l.head = n.next; else node(n.prev).next = n.next;
-    if (n.next == kNil) l.tail = n.prev; else node(n.next).prev = n.prev;
+    const Link& n = link(i);
+    if (n.prev == kNil) l.head = n.next; else link(n.prev).next = n.next;
+    if (n.next == kNil) l.tail = n.prev; else link(n.next).prev = n.prev;
   }
   // Removes a node from whatever list holds it (not kFiring/kFree).
   void detach(std::uint32_t i) noexcept {
@@ -201,16 +217,17 @@ struct TimerService::Impl {
   std::uint32_t allocNode() {
     if (freeHead != kNil) {
       const std::uint32_t i = freeHead;
-      freeHead = node(i).next;
+      freeHead = link(i).next;
       return i;
     }
     if (highWater == pages.size() * kPage) {
       // The page first: if either allocation fails, nothing has grown.
-      std::unique_ptr<Node[]> page(new Node[kPage]);
+      // Array new, like every slab page of the library (one element).
+      std::unique_ptr<Page[]> page(new Page[1]);
       pages.reserve(pages.size() + 1);
       for (std::uint32_t k = 0; k < kPage; ++k) {
-        page[k].generation = generationBase;
-        page[k].state = NodeState::kFree;
+        page[0].nodes[k].generation = generationBase;
+        page[0].nodes[k].state = NodeState::kFree;
       }
       pages.push_back(std::move(page));
     }
@@ -225,7 +242,7 @@ struct TimerService::Impl {
     // A node at the last generation is never reused (retired: 28 bytes
     // after 2^32 - 1 timers in it), so a kept handle stays stale forever.
     if (n.generation == std::numeric_limits<std::uint32_t>::max()) return;
-    n.next = freeHead;
+    link(i).next = freeHead;
     freeHead = i;
   }
 
@@ -260,7 +277,7 @@ struct TimerService::Impl {
     wheel[level][slot] = List{};
     masks[level] &= ~(std::uint64_t{1} << slot);
     for (std::uint32_t i = l.head; i != kNil;) {
-      const std::uint32_t nx = node(i).next;
+      const std::uint32_t nx = link(i).next;
       place(i);
       i = nx;
     }
@@ -317,7 +334,7 @@ struct TimerService::Impl {
       n.state = NodeState::kFiring;
       --pending;  // running: no longer pending (restart() counts it again)
       const TimerHandle h{i, n.generation};
-      const std::uint32_t data = n.data;
+      const std::uint32_t data = link(i).data;
       const TimerHandlerId hid = n.handler;
       ++fired;
       try {
@@ -353,7 +370,7 @@ struct TimerService::Impl {
   List nextDue;
   std::size_t dueCount = 0;
   std::size_t pending = 0;
-  std::vector<std::unique_ptr<Node[]>> pages;
+  std::vector<std::unique_ptr<Page[]>> pages;
   std::uint32_t highWater = 0;
   std::uint32_t freeHead = kNil;
   std::uint32_t generationBase = 0;
@@ -421,7 +438,7 @@ TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId han
   Node& n = im.node(i);
   ++n.generation;  // never wraps: see freeNode (and new pages start above 0)
   if (n.generation > im.maxGeneration) im.maxGeneration = n.generation;
-  n.data = data;
+  im.link(i).data = data;
   n.handler = handler;
   n.setDeadline(im.deadlineTick(delay));
   ++im.pending;
@@ -472,7 +489,7 @@ bool TimerService::isPending(TimerHandle timer) const noexcept {
 std::optional<std::uint32_t> TimerService::dataOf(TimerHandle timer) const noexcept {
   const std::uint32_t i = impl_->resolve(timer);
   if (i == kNil) return std::nullopt;
-  return impl_->node(i).data;
+  return impl_->link(i).data;
 }
 
 std::size_t TimerService::cancelAll() noexcept {
@@ -480,7 +497,7 @@ std::size_t TimerService::cancelAll() noexcept {
   std::size_t n = 0;
   auto drop = [&](List& l, bool isDue) {
     for (std::uint32_t i = l.head; i != kNil;) {
-      const std::uint32_t nx = im.node(i).next;
+      const std::uint32_t nx = im.link(i).next;
       im.freeNode(i);
       ++n;
       i = nx;
@@ -537,7 +554,7 @@ std::size_t TimerService::dueCount() const noexcept { return impl_->dueCount; }
 std::size_t TimerService::size() const noexcept { return impl_->pending; }
 std::size_t TimerService::bytes() const noexcept {
   const Impl& im = *impl_;
-  return im.pages.size() * kPage * sizeof(Node) + im.pages.capacity() * sizeof(void*);
+  return im.pages.size() * sizeof(Page) + im.pages.capacity() * sizeof(void*);
 }
 std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->errors; }
 
@@ -549,7 +566,7 @@ void TimerService::shrinkToFit() {
   // own), so that base never nears the maximum.
   if (im.maxGeneration >= 0x80000000u) return;
   im.generationBase = im.maxGeneration;
-  std::vector<std::unique_ptr<Node[]>>().swap(im.pages);
+  std::vector<std::unique_ptr<Page[]>>().swap(im.pages);
   im.highWater = 0;
   im.freeHead = kNil;
 }
