@@ -60,6 +60,7 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
       registry(registryCallbacks(cb, opt.bus), opt.limits),
       reg(*registry.impl_),
       typing(registry, timers, typingCallbacks(cb), opt.typing),
+      limiter(opt.rateLimits, timers.clock(), timers),
       connTimers(0, absl::Hash<std::uint64_t>{}, std::equal_to<std::uint64_t>{},
                  detail::CountingAllocator<std::pair<const std::uint64_t, TimerHandle>>(
                      &connBytes)) {
@@ -130,11 +131,31 @@ void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
   runDisconnect(slot);
 }
 
-Result Keeper::Impl::connect(std::string_view session, SessionHandle* out) {
+Result Keeper::Impl::connect(std::string_view session, std::string_view address,
+                             SessionHandle* out) {
   if (shut) return Result::kShutDown;
+  // The limits first (refused: nothing changed), then the registry; the
+  // limiter's keys are taken only once the session exists.
+  detail::RateLimiter::Prepared p;
+  if (limiter.any()) {
+    detail::RefusalWarning w;
+    Result lr;
+    try {
+      lr = limiter.prepareConnect(address, reg.sessionSlots.highWater() + 1, &p, &w);
+    } catch (...) {
+      return Result::kOutOfMemory;
+    }
+    if (lr != Result::kOk) {
+      warnRefusal(detail::kNone, w);
+      return lr;
+    }
+  }
   SessionHandle h;
   const Result r = reg.connect(session, {}, &h);
-  if (r != Result::kOk) return r;
+  if (r != Result::kOk) {
+    if (limiter.any()) limiter.abandon(p);
+    return r;
+  }
   if (opt.authTimeout.count() > 0) {
     // A session without its deadline would never time out: if the timer
     // (a new timer page) or its table entry cannot be had, the connect is
@@ -146,21 +167,80 @@ Result Keeper::Impl::connect(std::string_view session, SessionHandle* out) {
     } catch (...) {
       timers.cancel(t);
       reg.undoConnect(h.index);
+      if (limiter.any()) limiter.abandon(p);
       return Result::kOutOfMemory;
     }
   }
+  if (limiter.any()) limiter.commitConnect(h.index, p);
   if (out) *out = h;
+  maybeWarn();
+  return Result::kOk;
+}
+
+Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_view user,
+                                          std::string_view address, SessionHandle* out) {
+  if (shut) return Result::kShutDown;
+  if (user.empty()) return Result::kInvalidId;
+  detail::RateLimiter::Prepared p;
+  if (limiter.any()) {
+    detail::RefusalWarning w;
+    Result lr;
+    try {
+      lr = limiter.prepareConnect(address, reg.sessionSlots.highWater() + 1, &p, &w);
+      if (lr == Result::kOk) {
+        lr = limiter.prepareUser(user, &p, &w);
+        if (lr != Result::kOk) limiter.abandon(p);
+      }
+    } catch (...) {
+      limiter.abandon(p);
+      return Result::kOutOfMemory;
+    }
+    if (lr != Result::kOk) {
+      warnRefusal(detail::kNone, w);
+      return lr;
+    }
+  }
+  // One registry call: every refusal (id, limit) is checked before anything
+  // is allocated, and a refused call calls nothing. No auth deadline.
+  SessionHandle h;
+  const Result r = reg.connect(session, user, &h);
+  if (r != Result::kOk) {
+    if (limiter.any()) limiter.abandon(p);
+    return r;
+  }
+  if (limiter.any()) limiter.commitConnect(h.index, p);
+  if (out) *out = h;
+  ++authenticatedSessions;
+  queueSessionUp(session, user);
   maybeWarn();
   return Result::kOk;
 }
 
 Result Keeper::Impl::authenticate(std::string_view session, std::string_view user) {
   if (shut) return Result::kShutDown;
+  detail::RateLimiter::Prepared p;
+  if (limiter.limitsUsers() && !user.empty() && reg.findSession(session) != detail::kNone) {
+    detail::RefusalWarning w;
+    Result lr;
+    try {
+      lr = limiter.prepareUser(user, &p, &w);
+    } catch (...) {
+      return Result::kOutOfMemory;
+    }
+    if (lr != Result::kOk) {
+      warnRefusal(detail::kNone, w);
+      return lr;
+    }
+  }
   const Result r = reg.bindUser(session, user);
-  if (r != Result::kOk) return r;
+  if (r != Result::kOk) {
+    limiter.abandon(p);
+    return r;
+  }
   ++authenticatedSessions;
   queueSessionUp(session, user);
   const std::uint32_t s = reg.findSession(session);
+  limiter.commitUser(s, p);
   auto it = connTimers.find(pack(s, reg.sessionSlots[s].generation));
   if (it != connTimers.end()) {
     timers.cancel(it->second);
@@ -237,6 +317,9 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   }
   // 3. Typing, with the wildcard for the user's last session.
   typing.impl_->onDisconnect(s);
+  // The rate limits let go of the session (its address and user keys are
+  // kept until their buckets are full again).
+  if (limiter.any()) limiter.release(s);
   // 4-6. Rooms left, tracking cleared, session and user link gone.
   reg.finishDisconnect(s);
   if (down) queue(std::move(down));
@@ -416,8 +499,16 @@ MemoryStats Keeper::Impl::stats() const noexcept {
   st.trackedRooms = r.memberships;
   st.sessionsWithRooms = r.sessionsWithRooms;
   st.rooms = r.rooms;
+  st.rateLimitKeys = limiter.keys();
+  st.rateLimitedConnects = limiter.refusals(detail::Refusal::kConnects);
+  st.rateLimitedConcurrent = limiter.refusals(detail::Refusal::kConcurrent);
+  st.rateLimitedJoins = limiter.refusals(detail::Refusal::kJoins);
+  st.rateLimitedTyping = limiter.refusals(detail::Refusal::kTyping);
+  st.rateLimitedHost = limiter.refusals(detail::Refusal::kHost);
+  st.rateLimitedKeysFull = limiter.refusals(detail::Refusal::kKeysFull);
   st.totalEntries = st.connectedClients + st.userSockets + st.connectionTimers +
-                    st.typingTimers + st.sessionsWithRooms + t.sessionsTyping;
+                    st.typingTimers + st.sessionsWithRooms + t.sessionsTyping +
+                    st.rateLimitKeys;
   st.timersPending = timers.size();
   st.pendingPersistence = t.persistPending;
   st.persistDelivered = t.persistDelivered;
@@ -427,7 +518,7 @@ MemoryStats Keeper::Impl::stats() const noexcept {
   st.authTimeouts = authTimeouts;
   st.forcedCleanups = forcedCleanups;
   st.eventsDropped = reg.events.dropped();
-  st.bytes = r.bytes + t.bytes + timers.bytes() + connBytes;
+  st.bytes = r.bytes + t.bytes + timers.bytes() + connBytes + limiter.bytes();
   return st;
 }
 
@@ -448,7 +539,12 @@ Keeper::~Keeper() {
 
 Result Keeper::connect(std::string_view session) { return connect(session, nullptr); }
 Result Keeper::connect(std::string_view session, SessionHandle* handle) {
-  const Result r = impl_->connect(session, handle);
+  const Result r = impl_->connect(session, {}, handle);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::connect(std::string_view session, ClientAddress from, SessionHandle* handle) {
+  const Result r = impl_->connect(session, from.address, handle);
   impl_->reg.flush();
   return r;
 }
@@ -462,18 +558,14 @@ Result Keeper::connectAuthenticated(std::string_view session, std::string_view u
 }
 Result Keeper::connectAuthenticated(std::string_view session, std::string_view user,
                                     SessionHandle* handle) {
-  Impl& im = *impl_;
-  if (im.shut) return Result::kShutDown;
-  if (user.empty()) return Result::kInvalidId;
-  // One registry call: every refusal (id, limit) is checked before anything
-  // is allocated, and a refused call calls nothing. No auth deadline.
-  const Result r = im.reg.connect(session, user, handle);
-  if (r == Result::kOk) {
-    ++im.authenticatedSessions;
-    im.queueSessionUp(session, user);
-    im.maybeWarn();
-  }
-  im.reg.flush();
+  const Result r = impl_->connectAuthenticated(session, user, {}, handle);
+  impl_->reg.flush();
+  return r;
+}
+Result Keeper::connectAuthenticated(std::string_view session, std::string_view user,
+                                    ClientAddress from, SessionHandle* handle) {
+  const Result r = impl_->connectAuthenticated(session, user, from.address, handle);
+  impl_->reg.flush();
   return r;
 }
 template <typename Id>
@@ -481,8 +573,19 @@ Result Keeper::trackRoomImpl(Id session, std::string_view room) {
   std::uint32_t s = detail::kNone;
   Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
-    r = impl_->reg.track(s, room);
-    if (r == Result::kOk) impl_->maybeWarn();
+    // A token only for a call that is carried out (kOk or kAlreadyDone).
+    std::int64_t next = 0;
+    detail::RefusalWarning w;
+    if (impl_->limiter.any() &&
+        !impl_->limiter.admit(s, detail::RateLimiter::kJoins, &next, &w)) {
+      impl_->warnRefusal(s, w);
+      r = Result::kRateLimited;
+    } else {
+      r = impl_->reg.track(s, room);
+      if (impl_->limiter.any() && ok(r))
+        impl_->limiter.take(s, detail::RateLimiter::kJoins, next);
+      if (r == Result::kOk) impl_->maybeWarn();
+    }
   }
   impl_->reg.flush();
   return r;
@@ -493,7 +596,16 @@ Result Keeper::untrackRoomImpl(Id session, std::string_view room) {
   Result why = Result::kOk;
   const std::uint32_t s = impl_->slotOf(session, &why);
   if (s == detail::kNone) return why;
+  std::int64_t next = 0;
+  detail::RefusalWarning w;
+  if (impl_->limiter.any() &&
+      !impl_->limiter.admit(s, detail::RateLimiter::kJoins, &next, &w)) {
+    impl_->warnRefusal(s, w);
+    impl_->reg.flush();
+    return Result::kRateLimited;
+  }
   const Result r = impl_->reg.untrack(s, room);
+  if (impl_->limiter.any() && ok(r)) impl_->limiter.take(s, detail::RateLimiter::kJoins, next);
   impl_->reg.flush();
   return r;
 }
@@ -503,8 +615,18 @@ Result Keeper::startTypingImpl(Id session, std::string_view thread) {
   std::uint32_t s = detail::kNone;
   Result r = impl_->checkAuthenticated(session, &s);
   if (r == Result::kOk) {
-    r = impl_->typing.impl_->startSlot(s, thread);
-    if (r == Result::kOk) impl_->maybeWarn();
+    std::int64_t next = 0;
+    detail::RefusalWarning w;
+    if (impl_->limiter.any() &&
+        !impl_->limiter.admit(s, detail::RateLimiter::kTyping, &next, &w)) {
+      impl_->warnRefusal(s, w);
+      r = Result::kRateLimited;
+    } else {
+      r = impl_->typing.impl_->startSlot(s, thread);
+      if (impl_->limiter.any() && ok(r))
+        impl_->limiter.take(s, detail::RateLimiter::kTyping, next);
+      if (r == Result::kOk) impl_->maybeWarn();
+    }
   }
   impl_->reg.flush();
   return r;
@@ -583,6 +705,7 @@ ShutdownReport Keeper::shutdown() {
   impl_->reg.flush();
   rep.persistUndelivered = impl_->typing.flushPersistence();
   impl_->typing.impl_->discardPersistence();  // reported; every count is 0
+  impl_->limiter.clear();
   rep.timersCancelled += impl_->timers.cancelAll();
   impl_->timers.shrinkToFit();
   return rep;
@@ -738,6 +861,26 @@ const TypingTimerManager& Keeper::typing() const noexcept { return impl_->typing
 const TimerService& Keeper::timers() const noexcept { return impl_->timers; }
 
 namespace {
+// A host kind's name inside quotes, in Prometheus text and in JSON: the
+// escapes both formats share (backslash, quote, newline); other control
+// characters become '?'.
+std::string escapeQuoted(std::string_view in) {
+  std::string out;
+  out.reserve(in.size());
+  for (const char c : in) {
+    if (c == '\\' || c == '"') {
+      out += '\\';
+      out += c;
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += '?';
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
 struct Metric {
   const char* name;
   const char* type;
@@ -776,6 +919,21 @@ std::vector<Metric> metricsOf(const MemoryStats& s) {
       {"events_dropped_total", "counter",
        "Callback messages lost to an allocation failure (the state change was made).",
        d(s.eventsDropped)},
+      {"rate_limit_keys", "gauge", "Client addresses and users the rate limits track.",
+       d(s.rateLimitKeys)},
+      {"rate_limited_connects_total", "counter",
+       "Connects refused: connections per second per address.", d(s.rateLimitedConnects)},
+      {"rate_limited_concurrent_total", "counter",
+       "Connects refused: sessions open at once per address.", d(s.rateLimitedConcurrent)},
+      {"rate_limited_joins_total", "counter", "Joins and leaves refused per session.",
+       d(s.rateLimitedJoins)},
+      {"rate_limited_typing_total", "counter", "Typing starts refused per session.",
+       d(s.rateLimitedTyping)},
+      {"rate_limited_host_total", "counter", "allow() calls refused, every host kind.",
+       d(s.rateLimitedHost)},
+      {"rate_limited_keys_full_total", "counter",
+       "Calls refused: a new address or user with maxKeys tracked, none idle.",
+       d(s.rateLimitedKeysFull)},
       {"bytes", "gauge", "Heap bytes held by roomkeeper.", d(s.bytes)},
   };
 }
@@ -797,12 +955,16 @@ std::string statsJson(const MemoryStats& s) {
       "\"sessionsWithRooms\":{},\"rooms\":{},\"totalEntries\":{},\"timersPending\":{},"
       "\"pendingPersistence\":{},\"persistDelivered\":{},\"persistFailures\":{},"
       "\"persistDropped\":{},\"callbackErrors\":{},\"authTimeouts\":{},"
-      "\"forcedCleanups\":{},\"eventsDropped\":{},\"bytes\":{}}}",
+      "\"forcedCleanups\":{},\"eventsDropped\":{},\"rateLimitKeys\":{},"
+      "\"rateLimitedConnects\":{},\"rateLimitedConcurrent\":{},\"rateLimitedJoins\":{},"
+      "\"rateLimitedTyping\":{},\"rateLimitedHost\":{},\"rateLimitedKeysFull\":{},"
+      "\"bytes\":{}}}",
       s.connectedClients, s.authenticated, s.userSockets, s.connectionTimers,
       s.typingTimers, s.trackedRooms, s.sessionsWithRooms, s.rooms, s.totalEntries,
       s.timersPending, s.pendingPersistence, s.persistDelivered, s.persistFailures,
       s.persistDropped, s.callbackErrors, s.authTimeouts, s.forcedCleanups, s.eventsDropped,
-      s.bytes);
+      s.rateLimitKeys, s.rateLimitedConnects, s.rateLimitedConcurrent, s.rateLimitedJoins,
+      s.rateLimitedTyping, s.rateLimitedHost, s.rateLimitedKeysFull, s.bytes);
 }
 
 MemoryStats& operator+=(MemoryStats& a, const MemoryStats& b) noexcept {
@@ -824,12 +986,96 @@ MemoryStats& operator+=(MemoryStats& a, const MemoryStats& b) noexcept {
   a.authTimeouts += b.authTimeouts;
   a.forcedCleanups += b.forcedCleanups;
   a.eventsDropped += b.eventsDropped;
+  a.rateLimitKeys += b.rateLimitKeys;
+  a.rateLimitedConnects += b.rateLimitedConnects;
+  a.rateLimitedConcurrent += b.rateLimitedConcurrent;
+  a.rateLimitedJoins += b.rateLimitedJoins;
+  a.rateLimitedTyping += b.rateLimitedTyping;
+  a.rateLimitedHost += b.rateLimitedHost;
+  a.rateLimitedKeysFull += b.rateLimitedKeysFull;
   a.bytes += b.bytes;
   return a;
 }
 
-std::string Keeper::prometheusText() const { return roomkeeper::prometheusText(getMemoryStats()); }
+std::string Keeper::prometheusText() const {
+  std::string out = roomkeeper::prometheusText(getMemoryStats());
+  // The host kinds by name, one labelled counter.
+  const auto& kinds = impl_->opt.rateLimits.kinds;
+  if (!kinds.empty()) {
+    out += "# HELP roomkeeper_rate_limited_kind_total allow() calls refused, by host kind.\n"
+           "# TYPE roomkeeper_rate_limited_kind_total counter\n";
+    for (RateKindId k = 0; k < kinds.size(); ++k)
+      out += fmt::format("roomkeeper_rate_limited_kind_total{{kind=\"{}\"}} {}\n",
+                         escapeQuoted(kinds[k].name), impl_->limiter.hostRefusals(k));
+  }
+  return out;
+}
 
-std::string Keeper::statsJson() const { return roomkeeper::statsJson(getMemoryStats()); }
+std::string Keeper::statsJson() const {
+  std::string out = roomkeeper::statsJson(getMemoryStats());
+  const auto& kinds = impl_->opt.rateLimits.kinds;
+  if (!kinds.empty()) {
+    out.pop_back();  // the closing brace
+    out += ",\"rateLimitedKinds\":{";
+    for (RateKindId k = 0; k < kinds.size(); ++k)
+      out += fmt::format("{}\"{}\":{}", k ? "," : "", escapeQuoted(kinds[k].name),
+                         impl_->limiter.hostRefusals(k));
+    out += "}}";
+  }
+  return out;
+}
+
+std::uint64_t Keeper::rateLimited(RateKindId kind) const noexcept {
+  return impl_->limiter.hostRefusals(kind);
+}
+
+template <typename Id>
+Result Keeper::allowImpl(Id session, RateKindId kind) {
+  Impl& im = *impl_;
+  if (im.shut) return Result::kShutDown;
+  Result why = Result::kOk;
+  const std::uint32_t s = im.slotOf(session, &why);
+  if (s == detail::kNone) return why;
+  if (kind >= im.opt.rateLimits.kinds.size()) return Result::kUnknownKind;
+  if (im.opt.rateLimits.kinds[kind].scope == RateScope::kUser &&
+      im.reg.sessionSlots[s].user == detail::kNone)
+    return Result::kNotAuthenticated;
+  detail::RefusalWarning w;
+  const Result r = im.limiter.allow(s, kind, &w);
+  if (r == Result::kRateLimited) {
+    im.warnRefusal(s, w);
+    im.reg.flush();
+  }
+  return r;
+}
+Result Keeper::allow(std::string_view session, RateKindId kind) {
+  return allowImpl(session, kind);
+}
+Result Keeper::allow(SessionHandle session, RateKindId kind) { return allowImpl(session, kind); }
+
+void Keeper::Impl::warnRefusal(std::uint32_t slot, const detail::RefusalWarning& w) noexcept {
+  if (!w.due || !cb.log || !warnDue(lastWarnRate)) return;
+  try {
+    std::string what;
+    switch (w.why) {
+      case detail::Refusal::kConnects: what = "connections per second"; break;
+      case detail::Refusal::kConcurrent: what = "sessions open at once"; break;
+      case detail::Refusal::kJoins: what = "joins and leaves"; break;
+      case detail::Refusal::kTyping: what = "typing starts"; break;
+      case detail::Refusal::kKeysFull: what = "new keys (maxKeys reached)"; break;
+      case detail::Refusal::kHost: what = opt.rateLimits.kinds[w.kind].name; break;
+    }
+    std::string who;
+    if (!w.key.empty()) who = fmt::format("'{}'", w.key);
+    else if (slot != detail::kNone) who = fmt::format("session {}", reg.sessionSlots[slot].name.view());
+    else who = "calls";
+    queueLog(LogLevel::kWarning,
+             fmt::format("roomkeeper: rate limit: {} refused {} times in a row ({}) - a "
+                         "client flooding?",
+                         who, w.run, what));
+  } catch (...) {
+    reg.events.countDropped();
+  }
+}
 
 }  // namespace roomkeeper

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "absl/container/flat_hash_map.h"
+#include "rate_limiter.h"
 #include "registry_impl.h"
 #include "roomkeeper/keeper.h"
 #include "typing_impl.h"
@@ -23,7 +24,11 @@ struct Keeper::Impl {
   Impl(KeeperCallbacks c, KeeperOptions o);
   ~Impl();
 
-  Result connect(std::string_view session, SessionHandle* out);
+  Result connect(std::string_view session, std::string_view address, SessionHandle* out);
+  Result connectAuthenticated(std::string_view session, std::string_view user,
+                              std::string_view address, SessionHandle* out);
+  /// Logs a rate-limit warning that came due (at most one per warnInterval).
+  void warnRefusal(std::uint32_t slot, const detail::RefusalWarning& w) noexcept;
   Result authenticate(std::string_view session, std::string_view user);
   Result checkAuthenticated(std::string_view session,
                             std::uint32_t* slot = nullptr) const;
@@ -72,13 +77,14 @@ struct Keeper::Impl {
   SessionRegistry registry;
   SessionRegistry::Impl& reg;
   TypingTimerManager typing;
+  detail::RateLimiter limiter;
   std::size_t connBytes = 0;
   ConnTimers connTimers;
   TimerHandlerId authHandler = 0;
   TimerHandlerId statsHandler = 0;
   TimerHandle statsTimer;
   std::optional<SteadyTime> lastWarnTyping, lastWarnRooms, lastWarnConnections,
-      lastWarnTransport;
+      lastWarnTransport, lastWarnRate;
   std::size_t checkTransport(std::size_t open);
   bool warnDue(std::optional<SteadyTime>& last);
   std::size_t authenticatedSessions = 0;  // sessions bound to a user (O(1) stats)

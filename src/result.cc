@@ -24,6 +24,8 @@ std::string_view toString(Result r) noexcept {
     case Result::kBusy: return "busy";
     case Result::kOutOfMemory: return "out_of_memory";
     case Result::kNotMember: return "not_member";
+    case Result::kRateLimited: return "rate_limited";
+    case Result::kUnknownKind: return "unknown_kind";
   }
   return "unknown";
 }

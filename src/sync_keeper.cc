@@ -357,6 +357,19 @@ Result SyncKeeper::connectAuthenticated(std::string_view s, std::string_view u,
                                         SessionHandle* h) {
   return impl_->run([&] { return impl_->keeper.connectAuthenticated(s, u, h); });
 }
+Result SyncKeeper::connect(std::string_view s, ClientAddress from, SessionHandle* h) {
+  return impl_->run([&] { return impl_->keeper.connect(s, from, h); });
+}
+Result SyncKeeper::connectAuthenticated(std::string_view s, std::string_view u,
+                                        ClientAddress from, SessionHandle* h) {
+  return impl_->run([&] { return impl_->keeper.connectAuthenticated(s, u, from, h); });
+}
+Result SyncKeeper::allow(std::string_view s, RateKindId kind) {
+  return impl_->run([&] { return impl_->keeper.allow(s, kind); });
+}
+Result SyncKeeper::allow(SessionHandle s, RateKindId kind) {
+  return impl_->run([&] { return impl_->keeper.allow(s, kind); });
+}
 Result SyncKeeper::trackRoom(SessionHandle s, std::string_view r) {
   return impl_->run([&] { return impl_->keeper.trackRoom(s, r); });
 }

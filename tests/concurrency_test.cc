@@ -641,3 +641,44 @@ TEST_CASE("SyncKeeper has the handle, query and bounded-advance calls",
   CHECK(sk.advance(std::chrono::steady_clock::now(), 1) == 0);
   CHECK(sk.checkThresholds() == 0);
 }
+
+TEST_CASE("rate limits under SyncKeeper: shared buckets hand out exactly their tokens",
+          "[concurrency][ratelimit]") {
+  // A frozen clock: no token comes back, so across every thread exactly the
+  // burst is allowed, whatever the interleaving.
+  roomkeeper::ManualClock clock;
+  roomkeeper::KeeperOptions opt;
+  opt.clock = &clock;
+  opt.authTimeout = roomkeeper::Millis{0};
+  opt.rateLimits.connectsPerAddress = {1, 40};
+  opt.rateLimits.maxSessionsPerAddress = 30;
+  opt.rateLimits.kinds = {{"message", roomkeeper::RateScope::kUser, {1, 100}},
+                          {"ping", roomkeeper::RateScope::kSession, {1, 10}}};
+  roomkeeper::SyncKeeper k({}, opt);
+  constexpr int kThreads = 4;
+  std::atomic<int> connected{0}, refusedConnects{0}, messages{0}, pings{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) {
+        const std::string s = "t" + std::to_string(t) + "-" + std::to_string(i);
+        const roomkeeper::Result r =
+            k.connectAuthenticated(s, "ann", roomkeeper::ClientAddress{"10.0.0.1"});
+        if (r == roomkeeper::Result::kOk) ++connected;
+        else if (r == roomkeeper::Result::kRateLimited) ++refusedConnects;
+        for (int m = 0; m < 50; ++m) {
+          if (k.allow(s, 0) == roomkeeper::Result::kOk) ++messages;
+          if (k.allow(s, 1) == roomkeeper::Result::kOk) ++pings;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(connected.load() == 30);  // the cap on open sessions, below the burst
+  CHECK(refusedConnects.load() == kThreads * 20 - 30);
+  CHECK(messages.load() == 100);      // one user: one bucket
+  CHECK(pings.load() == 30 * 10);     // each session its own
+  const roomkeeper::MemoryStats st = k.getMemoryStats();
+  CHECK(st.rateLimitedConcurrent == static_cast<std::uint64_t>(kThreads * 20 - 30));
+  CHECK(st.rateLimitKeys == 2);  // the address and the user
+}

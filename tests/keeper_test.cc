@@ -244,6 +244,13 @@ std::map<std::string, double> expectedByJsonKey(const MemoryStats& s) {
           {"authTimeouts", d(s.authTimeouts)},
           {"forcedCleanups", d(s.forcedCleanups)},
           {"eventsDropped", d(s.eventsDropped)},
+          {"rateLimitKeys", d(s.rateLimitKeys)},
+          {"rateLimitedConnects", d(s.rateLimitedConnects)},
+          {"rateLimitedConcurrent", d(s.rateLimitedConcurrent)},
+          {"rateLimitedJoins", d(s.rateLimitedJoins)},
+          {"rateLimitedTyping", d(s.rateLimitedTyping)},
+          {"rateLimitedHost", d(s.rateLimitedHost)},
+          {"rateLimitedKeysFull", d(s.rateLimitedKeysFull)},
           {"bytes", d(s.bytes)}};
 }
 
@@ -267,6 +274,13 @@ std::map<std::string, double> expectedByMetric(const MemoryStats& s) {
           {"roomkeeper_auth_timeouts_total", d(s.authTimeouts)},
           {"roomkeeper_forced_cleanups_total", d(s.forcedCleanups)},
           {"roomkeeper_events_dropped_total", d(s.eventsDropped)},
+          {"roomkeeper_rate_limit_keys", d(s.rateLimitKeys)},
+          {"roomkeeper_rate_limited_connects_total", d(s.rateLimitedConnects)},
+          {"roomkeeper_rate_limited_concurrent_total", d(s.rateLimitedConcurrent)},
+          {"roomkeeper_rate_limited_joins_total", d(s.rateLimitedJoins)},
+          {"roomkeeper_rate_limited_typing_total", d(s.rateLimitedTyping)},
+          {"roomkeeper_rate_limited_host_total", d(s.rateLimitedHost)},
+          {"roomkeeper_rate_limited_keys_full_total", d(s.rateLimitedKeysFull)},
           {"roomkeeper_bytes", d(s.bytes)}};
 }
 

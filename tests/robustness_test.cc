@@ -641,4 +641,29 @@ TEST_CASE("typing fan-out shares one payload: bytes do not grow with members x p
   // One copy per member would be 200 x 2 KB = 400 KB.
   CHECK(used < 100 * 1024);
 }
+TEST_CASE("a call refused by a rate limit allocates nothing", "[robustness][ratelimit]") {
+  ManualClock clock;
+  KeeperOptions opt;
+  opt.clock = &clock;
+  opt.rateLimits.connectsPerAddress = {1, 1};
+  opt.rateLimits.joinsPerSession = {1, 1};
+  opt.rateLimits.typingPerSession = {1, 1};
+  opt.rateLimits.kinds = {{"message", RateScope::kUser, {1, 1}}};
+  opt.rateLimits.warnAfterRefusals = 0;  // the warning line would allocate
+  Keeper keeper(KeeperCallbacks{}, opt);
+  REQUIRE(keeper.connect("s", ClientAddress{"an-address-longer-than-sso"}) == Result::kOk);
+  REQUIRE(keeper.authenticate("s", "a-user-name-longer-than-sso") == Result::kOk);
+  REQUIRE(keeper.trackRoom("s", "thread:1") == Result::kOk);
+  REQUIRE(keeper.startTyping("s", "1") == Result::kOk);
+  REQUIRE(keeper.allow("s", 0) == Result::kOk);
+  const std::size_t before = gBytesNew.load();
+  for (int i = 0; i < 100; ++i) {
+    CHECK(keeper.connect("t", ClientAddress{"an-address-longer-than-sso"}) ==
+          Result::kRateLimited);
+    CHECK(keeper.trackRoom("s", "thread:2") == Result::kRateLimited);
+    CHECK(keeper.startTyping("s", "2") == Result::kRateLimited);
+    CHECK(keeper.allow("s", 0) == Result::kRateLimited);
+  }
+  CHECK(gBytesNew.load() - before == 0);
+}
 #endif  // ROOMKEEPER_TEST_REPLACES_NEW

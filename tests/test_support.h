@@ -80,6 +80,7 @@ inline void requireEmpty(const roomkeeper::MemoryStats& s) {
   CHECK(s.rooms == 0);
   CHECK(s.totalEntries == 0);
   CHECK(s.pendingPersistence == 0);
+  CHECK(s.rateLimitKeys == 0);
 }
 
 #endif  // ROOMKEEPER_TESTS_TEST_SUPPORT_H_

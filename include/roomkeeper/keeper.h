@@ -65,6 +65,7 @@
 
 #include "roomkeeper/bus.h"
 #include "roomkeeper/callbacks.h"
+#include "roomkeeper/rate_limits.h"
 #include "roomkeeper/result.h"
 #include "roomkeeper/session_registry.h"
 #include "roomkeeper/timer_service.h"
@@ -124,6 +125,9 @@ struct KeeperOptions {
   Millis warnInterval{60000};
   // A periodic one-line stats log on the timer service; 0 = off.
   Millis statsLogInterval{0};
+  /// Per session, user and client address (rate_limits.h); all off by
+  /// default.
+  RateLimits rateLimits;
   /// Must outlive the Keeper; nullptr = SteadyClock.
   const Clock* clock = nullptr;
   /// Several Keepers as one (roomkeeper::cluster): see bus.h for what
@@ -154,7 +158,16 @@ struct MemoryStats {
   // not be queued because memory ran out. The state change each would have
   // reported was made regardless; nothing is left half-done.
   std::uint64_t eventsDropped = 0;
-  std::size_t bytes = 0;              // heap bytes held (index, timers, typing)
+  // Rate limits (rate_limits.h): calls refused with kRateLimited, by limit,
+  // and the address and user keys tracked (in totalEntries too).
+  std::size_t rateLimitKeys = 0;
+  std::uint64_t rateLimitedConnects = 0;    // connectsPerAddress
+  std::uint64_t rateLimitedConcurrent = 0;  // maxSessionsPerAddress
+  std::uint64_t rateLimitedJoins = 0;       // joinsPerSession
+  std::uint64_t rateLimitedTyping = 0;      // typingPerSession
+  std::uint64_t rateLimitedHost = 0;        // host kinds (allow), all together
+  std::uint64_t rateLimitedKeysFull = 0;    // a new key with maxKeys reached
+  std::size_t bytes = 0;              // heap bytes held (index, timers, typing, limits)
 };
 
 /// Several Keepers, one per event loop (docs/design.md "Threads"): their
@@ -191,29 +204,49 @@ class Keeper final : public BusTarget {
   /// A new transport session, not yet authenticated; arms the auth
   /// deadline. kOk; kAlreadyConnected; kInvalidId; kShutDown. O(1).
   /// With `handle`, stores a SessionHandle for the handle-based calls below.
+  /// With a ClientAddress, the session counts against that address's
+  /// limits (rate_limits.h): kRateLimited, nothing done, when a limit says
+  /// no. Without one it is limited per session and user only.
   Result connect(std::string_view session);
   Result connect(std::string_view session, SessionHandle* handle);
+  Result connect(std::string_view session, ClientAddress from,
+                 SessionHandle* handle = nullptr);
   /// Binds the user and cancels the auth deadline. kOk; kAlreadyDone (same
-  /// user); kUserMismatch; kNotConnected; kTooManySessions; kInvalidId. O(1).
+  /// user); kUserMismatch; kNotConnected; kTooManySessions; kInvalidId;
+  /// kRateLimited (user keys at RateLimits::maxKeys, none idle). O(1).
   Result authenticate(std::string_view session, std::string_view user);
   /// connect + authenticate, for transports that authenticate in the
   /// handshake.
   Result connectAuthenticated(std::string_view session, std::string_view user);
   Result connectAuthenticated(std::string_view session, std::string_view user,
                               SessionHandle* handle);
+  Result connectAuthenticated(std::string_view session, std::string_view user,
+                              ClientAddress from, SessionHandle* handle = nullptr);
 
-  /// As SessionRegistry, plus kShutDown, and kNotAuthenticated for
-  /// trackRoom (leaving needs no authentication). From inside a registry
+  /// As SessionRegistry, plus kShutDown, kNotAuthenticated for trackRoom
+  /// (leaving needs no authentication), and kRateLimited (joinsPerSession,
+  /// which counts joins and leaves together). From inside a registry
   /// visitor (registry().forEachMember and friends) every mutating Keeper
   /// call is refused: kBusy (0 or an empty report for the counting ones).
   Result trackRoom(std::string_view session, std::string_view room);
   Result untrackRoom(std::string_view session, std::string_view room);
   std::size_t clearRoomTracking(std::string_view session);
 
-  /// As TypingTimerManager, plus kShutDown, and kNotAuthenticated for
-  /// startTyping.
+  /// As TypingTimerManager, plus kShutDown, kNotAuthenticated and
+  /// kRateLimited (typingPerSession) for startTyping.
   Result startTyping(std::string_view session, std::string_view thread);
   Result stopTyping(std::string_view session, std::string_view thread);
+
+  /// A host kind of rate limit (RateLimits::kinds[kind]: a chat message,
+  /// say): takes a token from the session's, its user's or its address's
+  /// bucket. kOk (also when the kind has no limit, or an address kind for a
+  /// session without an address); kRateLimited (nothing taken);
+  /// kUnknownKind; kNotConnected / kStaleHandle; kNotAuthenticated (a user
+  /// kind before authenticate); kShutDown. O(1), allocates nothing.
+  Result allow(std::string_view session, RateKindId kind);
+  Result allow(SessionHandle session, RateKindId kind);
+  /// How many allow() calls of a host kind were refused (0 if unknown).
+  std::uint64_t rateLimited(RateKindId kind) const noexcept;
 
   /// The same calls by SessionHandle (from connect): no hashing of the
   /// session id; a handle of a session that has gone gets kStaleHandle,
@@ -309,6 +342,7 @@ class Keeper final : public BusTarget {
   template <typename Id> Result startTypingImpl(Id session, std::string_view thread);
   template <typename Id> Result stopTypingImpl(Id session, std::string_view thread);
   template <typename Id> Result disconnectImpl(Id session, bool forced);
+  template <typename Id> Result allowImpl(Id session, RateKindId kind);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

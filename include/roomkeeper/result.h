@@ -39,6 +39,9 @@ enum class [[nodiscard]] Result : std::uint8_t {
   kOutOfMemory,        // an allocation failed; nothing was changed
   kNotMember,          // startTyping in a thread whose room the session is
                        // not a member of (TypingOptions::requireMembership)
+  kRateLimited,        // a rate limit (KeeperOptions::rateLimits) said no:
+                       // try again later; nothing changed
+  kUnknownKind,        // allow() of a kind not in RateLimits::kinds
 };
 
 /// True for kOk and kAlreadyDone: the state the caller asked for holds.

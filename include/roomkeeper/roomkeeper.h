@@ -11,6 +11,7 @@
 #define ROOMKEEPER_ROOMKEEPER_H_
 
 #include "roomkeeper/callbacks.h"
+#include "roomkeeper/rate_limits.h"
 #include "roomkeeper/result.h"
 #include "roomkeeper/keeper.h"
 #include "roomkeeper/session_registry.h"

@@ -76,6 +76,13 @@ class SyncKeeper final : public BusTarget {
   Result connect(std::string_view session, SessionHandle* handle);
   Result connectAuthenticated(std::string_view session, std::string_view user,
                               SessionHandle* handle);
+  /// With the client address, for the per-address rate limits.
+  Result connect(std::string_view session, ClientAddress from, SessionHandle* handle = nullptr);
+  Result connectAuthenticated(std::string_view session, std::string_view user,
+                              ClientAddress from, SessionHandle* handle = nullptr);
+  /// A host kind of rate limit (Keeper::allow).
+  Result allow(std::string_view session, RateKindId kind);
+  Result allow(SessionHandle session, RateKindId kind);
   Result trackRoom(SessionHandle session, std::string_view room);
   Result untrackRoom(SessionHandle session, std::string_view room);
   Result startTyping(SessionHandle session, std::string_view thread);
