@@ -39,6 +39,11 @@ def main() -> int:
                 print(f"line {n}: dispatch_threads without day_ns_per_session/scaling"); return 1
             if "multi-loop" in obj["system"] and obj.get("left", {}).get("bytes") != 0:
                 print(f"line {n}: multi-loop left {obj['left'].get('bytes')} bytes"); return 1
+        if obj["workload"] == "ratelimit":
+            want_allowed = obj.get("keys", 0) * obj.get("rounds", 0) * 6
+            if obj.get("refused") != 0 or obj.get("allowed") != want_allowed or want_allowed == 0:
+                print(f"line {n}: ratelimit allowed {obj.get('allowed')} of {want_allowed}, "
+                      f"refused {obj.get('refused')}"); return 1
         if obj["workload"] == "timers" and "fired" in obj:
             if obj["fired"] != obj["timers"] or obj.get("early", 0) or obj.get("late", 0):
                 print(f"line {n}: fired {obj['fired']} of {obj['timers']}, "

@@ -19,6 +19,7 @@
 #include "bench_util.h"
 #include "peer_asio.h"
 #include "peer_handwritten.h"
+#include "ratelimit_workload.h"
 #include "roomkeeper_workloads.h"
 #if ROOMKEEPER_BENCH_CLUSTER
 #include "cluster_workload.h"
@@ -37,7 +38,7 @@ void printUsage(std::FILE* out) {
   std::fprintf(
       out,
       "usage: roomkeeper-bench [--workload rooms|timers|dispatch|dispatch_threads|\n"
-      "                         all|cluster]\n"
+      "                         ratelimit|all|cluster]\n"
       "                        [--sessions N] [--dispatch-sessions N]\n"
       "                        [--timers N] [--restarts K] [--quick]\n"
       "\n"
@@ -139,7 +140,8 @@ int main(int argc, char** argv) {
 
   const bool runAll = workload == "all";
   if (!runAll && workload != "rooms" && workload != "timers" &&
-      workload != "dispatch" && workload != "dispatch_threads" && workload != "cluster") {
+      workload != "dispatch" && workload != "dispatch_threads" && workload != "cluster" &&
+      workload != "ratelimit") {
     std::fprintf(stderr, "roomkeeper-bench: unknown workload '%s'\n",
                  workload.c_str());
     printUsage(stderr);
@@ -163,6 +165,7 @@ int main(int argc, char** argv) {
   if (runAll || workload == "rooms") runRooms(cfg);
   if (runAll || workload == "timers") runTimers(cfg);
   if (runAll || workload == "dispatch") runDispatch(cfg);
+  if (runAll || workload == "ratelimit") runRateLimitRoomkeeper(cfg);
   if (runAll || workload == "dispatch_threads") {
 #if ROOMKEEPER_BENCH_CLUSTER
     // W3t: 1 and 2 threads (and 4 where the machine has the cores).

@@ -128,7 +128,8 @@ def main():
     rows = load(sys.argv[1])
     by = {"rooms": [], "timers": [], "dispatch": []}
     for r in rows:
-        by[kind(r)].append(r)
+        if kind(r) in by:  # dispatch_threads and cluster lines have tables of their own
+            by[kind(r)].append(r)
     print(table(by["rooms"], ["join_ns_per_op", "fanout_ns_per_member", "leave_ns_per_op",
                               "disconnect_ns_per_session", "bytes_per_membership"],
                 lambda r: r["system"].startswith("socket.io"), "W1 rooms (membership index)"))

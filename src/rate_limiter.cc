@@ -35,7 +35,6 @@ struct RateLimiter::KeyTable {
   struct Rec {
     std::string name;
     std::uint32_t sessions = 0;
-    std::int64_t run = 0;  // refusals in a row
     std::uint32_t idlePrev = kNoKey;
     std::uint32_t idleNext = kNoKey;
     TimerHandle forget;
@@ -45,7 +44,7 @@ struct RateLimiter::KeyTable {
   KeyTable(std::size_t stride_, std::uint32_t tag_, std::size_t cap_)
       : stride(stride_), tag(tag_), cap(cap_) {}
 
-  std::size_t stride;  // stamps per record
+  std::size_t stride;  // stamps per record, the last one the refusal run
   std::uint32_t tag;   // timer data: tag | index
   std::size_t cap;
   absl::flat_hash_map<std::string, std::uint32_t> index;
@@ -64,9 +63,11 @@ struct RateLimiter::KeyTable {
   /// Room for one more key (if need be by forgetting the longest idle).
   bool canAdd() const noexcept { return index.size() < cap || idleHead != kNoKey; }
   std::int64_t* row(std::uint32_t i) noexcept { return stamps.data() + std::size_t{i} * stride; }
+  // Refusals in a row, beside the stamps: a check touches one line.
+  std::int64_t* runOf(std::uint32_t i) noexcept { return row(i) + stride - 1; }
   std::int64_t latest(std::uint32_t i) noexcept {
     std::int64_t m = 0;
-    for (std::size_t k = 0; k < stride; ++k) m = std::max(m, row(i)[k]);
+    for (std::size_t k = 0; k + 1 < stride; ++k) m = std::max(m, row(i)[k]);
     return m;
   }
   void unlinkIdle(std::uint32_t i) noexcept {
@@ -201,8 +202,8 @@ RateLimiter::RateLimiter(const RateLimits& limits, const Clock& clock, TimerServ
   ++sessionStride_;  // the last column: refusals in a row
   tracksAddresses_ = connect_.on() || limits_.maxSessionsPerAddress > 0 || addressKinds;
   const std::size_t cap = std::max<std::size_t>(1, std::min<std::size_t>(limits_.maxKeys, kNoKey - 1));
-  addresses_ = std::make_unique<KeyTable>(addressStride_, 0, cap);
-  users_ = std::make_unique<KeyTable>(userStride_, kUserTag, cap);
+  addresses_ = std::make_unique<KeyTable>(addressStride_ + 1, 0, cap);
+  users_ = std::make_unique<KeyTable>(userStride_ + 1, kUserTag, cap);
   any_ = tracksAddresses_ || builtin_[0].on() || builtin_[1].on() || !limits_.kinds.empty();
   forgetHandler_ = timers_.addHandler([this](TimerHandle, std::uint32_t data) { onForget(data); });
 }
@@ -244,12 +245,12 @@ Result RateLimiter::prepareConnect(std::string_view address, std::size_t slots,
     } else {
       KeyTable::Rec& r = t.recs[i];
       if (limits_.maxSessionsPerAddress > 0 && r.sessions >= limits_.maxSessionsPerAddress) {
-        countWarn(&r.run, Refusal::kConcurrent, r.name, warn);
+        countWarn(t.runOf(i), Refusal::kConcurrent, r.name, warn);
         return Result::kRateLimited;
       }
       std::int64_t next;
       if (connect_.on() && !connect_.admits(t.row(i)[0], now(), &next)) {
-        countWarn(&r.run, Refusal::kConnects, r.name, warn);
+        countWarn(t.runOf(i), Refusal::kConnects, r.name, warn);
         return Result::kRateLimited;
       }
     }
@@ -315,7 +316,7 @@ void RateLimiter::commitConnect(std::uint32_t slot, const Prepared& p) noexcept 
   if (p.address != kNoKey) {
     KeyTable& t = *addresses_;
     t.hold(p.address, timers_);
-    t.recs[p.address].run = 0;
+    *t.runOf(p.address) = 0;
     std::int64_t next;
     if (connect_.on() && connect_.admits(t.row(p.address)[0], now(), &next))
       t.row(p.address)[0] = next;
@@ -359,7 +360,7 @@ void RateLimiter::take(std::uint32_t slot, std::size_t which, std::int64_t next)
   if (next == kNoLimit) return;
   std::int64_t* row = sessionRow(slot);
   row[which] = next;
-  row[sessionStride_ - 1] = 0;  // the refusal run ends
+  if (row[sessionStride_ - 1] != 0) row[sessionStride_ - 1] = 0;  // the refusal run ends
 }
 
 Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept {
@@ -378,7 +379,7 @@ Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* w
       const std::uint32_t u = slot < sessionUser_.size() ? sessionUser_[slot] : kNoKey;
       if (u == kNoKey) return Result::kNotAuthenticated;
       stamp = users_->row(u) + hostColumn_[kind];
-      run = &users_->recs[u].run;
+      run = users_->runOf(u);
       key = users_->recs[u].name;
       break;
     }
@@ -386,7 +387,7 @@ Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* w
       const std::uint32_t a = slot < sessionAddress_.size() ? sessionAddress_[slot] : kNoKey;
       if (a == kNoKey) return Result::kOk;  // connected without an address
       stamp = addresses_->row(a) + hostColumn_[kind];
-      run = &addresses_->recs[a].run;
+      run = addresses_->runOf(a);
       key = addresses_->recs[a].name;
       break;
     }
@@ -400,7 +401,7 @@ Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* w
     return Result::kRateLimited;
   }
   *stamp = next;
-  *run = 0;
+  if (*run != 0) *run = 0;
   return Result::kOk;
 }
 
