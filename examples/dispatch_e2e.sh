@@ -28,7 +28,7 @@ trap cleanup EXIT
 
 : >"$tmp/server.log"  # exists before the loop below reads it
 "$server" --port 0 --threads 2 --db "$tmp/dispatch.db" \
-  --auth-timeout-ms 800 --typing-timeout-ms 400 --max-outbox 1024 "${extra[@]}" \
+  --auth-timeout-ms 800 --typing-timeout-ms 400 --max-outbox 1024 --max-per-ip 100 "${extra[@]}" \
   >"$tmp/server.log" 2>&1 &
 pid=$!
 if ! wait_for_port "$tmp/server.log" "$pid"; then

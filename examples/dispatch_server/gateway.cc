@@ -66,6 +66,8 @@ using Clock = std::chrono::steady_clock;
 // Close codes beyond RFC 6455's (see docs/protocol.md).
 constexpr std::uint16_t kCloseAuthTimeout = 4001;
 constexpr std::uint16_t kCloseAuthFailed = 4003;
+// The host kind of rate limit in KeeperOptions::rateLimits::kinds.
+constexpr roomkeeper::RateKindId kMessageKind = 0;
 
 std::string sv(std::string_view s) { return std::string(s); }
 
@@ -151,7 +153,6 @@ class Session : public std::enable_shared_from_this<Session> {
   void onWrite(beast::error_code ec, std::size_t bytes);
   void requestClose(websocket::close_reason reason);
   void teardown();
-  bool takeToken();
 
   void handleMessage(std::string_view text);
   void route(const std::string& event, const json& id, const json& data);
@@ -190,8 +191,6 @@ class Session : public std::enable_shared_from_this<Session> {
   websocket::close_reason closeReason_;
   std::optional<Identity> identity_;
   std::set<std::string> analyticsTypes_;
-  double tokens_ = 0;
-  Clock::time_point refilled_{};
 };
 
 void Loop::addSession(const std::shared_ptr<Session>& s) {
@@ -359,6 +358,16 @@ class Gateway {
     // The leak warnings keep roomkeeper's defaults (relative to what is
     // connected): no thresholds tuned to this demo's traffic.
     ko.statsLogInterval = roomkeeper::Millis(opt_.statsIntervalMs);
+    // Rate limits, all in roomkeeper (docs/protocol.md): messages, joins
+    // and leaves, typing starts per socket (bursts of twice the rate), and
+    // per client address the sockets open at once and new ones a second.
+    // Each event loop's Keeper counts its own sockets.
+    auto bucket = [](double rate) { return roomkeeper::RateLimit{rate, 2 * rate}; };
+    ko.rateLimits.kinds = {{"message", roomkeeper::RateScope::kSession, bucket(opt_.rateLimit)}};
+    ko.rateLimits.joinsPerSession = bucket(opt_.joinRate);
+    ko.rateLimits.typingPerSession = bucket(opt_.typingRate);
+    ko.rateLimits.maxSessionsPerAddress = opt_.maxPerIp;
+    ko.rateLimits.connectsPerAddress = bucket(opt_.connectsPerIp);
 #if DISPATCH_CLUSTER
     if (!opt_.redis.empty()) {
       // One node of a cluster: rooms, presence and typing span every
@@ -610,8 +619,6 @@ void Session::start(http::request<http::string_body> req) {
   // the frame unread, so the kernel resets the connection and the client,
   // still writing, usually loses the close frame (1006).
   ws_.read_message_max(0);
-  tokens_ = 2 * gw_.options().rateLimit;
-  refilled_ = Clock::now();
   ws_.async_accept(req,
                    beast::bind_front_handler(&Session::onAccept, shared_from_this()));
 }
@@ -620,9 +627,21 @@ void Session::onAccept(beast::error_code ec) {
   if (ec) return;  // handshake failed: nothing was registered
   id_ = gw_.nextSessionId(loop_);
   loop_.addSession(shared_from_this());
-  const Result r = loop_.keeper().connect(id_);  // arms the auth deadline
+  // The remote address, for roomkeeper's per-address limits (--max-per-ip,
+  // --connects-per-ip).
+  beast::error_code aec;
+  const std::string address =
+      beast::get_lowest_layer(ws_).socket().remote_endpoint(aec).address().to_string();
+  const Result r = loop_.keeper().connect(
+      id_, roomkeeper::ClientAddress{aec ? std::string_view{} : std::string_view{address}},
+      nullptr);  // arms the auth deadline
   if (r == Result::kOk) {
     registered_ = true;
+  } else if (r == Result::kRateLimited) {
+    loop_.removeSession(id_);
+    std::fprintf(stderr, "dispatch_server: %s: too many connections from %s, closing\n",
+                 id_.c_str(), address.c_str());
+    requestClose(websocket::close_reason(websocket::close_code::policy_error, "rate_limit"));
   } else {
     loop_.removeSession(id_);
     // Only after shutdown() (ids are unique): the same close as everyone's.
@@ -656,7 +675,8 @@ void Session::onRead(beast::error_code ec, std::size_t) {
   const std::string text = beast::buffers_to_string(buffer_.data());
   buffer_.consume(buffer_.size());
   if (!closeRequested_ && !finished_) {  // closing: ignore the rest
-    if (!takeToken()) {
+    // Messages per socket: roomkeeper's "message" kind (kMessageKind).
+    if (registered_ && loop_.keeper().allow(id_, kMessageKind) == Result::kRateLimited) {
       std::fprintf(stderr, "dispatch_server: %s: rate limit exceeded, closing\n",
                    id_.c_str());
       requestClose(
@@ -686,18 +706,6 @@ void Session::finish(beast::error_code ec) {
   outbox_.clear();
   dropTimer_.cancel();
   teardown();
-}
-
-bool Session::takeToken() {
-  const double rate = gw_.options().rateLimit;
-  if (rate <= 0) return true;
-  const Clock::time_point now = Clock::now();
-  tokens_ = std::min(
-      2 * rate, tokens_ + rate * std::chrono::duration<double>(now - refilled_).count());
-  refilled_ = now;
-  if (tokens_ < 1) return false;
-  tokens_ -= 1;
-  return true;
 }
 
 void Session::send(std::string msg) {

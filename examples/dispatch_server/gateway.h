@@ -21,6 +21,10 @@ struct ServerOptions {
   long typingTimeoutMs = 5000;              // typing auto-clear
   std::size_t maxMessageBytes = 64 * 1024;  // bigger frames: close 1009
   double rateLimit = 50;                    // messages per second (burst 2x): close 1008
+  double joinRate = 100;                    // joins+leaves per second (burst 2x): rate_limited
+  double typingRate = 20;                   // typing starts per second (burst 2x): rate_limited
+  std::size_t maxPerIp = 4096;              // sockets open per address, per loop: close 1008
+  double connectsPerIp = 0;                 // new sockets per second per address (burst 2x)
   std::size_t maxOutbox = 4096;             // queued outgoing messages: close 1008
   long shutdownGraceMs = 3000;              // wait for closes on SIGINT/SIGTERM
   long statsIntervalMs = 0;                 // periodic stats log line; 0 = off

@@ -33,6 +33,14 @@ constexpr const char* kUsage =
     "  --typing-timeout-ms N     typing auto-clear (5000)\n"
     "  --max-message-bytes N     larger frames are closed with 1009 (65536)\n"
     "  --rate-limit N            messages per second per socket, burst 2N; 0 = off (50)\n"
+    "  --join-rate N             joins and leaves per second per socket, burst 2N;\n"
+    "                            0 = off (100)\n"
+    "  --typing-rate N           typing starts per second per socket, burst 2N;\n"
+    "                            0 = off (20)\n"
+    "  --max-per-ip N            sockets open at once per client address, in each\n"
+    "                            event loop; 0 = off (4096)\n"
+    "  --connects-per-ip N       new sockets per second per client address, burst\n"
+    "                            2N, in each event loop; 0 = off (0)\n"
     "  --max-outbox N            queued messages per socket before a client that\n"
     "                            does not read is closed with 1008 (4096)\n"
     "  --stats-interval-ms N     log a stats line every N ms; 0 = off (0)\n"
@@ -140,6 +148,18 @@ int main(int argc, char** argv) {
     } else if (flag == "--rate-limit") {
       if (!number(0, 1000000)) return 1;
       opt.rateLimit = static_cast<double>(n);
+    } else if (flag == "--join-rate") {
+      if (!number(0, 1000000)) return 1;
+      opt.joinRate = static_cast<double>(n);
+    } else if (flag == "--typing-rate") {
+      if (!number(0, 1000000)) return 1;
+      opt.typingRate = static_cast<double>(n);
+    } else if (flag == "--max-per-ip") {
+      if (!number(0, 10000000)) return 1;
+      opt.maxPerIp = static_cast<std::size_t>(n);
+    } else if (flag == "--connects-per-ip") {
+      if (!number(0, 1000000)) return 1;
+      opt.connectsPerIp = static_cast<double>(n);
     } else if (flag == "--shutdown-grace-ms") {
       if (!number(0, 600000)) return 1;
       opt.shutdownGraceMs = n;

@@ -31,6 +31,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -77,16 +78,19 @@ class Conn {
 
   /// Connects and makes the WebSocket handshake. A `receiveBuffer` (bytes)
   /// caps the kernel's receive buffer, so that a client that does not read
-  /// backs up the server sooner.
-  bool open(int receiveBuffer = 0) {
+  /// backs up the server sooner. A `source` address (127.0.0.2: all of
+  /// 127/8 is loopback) is the address the server sees the client come from.
+  bool open(int receiveBuffer = 0, const std::string& source = "") {
     beast::error_code result = asio::error::would_block;
     bool done = false;
     const tcp::endpoint ep(asio::ip::make_address(gHost), gPort);
-    if (receiveBuffer > 0) {
+    if (receiveBuffer > 0 || !source.empty()) {
       auto& s = beast::get_lowest_layer(ws_).socket();
       beast::error_code ec;
       s.open(ep.protocol(), ec);
-      if (!ec) s.set_option(asio::socket_base::receive_buffer_size(receiveBuffer), ec);
+      if (!ec && receiveBuffer > 0)
+        s.set_option(asio::socket_base::receive_buffer_size(receiveBuffer), ec);
+      if (!ec && !source.empty()) s.bind(tcp::endpoint(asio::ip::make_address(source), 0), ec);
       if (ec) return false;
     }
     beast::get_lowest_layer(ws_).expires_after(std::chrono::seconds(5));
@@ -549,6 +553,51 @@ bool flood() {
   return true;
 }
 
+/// Limits per client address (dispatch_e2e.sh starts the server with
+/// --max-per-ip 100, counted in each event loop): clients from 127.0.0.2
+/// fill their address's share and the next one is closed with 1008
+/// rate_limit, while a client from 127.0.0.3 is served; one of 127.0.0.2's
+/// floods messages and is closed with 1008, and 127.0.0.3's requests are
+/// still answered. Once 127.0.0.2's sockets are closed it may connect again.
+bool perAddressLimits() {
+  const int share = 100 * serverLoops();
+  std::vector<std::unique_ptr<Conn>> a;
+  for (int i = 0; i < share; ++i) {
+    a.push_back(std::make_unique<Conn>());
+    EXPECT(a.back()->open(0, "127.0.0.2"));
+  }
+  for (auto& c : a) EXPECT(c->request("ping"));  // every one is served
+  Conn over;
+  EXPECT(over.open(0, "127.0.0.2"));
+  EXPECT(over.waitClosed(milliseconds(3000)) == 1008);
+  EXPECT(over.closeReason() == "rate_limit");
+  Conn b;
+  EXPECT(b.open(0, "127.0.0.3"));
+  EXPECT(b.authenticate(user("u-other-address", "dispatcher")));
+  Conn& flooder = *a.front();
+  for (int i = 0; i < 1000; ++i)
+    if (!flooder.send({{"event", "ping"}})) break;
+  EXPECT(flooder.waitClosed(milliseconds(5000)) == 1008);
+  EXPECT(flooder.closeReason() == "rate_limit");
+  auto sub = b.request("thread.subscribe", {{"threadId", "addr-1"}});
+  EXPECT(sub && (*sub)["event"] == "ack");
+  EXPECT(b.request("ping"));
+  for (auto& c : a) c->closeCleanly();
+  // The server forgets each socket when its close arrives: within a moment
+  // the address may connect again.
+  bool again = false;
+  for (int attempt = 0; attempt < 20 && !again; ++attempt) {
+    Conn c;
+    EXPECT(c.open(0, "127.0.0.2"));
+    again = c.request("ping").has_value() && !c.closed();
+    c.closeCleanly();
+    if (!again) std::this_thread::sleep_for(milliseconds(100));
+  }
+  EXPECT(again);
+  b.closeCleanly();
+  return true;
+}
+
 /// A client that stops reading while events pile up for it: once its send
 /// queue is full (--max-outbox, 1024 in dispatch_e2e.sh) the server closes
 /// it with 1008 "send_queue_full". Forty senders, each in a thread of its
@@ -983,6 +1032,8 @@ int main(int argc, char** argv) {
   run("expired token: token_expired, open; exp changed: auth_failed", tokenExpiry);
   run("oversized frames (68 KiB, 5 MB, 20 MB; 3 each): close 1009", oversizedFrame);
   run("flood: close 1008", flood);
+  run("per address: 127.0.0.2 over --max-per-ip and flooding gets 1008, 127.0.0.3 served",
+      perAddressLimits);
   run("a client that stops reading: close 1008 send_queue_full", sendQueueFull);
   run("no authenticate: close 4001 at the deadline", authDeadline);
   run("authenticate, rooms, roles, subscribe results", authAndRooms);
