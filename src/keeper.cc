@@ -138,6 +138,9 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
   // limiter's keys are taken only once the session exists.
   detail::RateLimiter::Prepared p;
   if (limiter.any()) {
+    // The registry's own refusals first: the limiter prepares (and may
+    // make a key) only for a connect that will be made.
+    if (const Result c = reg.checkConnect(session, {}); c != Result::kOk) return c;
     detail::RefusalWarning w;
     Result lr;
     try {
@@ -183,6 +186,7 @@ Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_
   if (user.empty()) return Result::kInvalidId;
   detail::RateLimiter::Prepared p;
   if (limiter.any()) {
+    if (const Result c = reg.checkConnect(session, user); c != Result::kOk) return c;
     detail::RefusalWarning w;
     Result lr;
     try {
@@ -219,7 +223,8 @@ Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_
 Result Keeper::Impl::authenticate(std::string_view session, std::string_view user) {
   if (shut) return Result::kShutDown;
   detail::RateLimiter::Prepared p;
-  if (limiter.limitsUsers() && !user.empty() && reg.findSession(session) != detail::kNone) {
+  if (limiter.limitsUsers()) {
+    if (const Result c = reg.checkBind(session, user); c != Result::kOk) return c;
     detail::RefusalWarning w;
     Result lr;
     try {

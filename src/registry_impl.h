@@ -79,6 +79,13 @@ struct SessionRegistry::Impl {
   Result connect(std::string_view session, std::string_view user,
                  SessionHandle* handle);
   Result bindUser(std::string_view session, std::string_view user);
+  /// What connect / bindUser would refuse before allocating anything
+  /// (kOk: only an allocation failure is left), so that a caller with
+  /// state of its own to prepare (the Keeper's rate limits) prepares it
+  /// only for a call that will be made.
+  Result checkConnect(std::string_view session, std::string_view user) const;
+  Result checkBind(std::string_view session, std::string_view user) const;
+  bool userFull(std::string_view user) const;
   Result linkUser(std::uint32_t s, std::string_view user, bool* newUser);
   void unlinkUser(std::uint32_t s);
   Result track(std::uint32_t s, std::string_view room);

@@ -180,17 +180,27 @@ bool SessionRegistry::Impl::isMember(std::uint32_t s, std::uint32_t r) const {
   return false;
 }
 
-Result SessionRegistry::Impl::connect(std::string_view session,
-                                      std::string_view user,
-                                      SessionHandle* handle) {
+bool SessionRegistry::Impl::userFull(std::string_view user) const {
+  const std::uint32_t u = findUser(user);
+  return u != kNone && ((limits.maxSessionsPerUser != 0 &&
+                         userSlots[u].sessions.size() >= limits.maxSessionsPerUser) ||
+                        userSlots[u].sessions.size() >= kMaxUserSessions);
+}
+
+Result SessionRegistry::Impl::checkConnect(std::string_view session,
+                                           std::string_view user) const {
   if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
   if (!validId(session, limits)) return Result::kInvalidId;
   if (!user.empty() && user.size() > limits.maxIdLength) return Result::kInvalidId;
   if (findSession(session) != kNone) return Result::kAlreadyConnected;
-  std::uint32_t u = user.empty() ? kNone : findUser(user);
-  if (u != kNone && limits.maxSessionsPerUser != 0 &&
-      userSlots[u].sessions.size() >= limits.maxSessionsPerUser)
-    return Result::kTooManySessions;
+  if (!user.empty() && userFull(user)) return Result::kTooManySessions;
+  return Result::kOk;
+}
+
+Result SessionRegistry::Impl::connect(std::string_view session,
+                                      std::string_view user,
+                                      SessionHandle* handle) {
+  if (const Result c = checkConnect(session, user); c != Result::kOk) return c;
 
   // Allocate everything first; on failure undo and report, state unchanged.
   std::uint32_t s = kNone;
@@ -222,7 +232,6 @@ Result SessionRegistry::Impl::connect(std::string_view session,
       return r;
     }
   }
-  (void)u;
   if (handle) *handle = SessionHandle{s, slot.generation};
   if (newUser && cb.userOnline) pushEvent(EventKind::kUserOnline, user, {});
   return Result::kOk;
@@ -289,18 +298,26 @@ void SessionRegistry::Impl::unlinkUser(std::uint32_t s) {
   }
 }
 
-Result SessionRegistry::Impl::bindUser(std::string_view session,
-                                       std::string_view user) {
+Result SessionRegistry::Impl::checkBind(std::string_view session,
+                                        std::string_view user) const {
   if (iterating.load(std::memory_order_relaxed) > 0) return Result::kBusy;
   const std::uint32_t s = findSession(session);
   if (s == kNone) return Result::kNotConnected;
   if (!validId(user, limits)) return Result::kInvalidId;
-  SessionSlot& slot = sessionSlots[s];
+  const SessionSlot& slot = sessionSlots[s];
   if (slot.state == SessionState::kClosing) return Result::kClosing;
   if (slot.user != kNone) {
     return userSlots[slot.user].name.view() == user ? Result::kAlreadyDone
                                                     : Result::kUserMismatch;
   }
+  if (userFull(user)) return Result::kTooManySessions;
+  return Result::kOk;
+}
+
+Result SessionRegistry::Impl::bindUser(std::string_view session,
+                                       std::string_view user) {
+  if (const Result c = checkBind(session, user); c != Result::kOk) return c;
+  const std::uint32_t s = findSession(session);
   bool newUser = false;
   const Result r = linkUser(s, user, &newUser);
   if (r != Result::kOk) return r;

@@ -8,7 +8,9 @@
 //     each room), no room is empty, every count equals a recount;
 //   * without re-entrant callbacks, sessions/users/memberships equal a plain
 //     std::map model exactly;
-//   * a refused call changes nothing (stats identical, bytes included);
+//   * a refused call changes nothing (stats identical, bytes included),
+//     also one refused by a rate limit (mode & 8 turns tight limits on:
+//     per address, per session, a host kind per user, a tiny maxKeys);
 //   * after shutdown every count is 0.
 // Build: cmake -DROOMKEEPER_BUILD_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++
 #include <roomkeeper/roomkeeper.h>
@@ -138,6 +140,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool reentrant = mode & 1;    // callbacks call back in
   const bool throwing = mode & 2;     // callbacks throw
   const bool failingDb = mode & 4;    // persistence fails now and then
+  const bool limited = mode & 8;      // tight rate limits
 
   ManualClock clock(SteadyTime{} + std::chrono::hours(1));
   Keeper* self = nullptr;
@@ -187,6 +190,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   opt.limits.maxIdLength = 7;
   opt.warnTypingTimers = 2;
   opt.warnConnections = 3;
+  if (limited) {
+    opt.rateLimits.connectsPerAddress = {20, 2};
+    opt.rateLimits.maxSessionsPerAddress = 2;
+    opt.rateLimits.joinsPerSession = {50, 3};
+    opt.rateLimits.typingPerSession = {50, 2};
+    opt.rateLimits.kinds = {{"message", RateScope::kUser, {100, 2}},
+                            {"report", RateScope::kAddress, {10, 1}}};
+    opt.rateLimits.maxKeys = 3;
+    opt.rateLimits.warnAfterRefusals = 2;
+  }
+  const char* const kAddresses[] = {"a0", "a1", "a2", "a3", ""};
   Keeper keeper(cb, opt);
   self = &keeper;
   Model model;
@@ -204,7 +218,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     bool refusable = true;
     switch (op % 12) {
       case 0:
-        r = keeper.connect(s);
+        r = limited ? keeper.connect(s, ClientAddress{kAddresses[(arg >> 3) % 5]})
+                    : keeper.connect(s);
         if (exact && r == Result::kOk) model.sessions[s] = "";
         break;
       case 1:
@@ -223,6 +238,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         }
         break;
       case 4:
+        if (limited && (arg & 64)) {
+          // A host kind (2 is not one). Refused, it changes nothing.
+          const RateKindId kind = (arg >> 3) % 3;
+          r = keeper.allow(s, kind);
+          FUZZ_CHECK(r == Result::kOk || r == Result::kRateLimited ||
+                     r == Result::kNotConnected || r == Result::kNotAuthenticated ||
+                     r == Result::kUnknownKind || r == Result::kShutDown);
+          if (r != Result::kNotConnected && r != Result::kShutDown)
+            FUZZ_CHECK((kind == 2) == (r == Result::kUnknownKind));
+          break;
+        }
         (void)keeper.clearRoomTracking(s);
         if (exact) model.rooms.erase(s);
         refusable = false;
@@ -284,7 +310,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const MemoryStats st = keeper.getMemoryStats();
   FUZZ_CHECK(st.connectedClients == 0 && st.userSockets == 0 && st.connectionTimers == 0 &&
              st.typingTimers == 0 && st.trackedRooms == 0 && st.rooms == 0 &&
-             st.sessionsWithRooms == 0 && st.timersPending == 0 && st.totalEntries == 0);
+             st.sessionsWithRooms == 0 && st.timersPending == 0 && st.totalEntries == 0 &&
+             st.rateLimitKeys == 0);
   FUZZ_CHECK(st.pendingPersistence <= opt.typing.maxPendingPersist);
   (void)persistAttempts;
   return 0;
