@@ -35,6 +35,7 @@ wanted=(
   "python3|the benchmark smoke test's output check (configured in the shared build)"
   "libhiredis-dev|roomkeeper::cluster formats and parses Redis commands with hiredis (0.14)"
   "redis-server|the cluster tests and demo start their own redis-server on a loopback port"
+  "prometheus|promtool tests the alert rules; the scrape test starts its own prometheus"
 )
 if [ "$profile" = ci ]; then
   wanted+=(
