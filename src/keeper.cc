@@ -134,6 +134,7 @@ void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
 Result Keeper::Impl::connect(std::string_view session, std::string_view address,
                              SessionHandle* out) {
   if (shut) return Result::kShutDown;
+  if (address.size() > opt.limits.maxIdLength) return Result::kInvalidId;
   // The limits first (refused: nothing changed), then the registry; the
   // limiter's keys are taken only once the session exists.
   detail::RateLimiter::Prepared p;
@@ -144,8 +145,9 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
     detail::RefusalWarning w;
     Result lr;
     try {
-      lr = limiter.prepareConnect(address, reg.sessionSlots.highWater() + 1, &p, &w);
+      lr = limiter.prepareConnect(address, {}, reg.sessionSlots.highWater() + 1, &p, &w);
     } catch (...) {
+      limiter.abandon(p);  // the session arrays, if they grew
       return Result::kOutOfMemory;
     }
     if (lr != Result::kOk) {
@@ -183,20 +185,17 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
 Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_view user,
                                           std::string_view address, SessionHandle* out) {
   if (shut) return Result::kShutDown;
-  if (user.empty()) return Result::kInvalidId;
+  if (user.empty() || address.size() > opt.limits.maxIdLength) return Result::kInvalidId;
   detail::RateLimiter::Prepared p;
   if (limiter.any()) {
     if (const Result c = reg.checkConnect(session, user); c != Result::kOk) return c;
     detail::RefusalWarning w;
     Result lr;
     try {
-      lr = limiter.prepareConnect(address, reg.sessionSlots.highWater() + 1, &p, &w);
-      if (lr == Result::kOk) {
-        lr = limiter.prepareUser(user, &p, &w);
-        if (lr != Result::kOk) limiter.abandon(p);
-      }
+      // Every check of both keys comes before anything is made.
+      lr = limiter.prepareConnect(address, user, reg.sessionSlots.highWater() + 1, &p, &w);
     } catch (...) {
-      limiter.abandon(p);
+      limiter.abandon(p);  // the session arrays, if they grew
       return Result::kOutOfMemory;
     }
     if (lr != Result::kOk) {
@@ -403,6 +402,9 @@ ShutdownReport Keeper::Impl::shutdown() {
     ++rep.sessionsClosed;
   }
   rep.timersCancelled += typing.impl_->clearAll();
+  // Keys kept for their buckets go now, with their forget timers (for
+  // Keeper and SyncKeeper alike).
+  limiter.clear();
   return rep;
 }
 
@@ -710,7 +712,6 @@ ShutdownReport Keeper::shutdown() {
   impl_->reg.flush();
   rep.persistUndelivered = impl_->typing.flushPersistence();
   impl_->typing.impl_->discardPersistence();  // reported; every count is 0
-  impl_->limiter.clear();
   rep.timersCancelled += impl_->timers.cancelAll();
   impl_->timers.shrinkToFit();
   return rep;

@@ -14,6 +14,8 @@ namespace detail {
 namespace {
 
 constexpr std::int64_t kNoLimit = std::numeric_limits<std::int64_t>::min();
+// A key's index stays below the user tag bit of its timer data.
+constexpr std::size_t kMaxKeyIndex = 0x7ffffffe;
 
 Rule ruleOf(const RateLimit& l) noexcept {
   Rule r;
@@ -21,7 +23,7 @@ Rule ruleOf(const RateLimit& l) noexcept {
   const double interval = 1e9 / l.perSecond;
   // Faster than a token a nanosecond is no limit anyone can reach.
   r.interval = interval < 1 ? 1 : static_cast<std::int64_t>(std::min(interval, 1e17));
-  const double burst = l.burst >= 1 && std::isfinite(l.burst) ? l.burst : 1;
+  const double burst = l.burst >= 1 ? l.burst : 1;  // NaN and below 1: 1; inf: capped below
   r.tolerance = static_cast<std::int64_t>(
       std::min((burst - 1) * static_cast<double>(r.interval), 1e17));
   return r;
@@ -116,14 +118,14 @@ struct RateLimiter::KeyTable {
     std::uint32_t i;
     if (freeList.empty()) {
       const std::size_t n = recs.size();
-      if (n >= kNoKey - 1) throw std::bad_alloc();
-      // Reserve everything first: nothing below can throw after the index.
-      if (recs.capacity() == n) {
-        const std::size_t c = std::max<std::size_t>(8, n * 2);
-        recs.reserve(c);
-        stamps.reserve(c * stride);
-        freeList.reserve(c);
-      }
+      if (n >= kMaxKeyIndex) throw std::bad_alloc();
+      // Each vector reserved against its own capacity, the index last: once
+      // the index holds the name nothing below can throw. (freeList holds
+      // every record when all are free: forget() pushes without growing.)
+      const std::size_t c = std::max<std::size_t>(8, n * 2);
+      if (recs.capacity() < n + 1) recs.reserve(c);
+      if (stamps.capacity() < (n + 1) * stride) stamps.reserve(c * stride);
+      if (freeList.capacity() < n + 1) freeList.reserve(c);
       index.emplace(copy, static_cast<std::uint32_t>(n));
       recs.emplace_back();
       stamps.resize(stamps.size() + stride, 0);
@@ -178,7 +180,7 @@ struct RateLimiter::KeyTable {
 };
 
 namespace {
-constexpr std::uint32_t kUserTag = 0x80000000u;
+constexpr std::uint32_t kUserTag = 0x80000000u;  // timer data: tag | index
 }
 
 RateLimiter::RateLimiter(const RateLimits& limits, const Clock& clock, TimerService& timers)
@@ -201,7 +203,7 @@ RateLimiter::RateLimiter(const RateLimits& limits, const Clock& clock, TimerServ
   hostRefusals_.assign(limits_.kinds.size(), 0);
   ++sessionStride_;  // the last column: refusals in a row
   tracksAddresses_ = connect_.on() || limits_.maxSessionsPerAddress > 0 || addressKinds;
-  const std::size_t cap = std::max<std::size_t>(1, std::min<std::size_t>(limits_.maxKeys, kNoKey - 1));
+  const std::size_t cap = std::max<std::size_t>(1, std::min(limits_.maxKeys, kMaxKeyIndex));
   addresses_ = std::make_unique<KeyTable>(addressStride_ + 1, 0, cap);
   users_ = std::make_unique<KeyTable>(userStride_ + 1, kUserTag, cap);
   any_ = tracksAddresses_ || builtin_[0].on() || builtin_[1].on() || !limits_.kinds.empty();
@@ -231,40 +233,58 @@ void RateLimiter::countWarn(std::int64_t* run, Refusal why, std::string_view key
   }
 }
 
-Result RateLimiter::prepareConnect(std::string_view address, std::size_t slots,
-                                   Prepared* p, RefusalWarning* warn) {
+Result RateLimiter::prepareConnect(std::string_view address, std::string_view user,
+                                   std::size_t slots, Prepared* p, RefusalWarning* warn) {
   *p = Prepared{};
-  if (tracksAddresses_ && !address.empty()) {
+  // 1. Every check, nothing made.
+  std::uint32_t a = kNoKey;
+  const bool byAddress = tracksAddresses_ && !address.empty();
+  if (byAddress) {
     KeyTable& t = *addresses_;
-    const std::uint32_t i = t.find(address);
-    if (i == kNoKey) {
+    a = t.find(address);
+    if (a == kNoKey) {
       if (!t.canAdd()) {
         countWarn(&keysFullRun_, Refusal::kKeysFull, address, warn);
         return Result::kRateLimited;
       }
     } else {
-      KeyTable::Rec& r = t.recs[i];
+      const KeyTable::Rec& r = t.recs[a];
       if (limits_.maxSessionsPerAddress > 0 && r.sessions >= limits_.maxSessionsPerAddress) {
-        countWarn(t.runOf(i), Refusal::kConcurrent, r.name, warn);
+        countWarn(t.runOf(a), Refusal::kConcurrent, r.name, warn);
         return Result::kRateLimited;
       }
       std::int64_t next;
-      if (connect_.on() && !connect_.admits(t.row(i)[0], now(), &next)) {
-        countWarn(t.runOf(i), Refusal::kConnects, r.name, warn);
+      if (connect_.on() && !connect_.admits(t.row(a)[0], now(), &next)) {
+        countWarn(t.runOf(a), Refusal::kConnects, r.name, warn);
         return Result::kRateLimited;
       }
     }
-    ensureSlots(slots);
-    if (i == kNoKey) {
-      p->address = t.add(address, timers_);
-      p->addressIsNew = true;
-      keysFullRun_ = 0;
-    } else {
-      p->address = i;
-    }
-  } else {
-    ensureSlots(slots);
   }
+  const bool byUser = userStride_ > 0 && !user.empty();
+  std::uint32_t u = byUser ? users_->find(user) : kNoKey;
+  if (byUser && u == kNoKey && !users_->canAdd()) {
+    countWarn(&keysFullRun_, Refusal::kKeysFull, user, warn);
+    return Result::kRateLimited;
+  }
+  // 2. What the session needs; a throw undoes what this call made.
+  ensureSlots(slots);
+  if (byAddress && a == kNoKey) {
+    a = addresses_->add(address, timers_);
+    p->addressIsNew = true;
+  }
+  p->address = a;
+  if (byUser && u == kNoKey) {
+    try {
+      u = users_->add(user, timers_);
+    } catch (...) {
+      abandon(*p);
+      *p = Prepared{};  // abandoned: the caller's abandon() finds nothing
+      throw;
+    }
+    p->userIsNew = true;
+  }
+  p->user = u;
+  keysFullRun_ = 0;
   return Result::kOk;
 }
 
@@ -296,6 +316,14 @@ void RateLimiter::abandon(const Prepared& p) noexcept {
     addresses_->idleRelease(p.address, t, timers_, forgetHandler_);
   if (p.userIsNew && users_->recs[p.user].sessions == 0)
     users_->idleRelease(p.user, t, timers_, forgetHandler_);
+  // The per-session arrays grown for the call, with nobody to use them.
+  if (liveSessions_ == 0) releaseSessionArrays();
+}
+
+void RateLimiter::releaseSessionArrays() noexcept {
+  std::vector<std::int64_t>().swap(sessionStamps_);
+  std::vector<std::uint32_t>().swap(sessionAddress_);
+  std::vector<std::uint32_t>().swap(sessionUser_);
 }
 
 void RateLimiter::ensureSlots(std::size_t need) {
@@ -338,11 +366,7 @@ void RateLimiter::release(std::uint32_t slot) noexcept {
   if (sessionUser_[slot] != kNoKey) users_->drop(sessionUser_[slot], t, timers_, forgetHandler_);
   sessionAddress_[slot] = kNoKey;
   sessionUser_[slot] = kNoKey;
-  if (--liveSessions_ == 0) {
-    std::vector<std::int64_t>().swap(sessionStamps_);
-    std::vector<std::uint32_t>().swap(sessionAddress_);
-    std::vector<std::uint32_t>().swap(sessionUser_);
-  }
+  if (--liveSessions_ == 0) releaseSessionArrays();
 }
 
 bool RateLimiter::admit(std::uint32_t slot, std::size_t which, std::int64_t* next,
@@ -433,9 +457,7 @@ void RateLimiter::clear() noexcept {
     for (std::uint32_t i = 0; i < t->recs.size(); ++i) timers_.cancel(t->recs[i].forget);
     *t = KeyTable(t->stride, t->tag, t->cap);
   }
-  std::vector<std::int64_t>().swap(sessionStamps_);
-  std::vector<std::uint32_t>().swap(sessionAddress_);
-  std::vector<std::uint32_t>().swap(sessionUser_);
+  releaseSessionArrays();
   liveSessions_ = 0;
 }
 

@@ -15,6 +15,7 @@
 #define ROOMKEEPER_SRC_RATE_LIMITER_H_
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -38,7 +39,10 @@ struct Rule {
   bool admits(std::int64_t stamp, std::int64_t now, std::int64_t* next) const noexcept {
     const std::int64_t t = stamp > now ? stamp : now;
     if (t - now > tolerance) return false;
-    *next = t + interval;
+    // Saturating: a clock near the end of int64 nanoseconds stays there.
+    *next = t > std::numeric_limits<std::int64_t>::max() - interval
+                ? std::numeric_limits<std::int64_t>::max()
+                : t + interval;
     return true;
   }
 };
@@ -80,12 +84,13 @@ class RateLimiter {
     bool addressIsNew = false;
     bool userIsNew = false;
   };
-  /// Before a connect: kOk or kRateLimited (counted, nothing changed). On
-  /// kOk the address's key exists (made if new, full buckets) and the
-  /// per-session arrays hold `slots` slots. Throws std::bad_alloc, nothing
-  /// held.
-  Result prepareConnect(std::string_view address, std::size_t slots, Prepared* p,
-                        RefusalWarning* warn);
+  /// Before a connect (`user` non-empty: connectAuthenticated): kOk or
+  /// kRateLimited (counted, nothing changed: every check is made before
+  /// anything is). On kOk the address's and the user's keys exist (made if
+  /// new, full buckets) and the per-session arrays hold `slots` slots.
+  /// Throws std::bad_alloc with nothing held (abandon is not needed).
+  Result prepareConnect(std::string_view address, std::string_view user, std::size_t slots,
+                        Prepared* p, RefusalWarning* warn);
   /// Before binding a user: the same for the user's key (kRateLimited when
   /// the table is full of users with sessions).
   Result prepareUser(std::string_view user, Prepared* p, RefusalWarning* warn);
@@ -124,6 +129,7 @@ class RateLimiter {
  private:
   struct KeyTable;
   void ensureSlots(std::size_t need);
+  void releaseSessionArrays() noexcept;
   std::int64_t* sessionRow(std::uint32_t slot) noexcept {
     return sessionStamps_.data() + std::size_t{slot} * sessionStride_;
   }

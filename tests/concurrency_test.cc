@@ -681,4 +681,8 @@ TEST_CASE("rate limits under SyncKeeper: shared buckets hand out exactly their t
   const roomkeeper::MemoryStats st = k.getMemoryStats();
   CHECK(st.rateLimitedConcurrent == static_cast<std::uint64_t>(kThreads * 20 - 30));
   CHECK(st.rateLimitKeys == 2);  // the address and the user
+  // Shutdown lets go of every key, also those kept for their buckets.
+  REQUIRE(k.shutdown().result == roomkeeper::Result::kOk);
+  requireEmpty(k.getMemoryStats());
+  CHECK(k.getMemoryStats().timersPending == 0);
 }

@@ -320,3 +320,38 @@ TEST_CASE("rate limits: options out of range and shutdown", "[ratelimit]") {
   CHECK(toString(Result::kRateLimited) == "rate_limited");
   CHECK(toString(Result::kUnknownKind) == "unknown_kind");
 }
+
+TEST_CASE("a connect refused for its user key neither evicts nor resets an address",
+          "[ratelimit]") {
+  Fixture f;
+  f.opt.rateLimits.maxKeys = 1;
+  f.opt.rateLimits.connectsPerAddress = {1, 1};
+  f.opt.rateLimits.kinds = {{"upload", RateScope::kUser, {1, 1}}};
+  Keeper k(f.callbacks(), f.opt);
+  REQUIRE(k.connectAuthenticated("a", "U1") == Result::kOk);  // the one user key
+  REQUIRE(k.connect("x1", ClientAddress{"X"}) == Result::kOk);
+  REQUIRE(k.disconnect("x1") == Result::kOk);  // X idle, its bucket empty
+  CHECK(k.connect("x2", ClientAddress{"X"}) == Result::kRateLimited);
+  const MemoryStats before = k.getMemoryStats();
+  // Y would need a second address key (X is idle: it could make room) and a
+  // second user key (none idle): refused before anything is made.
+  CHECK(k.connectAuthenticated("b", "U2", ClientAddress{"Y"}) == Result::kRateLimited);
+  CHECK(sameState(before, k.getMemoryStats()));
+  CHECK(k.getMemoryStats().rateLimitedKeysFull == 1);
+  CHECK(k.connect("x2", ClientAddress{"X"}) == Result::kRateLimited);  // X's limit holds
+}
+
+TEST_CASE("client addresses: bad ones are refused", "[ratelimit]") {
+  Fixture f;
+  f.opt.limits.maxIdLength = 16;
+  f.opt.rateLimits.maxSessionsPerAddress = 1;
+  Keeper k(f.callbacks(), f.opt);
+  const std::string longAddress(17, '1');
+  CHECK(k.connect("s", ClientAddress{longAddress}) == Result::kInvalidId);
+  CHECK(k.connectAuthenticated("s", "u", ClientAddress{longAddress}) == Result::kInvalidId);
+  requireEmpty(k.getMemoryStats());
+  CHECK(k.connect("s", ClientAddress{std::string(16, '1')}) == Result::kOk);
+  // An empty address is "no address": not limited per address.
+  CHECK(k.connect("t", ClientAddress{""}) == Result::kOk);
+  CHECK(k.connect("v", ClientAddress{""}) == Result::kOk);
+}
