@@ -36,6 +36,8 @@ wanted=(
   "libhiredis-dev|roomkeeper::cluster formats and parses Redis commands with hiredis (0.14)"
   "redis-server|the cluster tests and demo start their own redis-server on a loopback port"
   "prometheus|promtool tests the alert rules; the scrape test starts its own prometheus"
+  "chromium|the dashboard test opens dispatch_server's page in headless Chromium"
+  "nodejs|the dashboard test drives Chromium from a Node script (DevTools protocol)"
 )
 if [ "$profile" = ci ]; then
   wanted+=(

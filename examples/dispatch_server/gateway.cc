@@ -48,6 +48,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "dashboard_html.h"
 #include "demo_token.h"
 #include "typing_store.h"
 
@@ -296,6 +297,11 @@ class Gateway {
     s += ",\"authTimeoutMs\":" + std::to_string(opt_.authTimeoutMs);
     s += ",\"typingTimeoutMs\":" + std::to_string(opt_.typingTimeoutMs);
     s += ",\"shuttingDown\":" + std::string(shuttingDown_ ? "true" : "false");
+    {
+      // roomkeeper's recent warnings (the dashboard shows them).
+      std::lock_guard<std::mutex> lock(warningsMutex_);
+      s += ",\"warnings\":" + json(warnings_).dump();
+    }
 #if DISPATCH_CLUSTER
     // Loop 0's node (with --redis every loop is a node of its own).
     if (loops_[0]->redis) s += ",\"cluster\":" + loops_[0]->node->statsJson();
@@ -351,6 +357,7 @@ class Gateway {
       if (level >= roomkeeper::LogLevel::kWarning || opt_.verbose)
         std::fprintf(stderr, "[%s] %.*s\n", std::string(roomkeeper::toString(level)).c_str(),
                      int(msg.size()), msg.data());
+      if (level >= roomkeeper::LogLevel::kWarning) noteWarning(msg);
     };
     roomkeeper::KeeperOptions ko;
     ko.authTimeout = roomkeeper::Millis(opt_.authTimeoutMs);
@@ -476,6 +483,14 @@ class Gateway {
   std::atomic<bool> shuttingDown_{false};
   std::atomic<std::uint64_t> nextId_{0};
   std::size_t nextLoop_ = 0;  // on the acceptor's strand
+  // The last warnings roomkeeper logged (from any loop's thread), newest last.
+  std::mutex warningsMutex_;
+  std::deque<std::string> warnings_;
+  void noteWarning(std::string_view msg) {
+    std::lock_guard<std::mutex> lock(warningsMutex_);
+    warnings_.emplace_back(msg);
+    if (warnings_.size() > 10) warnings_.pop_front();
+  }
 };
 
 // ---- Plain HTTP (GET /metrics, /stats, /healthz) and the upgrade -----------
@@ -523,6 +538,9 @@ class HttpConnection : public std::enable_shared_from_this<HttpConnection> {
     if (path == "/stats")
       return respond(http::status::ok, "application/json", gw_.statsJson() + "\n");
     if (path == "/healthz") return respond(http::status::ok, "text/plain", "ok\n");
+    if (path == "/")  // the live dashboard
+      return respond(http::status::ok, "text/html; charset=utf-8",
+                     std::string(dispatch::kDashboardHtml));
     respond(http::status::not_found, "text/plain", "not found\n");
   }
 

@@ -45,3 +45,23 @@ http_get() {
     timeout 5 cat <&5)" 2>/dev/null || return 0
   printf '%s\n' "${reply#*$'\r\n\r\n'}"
 }
+
+# start_ops_server NAME SERVER: for the operations tests. Makes `tmp` (a
+# temporary directory), traps EXIT to kill every pid in `pids` and remove
+# `tmp`, starts SERVER there (ephemeral port, 2 loops, a fresh database, a
+# 500 ms auth deadline), adds it to `pids` as `spid`, and sets `port`.
+# Exits with a message if the server does not start.
+start_ops_server() {
+  local name="$1" bin="$2"
+  tmp="$(mktemp -d)"
+  pids=""
+  trap 'for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
+  : >"$tmp/server.log"
+  "$bin" --port 0 --threads 2 --db "$tmp/dispatch.db" --auth-timeout-ms 500 \
+    >"$tmp/server.log" 2>&1 &
+  spid=$!
+  pids="$spid"
+  if ! wait_for_port "$tmp/server.log" "$spid"; then
+    echo "$name: the server did not start"; cat "$tmp/server.log"; exit 1
+  fi
+}

@@ -17,19 +17,7 @@ server="$1" load="$2"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 . "$root/scripts/lib/dispatch_server.sh"
 command -v prometheus >/dev/null || { echo "prometheus_scrape: no prometheus (scripts/setup.sh)"; exit 1; }
-tmp="$(mktemp -d)"
-spid="" ppid_=""
-cleanup() {
-  for p in $spid $ppid_; do kill -KILL "$p" 2>/dev/null || true; done
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-: >"$tmp/server.log"
-"$server" --port 0 --threads 2 --db "$tmp/dispatch.db" --auth-timeout-ms 500 \
-  >"$tmp/server.log" 2>&1 &
-spid=$!
-wait_for_port "$tmp/server.log" "$spid" || { echo "prometheus_scrape: server did not start"; cat "$tmp/server.log"; exit 1; }
+start_ops_server prometheus_scrape "$server"
 sport="$port"
 pport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 
@@ -48,6 +36,7 @@ YML
 prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/data" \
   --web.listen-address="127.0.0.1:$pport" >"$tmp/prometheus.log" 2>&1 &
 ppid_=$!
+pids="$pids $ppid_"
 
 # query EXPR: the first sample's value of an instant query, or "none".
 query() {
