@@ -1042,10 +1042,6 @@ Result Keeper::allowImpl(Id session, RateKindId kind) {
   Result why = Result::kOk;
   const std::uint32_t s = im.slotOf(session, &why);
   if (s == detail::kNone) return why;
-  if (kind >= im.opt.rateLimits.kinds.size()) return Result::kUnknownKind;
-  if (im.opt.rateLimits.kinds[kind].scope == RateScope::kUser &&
-      im.reg.sessionSlots[s].user == detail::kNone)
-    return Result::kNotAuthenticated;
   detail::RefusalWarning w;
   const Result r = im.limiter.allow(s, kind, &w);
   if (r == Result::kRateLimited) {

@@ -190,15 +190,18 @@ RateLimiter::RateLimiter(const RateLimits& limits, const Clock& clock, TimerServ
   builtin_[kTyping] = ruleOf(limits_.typingPerSession);
   bool addressKinds = false;
   for (const RateKind& k : limits_.kinds) {
-    hostRules_.push_back(ruleOf(k.limit));
+    HostKind hk;
+    hk.rule = ruleOf(k.limit);
+    hk.scope = k.scope;
     switch (k.scope) {
-      case RateScope::kSession: hostColumn_.push_back(static_cast<std::uint32_t>(sessionStride_++)); break;
-      case RateScope::kUser: hostColumn_.push_back(static_cast<std::uint32_t>(userStride_++)); break;
+      case RateScope::kSession: hk.column = static_cast<std::uint32_t>(sessionStride_++); break;
+      case RateScope::kUser: hk.column = static_cast<std::uint32_t>(userStride_++); break;
       case RateScope::kAddress:
-        hostColumn_.push_back(static_cast<std::uint32_t>(addressStride_++));
-        addressKinds = addressKinds || hostRules_.back().on();
+        hk.column = static_cast<std::uint32_t>(addressStride_++);
+        addressKinds = addressKinds || hk.rule.on();
         break;
     }
+    hostKinds_.push_back(hk);
   }
   hostRefusals_.assign(limits_.kinds.size(), 0);
   ++sessionStride_;  // the last column: refusals in a row
@@ -388,43 +391,36 @@ void RateLimiter::take(std::uint32_t slot, std::size_t which, std::int64_t next)
 }
 
 Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept {
-  if (kind >= hostRules_.size()) return Result::kUnknownKind;
-  const Rule& rule = hostRules_[kind];
-  const RateScope scope = limits_.kinds[kind].scope;
-  std::int64_t* stamp = nullptr;
-  std::int64_t* run = nullptr;
-  std::string_view key;
-  switch (scope) {
-    case RateScope::kSession:
-      stamp = sessionRow(slot) + hostColumn_[kind];
-      run = runOf(slot);
-      break;
-    case RateScope::kUser: {
-      const std::uint32_t u = slot < sessionUser_.size() ? sessionUser_[slot] : kNoKey;
-      if (u == kNoKey) return Result::kNotAuthenticated;
-      stamp = users_->row(u) + hostColumn_[kind];
-      run = users_->runOf(u);
-      key = users_->recs[u].name;
-      break;
-    }
-    case RateScope::kAddress: {
-      const std::uint32_t a = slot < sessionAddress_.size() ? sessionAddress_[slot] : kNoKey;
-      if (a == kNoKey) return Result::kOk;  // connected without an address
-      stamp = addresses_->row(a) + hostColumn_[kind];
-      run = addresses_->runOf(a);
-      key = addresses_->recs[a].name;
-      break;
-    }
+  if (kind >= hostKinds_.size()) return Result::kUnknownKind;
+  const HostKind& hk = hostKinds_[kind];
+  // Only what the check needs is read: one row of stamps (the key's name
+  // only if the call is refused).
+  KeyTable* table = nullptr;
+  std::uint32_t key = kNoKey;
+  std::int64_t* row;
+  std::int64_t* run;
+  if (hk.scope == RateScope::kSession) {
+    row = sessionRow(slot);
+    run = runOf(slot);
+  } else {
+    const bool user = hk.scope == RateScope::kUser;
+    const std::vector<std::uint32_t>& of = user ? sessionUser_ : sessionAddress_;
+    key = slot < of.size() ? of[slot] : kNoKey;
+    // A user kind before authenticate; an address kind without an address.
+    if (key == kNoKey) return user ? Result::kNotAuthenticated : Result::kOk;
+    table = user ? users_.get() : addresses_.get();
+    row = table->row(key);
+    run = table->runOf(key);
   }
-  if (!rule.on()) return Result::kOk;
+  if (!hk.rule.on()) return Result::kOk;
   std::int64_t next;
-  if (!rule.admits(*stamp, now(), &next)) {
+  if (!hk.rule.admits(row[hk.column], now(), &next)) {
     ++hostRefusals_[kind];
-    countWarn(run, Refusal::kHost, key, warn);
+    countWarn(run, Refusal::kHost, table ? std::string_view(table->recs[key].name) : "", warn);
     if (warn && warn->due) warn->kind = kind;
     return Result::kRateLimited;
   }
-  *stamp = next;
+  row[hk.column] = next;
   if (*run != 0) *run = 0;
   return Result::kOk;
 }

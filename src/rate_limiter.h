@@ -146,8 +146,12 @@ class RateLimiter {
   bool any_ = false;
   Rule connect_;
   Rule builtin_[2];                        // joins, typing
-  std::vector<Rule> hostRules_;            // per host kind
-  std::vector<std::uint32_t> hostColumn_;  // its column in its scope's stamps
+  struct HostKind {
+    Rule rule;
+    std::uint32_t column = 0;  // in its scope's row of stamps
+    RateScope scope = RateScope::kSession;
+  };
+  std::vector<HostKind> hostKinds_;
   std::size_t sessionStride_ = 2;          // joins, typing, session kinds, run
   std::size_t addressStride_ = 1;          // connect, address kinds
   std::size_t userStride_ = 0;             // user kinds
