@@ -9,7 +9,8 @@
 #         README's two commands share one build, and CMake needs them
 #         to configure it.
 #   test  what scripts/test.sh needs: the same list, since it builds the
-#         same tree.
+#         same tree, plus what the operations tests run (Prometheus,
+#         Chromium, Node).
 #   ci    test plus the fuzzing toolchain (clang and libFuzzer's runtime)
 #         for scripts/fuzz.sh; scripts/checks.sh and fuzz.sh call setup.sh
 #         with no argument, which is this.
@@ -35,10 +36,16 @@ wanted=(
   "python3|the benchmark smoke test's output check (configured in the shared build)"
   "libhiredis-dev|roomkeeper::cluster formats and parses Redis commands with hiredis (0.14)"
   "redis-server|the cluster tests and demo start their own redis-server on a loopback port"
-  "prometheus|promtool tests the alert rules; the scrape test starts its own prometheus"
-  "chromium|the dashboard test opens dispatch_server's page in headless Chromium"
-  "nodejs|the dashboard test drives Chromium from a Node script (DevTools protocol)"
 )
+if [ "$profile" != demo ]; then
+  # The operations tests (ctest -L ops); CMake registers them only where
+  # these are found, so the demo's build does not need them.
+  wanted+=(
+    "prometheus|promtool tests the alert rules; the scrape test starts its own prometheus"
+    "chromium|the dashboard test opens dispatch_server's page in headless Chromium"
+    "nodejs|the dashboard test drives Chromium from a Node script (DevTools protocol)"
+  )
+fi
 if [ "$profile" = ci ]; then
   wanted+=(
     "clang|scripts/fuzz.sh builds the fuzzer with clang"

@@ -218,12 +218,6 @@ RateLimiter::~RateLimiter() {
   timers_.removeHandler(forgetHandler_);
 }
 
-std::int64_t RateLimiter::now() const noexcept {
-  const SteadyTime t = clock_.now();
-  if (t <= epoch_) return 0;
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch_).count();
-}
-
 void RateLimiter::countWarn(std::int64_t* run, Refusal why, std::string_view key,
                             RefusalWarning* warn) noexcept {
   ++refusals_[int(why)];
@@ -390,7 +384,8 @@ void RateLimiter::take(std::uint32_t slot, std::size_t which, std::int64_t next)
   if (row[sessionStride_ - 1] != 0) row[sessionStride_ - 1] = 0;  // the refusal run ends
 }
 
-Result RateLimiter::allow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept {
+Result RateLimiter::allowSlow(std::uint32_t slot, RateKindId kind,
+                              RefusalWarning* warn) noexcept {
   if (kind >= hostKinds_.size()) return Result::kUnknownKind;
   const HostKind& hk = hostKinds_[kind];
   // Only what the check needs is read: one row of stamps (the key's name

@@ -14,6 +14,7 @@
 #ifndef ROOMKEEPER_SRC_RATE_LIMITER_H_
 #define ROOMKEEPER_SRC_RATE_LIMITER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -74,7 +75,13 @@ class RateLimiter {
   /// Anything configured at all (else the Keeper skips every check).
   bool any() const noexcept { return any_; }
   bool limitsUsers() const noexcept { return userStride_ > 0; }
-  std::int64_t now() const noexcept;
+  /// Nanoseconds since the limiter started, by the Keeper's clock (0 if
+  /// the clock reads earlier).
+  std::int64_t now() const noexcept {
+    const SteadyTime t = clock_.now();
+    if (t <= epoch_) return 0;
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch_).count();
+  }
 
   // ---- a session's life: prepare (may refuse or throw), then commit ----
   /// The keys a connect or authenticate will hold.
@@ -113,7 +120,23 @@ class RateLimiter {
   void take(std::uint32_t slot, std::size_t which, std::int64_t next) noexcept;
   /// A host kind, checked and taken at once: kOk, kRateLimited,
   /// kUnknownKind, kNotAuthenticated (a user kind before authenticate).
-  Result allow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept;
+  /// The common case (a session-scoped kind, allowed) is inline here.
+  Result allow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept {
+    if (kind < hostKinds_.size()) {
+      const HostKind& hk = hostKinds_[kind];
+      if (hk.scope == RateScope::kSession) {
+        if (!hk.rule.on()) return Result::kOk;
+        std::int64_t* row = sessionRow(slot);
+        std::int64_t next;
+        if (hk.rule.admits(row[hk.column], now(), &next)) {
+          row[hk.column] = next;
+          if (row[sessionStride_ - 1] != 0) row[sessionStride_ - 1] = 0;
+          return Result::kOk;
+        }
+      }
+    }
+    return allowSlow(slot, kind, warn);
+  }
 
   std::uint64_t refusals(Refusal why) const noexcept { return refusals_[int(why)]; }
   std::uint64_t hostRefusals(RateKindId kind) const noexcept {
@@ -128,6 +151,7 @@ class RateLimiter {
 
  private:
   struct KeyTable;
+  Result allowSlow(std::uint32_t slot, RateKindId kind, RefusalWarning* warn) noexcept;
   void ensureSlots(std::size_t need);
   void releaseSessionArrays() noexcept;
   std::int64_t* sessionRow(std::uint32_t slot) noexcept {
