@@ -75,7 +75,24 @@ start=$(date +%s)
 echo "setup: apt-get update (the package lists)"
 $SUDO apt-get update -qq
 echo "setup: apt-get install (with their dependencies; a few minutes on a fresh machine)"
-# One line a package as dpkg sets it up, so that progress shows.
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}" |
-  sed -un 's/^Setting up \([^ ]*\) .*/  set up \1/p'
+# One line a package as dpkg sets it up, so that progress shows. The
+# operations packages without Recommends: prometheus would bring
+# prometheus-node-exporter, another service.
+plain=() bare=()
+for pkg in "${missing[@]}"; do
+  case "$pkg" in prometheus | chromium | nodejs) bare+=("$pkg") ;; *) plain+=("$pkg") ;; esac
+done
+for set in plain bare; do
+  declare -n list="$set"
+  [ ${#list[@]} -eq 0 ] && continue
+  extra=()
+  [ "$set" = bare ] && extra=(--no-install-recommends)
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${extra[@]}" "${list[@]}" |
+    sed -un 's/^Setting up \([^ ]*\) .*/  set up \1/p'
+done
+# The tests start their own prometheus on a free loopback port; the
+# package's system service (started where systemd runs) is not wanted.
+if [ -d /run/systemd/system ] && systemctl is-enabled prometheus >/dev/null 2>&1; then
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 echo "setup ($profile): done in $(( $(date +%s) - start )) s"

@@ -47,15 +47,16 @@ http_get() {
 }
 
 # start_ops_server NAME SERVER: for the operations tests. Makes `tmp` (a
-# temporary directory), traps EXIT to kill every pid in `pids` and remove
-# `tmp`, starts SERVER there (ephemeral port, 2 loops, a fresh database, a
-# 500 ms auth deadline), adds it to `pids` as `spid`, and sets `port`.
-# Exits with a message if the server does not start.
+# temporary directory), traps EXIT to kill and reap every pid still in
+# `pids` (the caller removes the ones it has reaped) and then remove `tmp`,
+# starts SERVER there (ephemeral port, 2 loops, a fresh database, a 500 ms
+# auth deadline), adds it to `pids` as `spid`, and sets `port`. Exits with
+# a message if the server does not start.
 start_ops_server() {
   local name="$1" bin="$2"
   tmp="$(mktemp -d)"
   pids=""
-  trap 'for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
+  trap 'for p in $pids; do kill -KILL "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
   : >"$tmp/server.log"
   "$bin" --port 0 --threads 2 --db "$tmp/dispatch.db" --auth-timeout-ms 500 \
     >"$tmp/server.log" 2>&1 &

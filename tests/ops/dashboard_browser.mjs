@@ -3,21 +3,22 @@
 // it through the DOM, over the Chrome DevTools Protocol on Chromium's
 // --remote-debugging-pipe (fds 3 and 4, NUL-separated JSON): no npm
 // package, no WebSocket client, any Node version Debian ships.
-//   node dashboard_browser.mjs CHROMIUM URL SHOT DONE_FILE
+//   node dashboard_browser.mjs CHROMIUM URL SHOT DONE_FILE PROFILE_DIR [TIMEOUT_S]
 // Samples the page's figures every 200 ms until DONE_FILE exists (the load
 // has finished), then until every count reads 0 (at most 20 s). Saves a
 // screenshot to SHOT at the highest connected-clients reading. Prints one
 // JSON line: the peak and the last reading of each figure, and how many
 // /stats samples the page itself took.
 import { spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 
-const [chromiumPath, url, shotPath, doneFile] = process.argv.slice(2);
+// PROFILE_DIR is inside the caller's temporary directory, which its trap
+// removes whatever happens to this process.
+const [chromiumPath, url, shotPath, doneFile, profile, timeoutArg] = process.argv.slice(2);
+const timeoutMs = 1000 * Number(timeoutArg || 240);
 const keys = ["connectedClients", "rooms", "trackedRooms", "typingTimers",
               "pendingPersistence", "bytes"];
-const profile = mkdtempSync(join(tmpdir(), "rk-chromium-"));
+mkdirSync(profile, { recursive: true });
 const chromium = spawn(chromiumPath, [
   "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
   "--disable-extensions", "--disable-background-networking",
@@ -28,10 +29,10 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 function fail(why) {
   console.error("dashboard_browser: " + why);
   chromium.kill("SIGKILL");
-  rmSync(profile, { recursive: true, force: true });
   process.exit(1);
 }
-setTimeout(() => fail("timed out"), 120000).unref();
+setTimeout(() => fail("timed out"), timeoutMs).unref();
+chromium.on("error", (e) => fail("cannot start chromium: " + e));
 
 let chromiumErr = "";
 chromium.stderr.on("data", (d) => { chromiumErr += d; });
@@ -111,8 +112,13 @@ do {
 } while (Date.now() < settle);
 
 console.log(JSON.stringify({ peak, last, firstSamples, screenshotAtClients: shotAt }));
+// Chromium writes its profile while it shuts down: wait for it to exit
+// (SIGKILL after 5 s) before the profile is removed.
 chromium.removeAllListeners("exit");
+const exited = new Promise((r) => chromium.once("exit", r));
 chromium.kill("SIGTERM");
-await sleep(300);
-rmSync(profile, { recursive: true, force: true });
+const killer = setTimeout(() => chromium.kill("SIGKILL"), 5000);
+await exited;
+clearTimeout(killer);
+rmSync(profile, { recursive: true, force: true, maxRetries: 5 });
 process.exit(0);

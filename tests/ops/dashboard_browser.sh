@@ -17,9 +17,10 @@ root="$(cd "$(dirname "$0")/../.." && pwd)"
 chromium="$(command -v chromium || true)"
 [ -n "$chromium" ] || { echo "dashboard_browser: no chromium (scripts/setup.sh)"; exit 1; }
 start_ops_server dashboard_browser "$server"
+rm -f "$shot"  # a screenshot from an earlier run must not pass for this one's
 
-node "$root/tests/ops/dashboard_browser.mjs" \
-  "$chromium" "http://127.0.0.1:$port/" "$shot" "$tmp/done" >"$tmp/browser.json" 2>"$tmp/browser.err" &
+node "$root/tests/ops/dashboard_browser.mjs" "$chromium" "http://127.0.0.1:$port/" "$shot" \
+  "$tmp/done" "$tmp/profile" 240 >"$tmp/browser.json" 2>"$tmp/browser.err" &
 dpid=$!
 pids="$pids $dpid"
 # The page is up and polling before the load starts.
@@ -28,7 +29,7 @@ sleep 3
 touch "$tmp/done"
 status=0
 wait "$dpid" || status=$?
-dpid=""
+pids="$spid"  # the driver has been reaped
 cat "$tmp/browser.err" >&2 || true
 [ "$status" -eq 0 ] || { echo "dashboard_browser: FAIL: the browser driver exited $status"; exit 1; }
 cat "$tmp/browser.json"
@@ -55,4 +56,4 @@ print(f"dashboard_browser: peak {peak['connectedClients']} clients, {peak['rooms
 print("dashboard_browser: PASS")
 PY
 kill -TERM "$spid" 2>/dev/null || true
-wait_exit "$spid" 200 0.05 || true
+if wait_exit "$spid" 200 0.05; then pids=""; fi

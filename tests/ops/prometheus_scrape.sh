@@ -109,8 +109,11 @@ for a in RoomkeeperEntriesWithoutConnections RoomkeeperRoomEntriesOutliveConnect
   if [ "$s" != none ]; then echo "prometheus_scrape: FAIL: $a is $s"; status=1; fi
 done
 
+# Both stopped and reaped before the trap removes their directories.
 kill -TERM "$ppid_" 2>/dev/null || true
 kill -TERM "$spid" 2>/dev/null || true
+wait "$ppid_" 2>/dev/null || true
 wait_exit "$spid" 200 0.05 || true
+pids=""
 [ "$status" -eq 0 ] && echo "prometheus_scrape: PASS"
 exit "$status"
