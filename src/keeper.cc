@@ -131,6 +131,26 @@ void Keeper::Impl::onAuthTimeout(TimerHandle h, std::uint32_t slot) {
   runDisconnect(slot);
 }
 
+Result Keeper::Impl::prepareLimits(std::string_view session, std::string_view user,
+                                   std::string_view address,
+                                   detail::RateLimiter::Prepared* p) {
+  if (!limiter.any()) return Result::kOk;
+  // The registry's own refusals first: the limiter prepares (and may make
+  // a key) only for a connect that will be made; it checks both keys
+  // (address and user) before it makes either.
+  if (const Result c = reg.checkConnect(session, user); c != Result::kOk) return c;
+  detail::RefusalWarning w;
+  Result lr;
+  try {
+    lr = limiter.prepareConnect(address, user, reg.sessionSlots.highWater() + 1, p, &w);
+  } catch (...) {
+    limiter.abandon(*p);  // the session arrays, if they grew
+    return Result::kOutOfMemory;
+  }
+  if (lr != Result::kOk) warnRefusal(detail::kNone, w);
+  return lr;
+}
+
 Result Keeper::Impl::connect(std::string_view session, std::string_view address,
                              SessionHandle* out) {
   if (shut) return Result::kShutDown;
@@ -138,23 +158,7 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
   // The limits first (refused: nothing changed), then the registry; the
   // limiter's keys are taken only once the session exists.
   detail::RateLimiter::Prepared p;
-  if (limiter.any()) {
-    // The registry's own refusals first: the limiter prepares (and may
-    // make a key) only for a connect that will be made.
-    if (const Result c = reg.checkConnect(session, {}); c != Result::kOk) return c;
-    detail::RefusalWarning w;
-    Result lr;
-    try {
-      lr = limiter.prepareConnect(address, {}, reg.sessionSlots.highWater() + 1, &p, &w);
-    } catch (...) {
-      limiter.abandon(p);  // the session arrays, if they grew
-      return Result::kOutOfMemory;
-    }
-    if (lr != Result::kOk) {
-      warnRefusal(detail::kNone, w);
-      return lr;
-    }
-  }
+  if (const Result lr = prepareLimits(session, {}, address, &p); lr != Result::kOk) return lr;
   SessionHandle h;
   const Result r = reg.connect(session, {}, &h);
   if (r != Result::kOk) {
@@ -187,22 +191,7 @@ Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_
   if (shut) return Result::kShutDown;
   if (user.empty() || address.size() > opt.limits.maxIdLength) return Result::kInvalidId;
   detail::RateLimiter::Prepared p;
-  if (limiter.any()) {
-    if (const Result c = reg.checkConnect(session, user); c != Result::kOk) return c;
-    detail::RefusalWarning w;
-    Result lr;
-    try {
-      // Every check of both keys comes before anything is made.
-      lr = limiter.prepareConnect(address, user, reg.sessionSlots.highWater() + 1, &p, &w);
-    } catch (...) {
-      limiter.abandon(p);  // the session arrays, if they grew
-      return Result::kOutOfMemory;
-    }
-    if (lr != Result::kOk) {
-      warnRefusal(detail::kNone, w);
-      return lr;
-    }
-  }
+  if (const Result lr = prepareLimits(session, user, address, &p); lr != Result::kOk) return lr;
   // One registry call: every refusal (id, limit) is checked before anything
   // is allocated, and a refused call calls nothing. No auth deadline.
   SessionHandle h;

@@ -27,6 +27,10 @@ struct Keeper::Impl {
   Result connect(std::string_view session, std::string_view address, SessionHandle* out);
   Result connectAuthenticated(std::string_view session, std::string_view user,
                               std::string_view address, SessionHandle* out);
+  /// Both connects' rate-limit step: kOk (*p prepared, or no limits), or
+  /// the refusal to return with nothing changed.
+  Result prepareLimits(std::string_view session, std::string_view user,
+                       std::string_view address, detail::RateLimiter::Prepared* p);
   /// Logs a rate-limit warning that came due (at most one per warnInterval).
   void warnRefusal(std::uint32_t slot, const detail::RefusalWarning& w) noexcept;
   Result authenticate(std::string_view session, std::string_view user);
