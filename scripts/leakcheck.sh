@@ -65,7 +65,7 @@ echo
 echo "== dispatch_load under valgrind: $clients clients, concurrency 16"
 load_status=0
 "${vg[@]}" --log-file="$out/valgrind-load.log" \
-  "$bin/dispatch_load" --port "$port" --clients "$clients" --concurrency 16 \
+  "$bin/dispatch_load" --port "$port" --clients "$clients" --concurrency 16 --arrival-rate 0 \
   >"$out/load.log" 2>&1 || load_status=$?
 sed -n '/^server \/stats/,$p' "$out/load.log" | sed 's/^/   /'
 

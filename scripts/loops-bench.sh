@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dispatch_load against dispatch_server with 1 event loop and with 2
 # (docs/benchmarks.md "Event loops"): for each, a cold and a warm run of
-# --clients N (default 2000) on one server; prints the warm run's latency
+# --clients N (default 2000) on one server, closed loop (--arrival-rate 0:
+# the most the server takes); prints the warm run's latency
 # table, login rate, messages a second and the server's CPU and RSS.
 #   usage: scripts/loops-bench.sh [clients]   (after scripts/demo.sh built build/)
 set -euo pipefail
@@ -22,8 +23,10 @@ for loops in 1 2; do
     sleep 0.05
   done
   [ -n "$port" ] || { cat "$tmp/server.log"; exit 1; }
-  "$bin/dispatch_load" --port "$port" --clients "$clients" --server-pid "$pid" >"$tmp/cold" 2>&1
-  "$bin/dispatch_load" --port "$port" --clients "$clients" --server-pid "$pid" >"$tmp/warm" 2>&1
+  "$bin/dispatch_load" --port "$port" --clients "$clients" --server-pid "$pid" \
+    --arrival-rate 0 >"$tmp/cold" 2>&1
+  "$bin/dispatch_load" --port "$port" --clients "$clients" --server-pid "$pid" \
+    --arrival-rate 0 >"$tmp/warm" 2>&1
   kill -TERM "$pid"
   wait "$pid" || true
   echo "== dispatch_server --threads $loops (warm run; cold run's PASS/FAIL: $(grep -c '^PASS' "$tmp/cold"))"

@@ -101,7 +101,7 @@ echo "round,cycles_done,elapsed_s,rss_kib" >"$out/soak-rounds.csv"
 done_cycles=0
 for k in $(seq "$rounds"); do
   n=$((cycles - done_cycles < per_round ? cycles - done_cycles : per_round))
-  if ! "$bin/dispatch_load" --port "$port" --clients "$n" --concurrency "$concurrency" \
+  if ! "$bin/dispatch_load" --port "$port" --clients "$n" --concurrency "$concurrency" --arrival-rate 0 \
       >"$out/load-last.log" 2>&1; then
     cp "$out/load-last.log" "$out/load-failed-round-$k.log"
     echo "soak: FAIL: dispatch_load failed in round $k (the server did not come back to zero"

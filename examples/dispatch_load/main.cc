@@ -168,6 +168,11 @@ struct Options {
   std::vector<unsigned short> ports;
   int clients = 500;
   int concurrency = 64;
+  // New clients a second (open loop: one every 1/rate s, each on its own,
+  // as users arrive), still at most `concurrency` at a time; 0 = closed
+  // loop: a new client the moment one is ready, so the first `concurrency`
+  // start in the same instant and their successors follow in waves.
+  int arrivalRate = 1000;
   int stay = 0;         // clients kept connected through the server's SIGTERM
   pid_t serverPid = 0;  // for --stay's SIGTERM and /proc readings
 };
@@ -281,6 +286,9 @@ class Load {
 
   std::vector<std::shared_ptr<Client>> active_, neverAuth_, lingerers_, stayers_;
   std::size_t nextActive_ = 0;
+  asio::steady_timer arrivalTimer_;   // paces launchActive (--arrival-rate)
+  bool arrivalArmed_ = false;
+  Clock::time_point nextArrival_{};   // the earliest start of the next client
   int connected_ = 0, open_ = 0, ready_ = 0, activeFailed_ = 0;
   int naConnected_ = 0, naFailed_ = 0, naFinished_ = 0;
   Clock::time_point lastNeverAuthConnect_{};
@@ -602,7 +610,7 @@ void Client::step() {
 // ---- Load ----------------------------------------------------------------------
 
 Load::Load(asio::io_context& ioc, Options opt)
-    : ioc_(ioc), opt_(std::move(opt)), progressTimer_(ioc) {
+    : ioc_(ioc), opt_(std::move(opt)), progressTimer_(ioc), arrivalTimer_(ioc) {
   for (unsigned short port : opt_.ports)
     endpoints_.emplace_back(asio::ip::make_address(opt_.host), port);
   for (int i = 0; i < opt_.clients; ++i) {
@@ -690,8 +698,32 @@ void Load::launchActive() {
     messagesAtLoginStart_ = messages_;
   }
   const int inFlight = int(nextActive_) - ready_ - activeFailed_;
-  for (int k = inFlight; k < opt_.concurrency && nextActive_ < active_.size(); ++k)
+  if (opt_.arrivalRate == 0) {
+    for (int k = inFlight; k < opt_.concurrency && nextActive_ < active_.size(); ++k)
+      active_[nextActive_++]->start();
+    return;
+  }
+  // Paced: client k starts at k/rate. A timer that fires late does not lower
+  // the rate (the next start keeps its slot), but a client held back longer
+  // than one interval (the concurrency cap, a busy loop) does not bring a
+  // burst to catch up: the schedule starts again from now.
+  if (arrivalArmed_ || inFlight >= opt_.concurrency || nextActive_ >= active_.size())
+    return;
+  const Clock::time_point now = Clock::now();
+  const auto interval = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(1.0 / opt_.arrivalRate));
+  if (now >= nextArrival_) {
     active_[nextActive_++]->start();
+    nextArrival_ = std::max(nextArrival_, now - interval) + interval;
+    if (inFlight + 1 >= opt_.concurrency || nextActive_ >= active_.size()) return;
+    if (now >= nextArrival_) return launchActive();
+  }
+  arrivalArmed_ = true;
+  arrivalTimer_.expires_at(nextArrival_);
+  arrivalTimer_.async_wait([this](beast::error_code ec) {
+    arrivalArmed_ = false;
+    if (!ec) launchActive();
+  });
 }
 
 void Load::onConnected(Client& c) {
@@ -1011,8 +1043,11 @@ void Load::printTimes() {
   if (loginEnded_ > loginStarted_ && ready_ > 0)
     std::printf(
         "login phase: %d clients connected, logged in, joined, typed and posted in "
-        "%.2f s: %.0f a second, %d at a time\n",
-        ready_, loginS, double(ready_) / loginS, opt_.concurrency);
+        "%.2f s: %.0f a second, %d at a time, %s\n",
+        ready_, loginS, double(ready_) / loginS, opt_.concurrency,
+        opt_.arrivalRate > 0
+            ? ("arriving at most " + std::to_string(opt_.arrivalRate) + " a second").c_str()
+            : "each starting when another is ready (closed loop)");
   if (loginEnded_ > loginStarted_)
     std::printf("messages in the login phase (sent and received by the clients): %llu, "
                 "%.0f a second\n",
@@ -1059,10 +1094,15 @@ int main(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       std::puts(
           "usage: dispatch_load --port N [--host 127.0.0.1] [--clients 500] "
-          "[--concurrency 64] [--server-pid PID [--stay N]]\n"
+          "[--concurrency 64] [--arrival-rate 1000] [--server-pid PID [--stay N]]\n"
           "       dispatch_load --ports N1,N2,... [...]   (a cluster: client i on\n"
           "                    server i %% n, a user's two devices on two servers,\n"
           "                    /stats summed)\n"
+          "  --arrival-rate R  new clients a second, one every 1/R s, at most\n"
+          "                    --concurrency at a time (1000); 0: each starts the\n"
+          "                    moment another is ready, the first --concurrency\n"
+          "                    all at once (closed loop: the login phase's\n"
+          "                    throughput, with the latency of those bursts)\n"
           "  --server-pid PID  the server's process: its CPU time and RSS are read\n"
           "                    from /proc\n"
           "  --stay N          after the run, N more clients log in and type; then\n"
@@ -1096,6 +1136,9 @@ int main(int argc, char** argv) {
       opt.clients = static_cast<int>(n);
     } else if (flag == "--concurrency" && n > 0 && n <= 10000) {
       opt.concurrency = static_cast<int>(n);
+    } else if (flag == "--arrival-rate" && n >= 0 && n <= 1000000 &&
+               value.find_first_not_of("0123456789") == std::string::npos) {
+      opt.arrivalRate = static_cast<int>(n);
     } else if (flag == "--stay" && n >= 0 && n <= 1000) {
       opt.stay = static_cast<int>(n);
     } else if (flag == "--server-pid" && n > 0) {

@@ -45,6 +45,8 @@ std::unique_ptr<TypingStore> TypingStore::open(const std::string& path,
     // which are stale by then anyway (clearAll at start-up).
     sqlite3_exec(s->db_, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr);
     sqlite3_exec(s->db_, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr);
+    // Checkpoints off the event loops (the header says why).
+    sqlite3_exec(s->db_, "PRAGMA wal_autocheckpoint=0", nullptr, nullptr, nullptr);
   }
   if (sqlite3_exec(s->db_, kSchema, nullptr, nullptr, nullptr) != SQLITE_OK)
     return fail("create table");
@@ -59,10 +61,59 @@ std::unique_ptr<TypingStore> TypingStore::open(const std::string& path,
       !prepare("DELETE FROM typing_indicators WHERE user_id = ?1", &s->deleteUser_) ||
       !prepare("SELECT COUNT(*) FROM typing_indicators", &s->count_))
     return fail("prepare");
+  if (path != ":memory:") {
+    if (sqlite3_open_v2(path.c_str(), &s->checkpointDb_,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK) {
+      *error = std::string("open the checkpointer's connection: ") +
+               (s->checkpointDb_ ? sqlite3_errmsg(s->checkpointDb_) : "out of memory");
+      return nullptr;
+    }
+    sqlite3_busy_timeout(s->checkpointDb_, 2000);
+    // A connection learns the file is in WAL mode when it first reads it;
+    // until then a checkpoint on it does nothing.
+    sqlite3_exec(s->checkpointDb_, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr);
+    s->checkpointer_ = std::thread([p = s.get()] { p->checkpointLoop(); });
+  }
   return s;
 }
 
+void TypingStore::checkpointLoop() {
+  std::unique_lock<std::mutex> lk(checkpointMu_);
+  int lastFrames = 0, lastCopied = 0;
+  while (!stopping_) {
+    checkpointCv_.wait_for(lk, std::chrono::milliseconds(200));
+    if (stopping_) break;
+    lk.unlock();
+    // PASSIVE: copies what it can without waiting for the writer; SQLITE_BUSY
+    // (another checkpoint) only means "next time".
+    // `copied` counts from the start of the WAL, which the writer rewinds
+    // once everything in it is copied: count only what is new.
+    int frames = 0, copied = 0;
+    if (sqlite3_wal_checkpoint_v2(checkpointDb_, nullptr, SQLITE_CHECKPOINT_PASSIVE, &frames,
+                                  &copied) == SQLITE_OK) {
+      if (frames < lastFrames) lastCopied = 0;  // rewound since the last run
+      if (copied > lastCopied) checkpointed_ += static_cast<std::uint64_t>(copied - lastCopied);
+      lastFrames = frames;
+      lastCopied = copied;
+    }
+    lk.lock();
+  }
+}
+
 TypingStore::~TypingStore() {
+  if (checkpointer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> g(checkpointMu_);
+      stopping_ = true;
+    }
+    checkpointCv_.notify_all();
+    checkpointer_.join();
+  }
+  // Everything into the database file, the WAL emptied.
+  if (checkpointDb_)
+    sqlite3_wal_checkpoint_v2(checkpointDb_, nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr,
+                              nullptr);
+  sqlite3_close(checkpointDb_);
   for (sqlite3_stmt* st : {insert_, deleteOne_, deleteUser_, count_})
     sqlite3_finalize(st);
   sqlite3_close(db_);
@@ -106,6 +157,17 @@ std::int64_t TypingStore::countRows() {
   if (sqlite3_step(count_) == SQLITE_ROW) n = sqlite3_column_int64(count_, 0);
   sqlite3_reset(count_);
   return n;
+}
+
+int TypingStore::writerAutoCheckpoint() {
+  std::lock_guard<std::mutex> g(mu_);
+  sqlite3_stmt* st = nullptr;
+  int pages = -1;
+  if (sqlite3_prepare_v2(db_, "PRAGMA wal_autocheckpoint", -1, &st, nullptr) == SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW)
+    pages = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  return pages;
 }
 
 std::int64_t TypingStore::clearAll() {
