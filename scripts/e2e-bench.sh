@@ -23,8 +23,9 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')," \
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(git -C "$root" describe --always --dirty 2>/dev/null || echo '?')," \
   "$(nproc) cores, $clients clients"
+failed=0
 for loops in 1 2; do
 for round in $(seq "$rounds"); do
   rm -f "$tmp"/d.db*
@@ -38,13 +39,15 @@ for round in $(seq "$rounds"); do
     out="$tmp/run"
     status=PASS
     "$bin/dispatch_load" --port "$port" --clients "$clients" --server-pid "$pid" \
-      --arrival-rate "$rate" >"$out" 2>&1 || status=FAIL
+      --arrival-rate "$rate" >"$out" 2>&1 || { status=FAIL; failed=$((failed + 1)); }
     label="--threads $loops, round $round, $([ "${run%%:*}" = cold ] && echo 'cold,' || echo 'warm,') $([ "$rate" = 0 ] && echo 'closed loop' || echo "$rate a second")"
     printf '%-48s %s\n' "$label:" "$status"
-    grep -E "^login round trip|^typing fan-out|^login phase|^server \(pid" "$out" | sed 's/^/    /'
+    grep -E "^login round trip|^typing fan-out|^login phase|^dispatch_load itself|^server \(pid|^FAIL" \
+      "$out" | sed 's/^/    /' || true
   done
   kill -TERM "$pid"
   wait "$pid" || true
   pid=""
 done
 done
+[ "$failed" = 0 ] || { echo "e2e-bench: $failed runs failed (their output above)"; exit 1; }

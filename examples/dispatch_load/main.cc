@@ -679,7 +679,11 @@ int Load::run() {
       "typing auto-clear %ld ms)\n",
       opt_.clients, hostHeader().c_str(), authTimeoutMs_, typingTimeoutMs_);
   std::fflush(stdout);
-  deadline_ = started_ + milliseconds(60000 + 2 * (authTimeoutMs_ + typingTimeoutMs_));
+  // Plus the time the arrivals take at --arrival-rate.
+  const long arrivalsMs =
+      opt_.arrivalRate > 0 ? long(active_.size()) * 1000 / opt_.arrivalRate : 0;
+  deadline_ = started_ + milliseconds(60000 + 2 * (authTimeoutMs_ + typingTimeoutMs_) +
+                                      arrivalsMs);
   progress(false);
   if (opt_.clients == 0) {
     pollSettle();
@@ -703,10 +707,10 @@ void Load::launchActive() {
       active_[nextActive_++]->start();
     return;
   }
-  // Paced: client k starts at k/rate. A timer that fires late does not lower
-  // the rate (the next start keeps its slot), but a client held back longer
-  // than one interval (the concurrency cap, a busy loop) does not bring a
-  // burst to catch up: the schedule starts again from now.
+  // Paced: client k starts at k/rate. A timer that fires a little late
+  // does not lower the rate (the next start keeps its slot); a start more
+  // than one interval late (the concurrency cap, a busy loop) does not bring
+  // a burst to catch up: the schedule starts again from it.
   if (arrivalArmed_ || inFlight >= opt_.concurrency || nextActive_ >= active_.size())
     return;
   const Clock::time_point now = Clock::now();
@@ -714,9 +718,8 @@ void Load::launchActive() {
       std::chrono::duration<double>(1.0 / opt_.arrivalRate));
   if (now >= nextArrival_) {
     active_[nextActive_++]->start();
-    nextArrival_ = std::max(nextArrival_, now - interval) + interval;
+    nextArrival_ = (now - nextArrival_ < interval ? nextArrival_ : now) + interval;
     if (inFlight + 1 >= opt_.concurrency || nextActive_ >= active_.size()) return;
-    if (now >= nextArrival_) return launchActive();
   }
   arrivalArmed_ = true;
   arrivalTimer_.expires_at(nextArrival_);

@@ -291,6 +291,7 @@ class Gateway {
     std::string s = roomkeeper::statsJson(sum);
     s.pop_back();  // the closing brace
     s += ",\"typingRows\":" + std::to_string(store_.countRows());
+    s += ",\"typingRowsQueued\":" + std::to_string(store_.queued());
     s += ",\"serverSessions\":" + std::to_string(sessionCount());
     s += ",\"loops\":" + std::to_string(loops_.size());
     s += ",\"connectedPerLoop\":[" + perLoop + "]";
@@ -1080,6 +1081,7 @@ int runServer(const ServerOptions& opt) {
 
   const roomkeeper::MemoryStats st = gw->memoryStats();
   const std::size_t left = gw->sessionCount();
+  store->flush();  // every typing call roomkeeper made, written
   const std::int64_t rows = store->countRows();
   gw.reset();
   std::printf(

@@ -3,8 +3,10 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <iterator>
 
 namespace dispatch {
 
@@ -40,13 +42,11 @@ std::unique_ptr<TypingStore> TypingStore::open(const std::string& path,
     return fail("open");
   sqlite3_busy_timeout(s->db_, 2000);
   if (path != ":memory:") {
-    // WAL + NORMAL: a commit is not an fsync, so a persistence call costs
-    // microseconds, and a crash loses at most the last few indicators --
-    // which are stale by then anyway (clearAll at start-up).
+    // WAL + NORMAL: a commit is not an fsync (checkpoints are), and a crash
+    // loses at most the last few indicators -- which are stale by then
+    // anyway (clearAll at start-up).
     sqlite3_exec(s->db_, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr);
     sqlite3_exec(s->db_, "PRAGMA synchronous=NORMAL", nullptr, nullptr, nullptr);
-    // Checkpoints off the event loops (the header says why).
-    sqlite3_exec(s->db_, "PRAGMA wal_autocheckpoint=0", nullptr, nullptr, nullptr);
   }
   if (sqlite3_exec(s->db_, kSchema, nullptr, nullptr, nullptr) != SQLITE_OK)
     return fail("create table");
@@ -61,62 +61,120 @@ std::unique_ptr<TypingStore> TypingStore::open(const std::string& path,
       !prepare("DELETE FROM typing_indicators WHERE user_id = ?1", &s->deleteUser_) ||
       !prepare("SELECT COUNT(*) FROM typing_indicators", &s->count_))
     return fail("prepare");
-  if (path != ":memory:") {
-    if (sqlite3_open_v2(path.c_str(), &s->checkpointDb_,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr) != SQLITE_OK) {
-      *error = std::string("open the checkpointer's connection: ") +
-               (s->checkpointDb_ ? sqlite3_errmsg(s->checkpointDb_) : "out of memory");
-      return nullptr;
-    }
-    sqlite3_busy_timeout(s->checkpointDb_, 2000);
-    // A connection learns the file is in WAL mode when it first reads it;
-    // until then a checkpoint on it does nothing.
-    sqlite3_exec(s->checkpointDb_, "PRAGMA journal_mode=WAL", nullptr, nullptr, nullptr);
-    s->checkpointer_ = std::thread([p = s.get()] { p->checkpointLoop(); });
-  }
+  s->writer_ = std::thread([p = s.get()] { p->writerLoop(); });  // last: nothing fails after
   return s;
 }
 
-void TypingStore::checkpointLoop() {
-  std::unique_lock<std::mutex> lk(checkpointMu_);
-  int lastFrames = 0, lastCopied = 0;
-  while (!stopping_) {
-    checkpointCv_.wait_for(lk, std::chrono::milliseconds(200));
-    if (stopping_) break;
-    lk.unlock();
-    // PASSIVE: copies what it can without waiting for the writer; SQLITE_BUSY
-    // (another checkpoint) only means "next time".
-    // `copied` counts from the start of the WAL, which the writer rewinds
-    // once everything in it is copied: count only what is new.
-    int frames = 0, copied = 0;
-    if (sqlite3_wal_checkpoint_v2(checkpointDb_, nullptr, SQLITE_CHECKPOINT_PASSIVE, &frames,
-                                  &copied) == SQLITE_OK) {
-      if (frames < lastFrames) lastCopied = 0;  // rewound since the last run
-      if (copied > lastCopied) checkpointed_ += static_cast<std::uint64_t>(copied - lastCopied);
-      lastFrames = frames;
-      lastCopied = copied;
-    }
-    lk.lock();
-  }
-}
-
 TypingStore::~TypingStore() {
-  if (checkpointer_.joinable()) {
+  if (writer_.joinable()) {
     {
-      std::lock_guard<std::mutex> g(checkpointMu_);
+      std::lock_guard<std::mutex> g(mu_);
       stopping_ = true;
     }
-    checkpointCv_.notify_all();
-    checkpointer_.join();
+    work_.notify_all();
+    writer_.join();  // it writes what is queued first
   }
-  // Everything into the database file, the WAL emptied.
-  if (checkpointDb_)
-    sqlite3_wal_checkpoint_v2(checkpointDb_, nullptr, SQLITE_CHECKPOINT_TRUNCATE, nullptr,
-                              nullptr);
-  sqlite3_close(checkpointDb_);
   for (sqlite3_stmt* st : {insert_, deleteOne_, deleteUser_, count_})
     sqlite3_finalize(st);
   sqlite3_close(db_);
+}
+
+bool TypingStore::apply(const roomkeeper::PersistCall& call) {
+  try {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_ || queue_.size() >= kMaxQueued) return false;
+    queue_.push_back(call);
+    ++accepted_;
+  } catch (...) {
+    return false;  // out of memory: roomkeeper keeps the call and retries
+  }
+  work_.notify_one();
+  return true;
+}
+
+void TypingStore::writerLoop() {
+  std::vector<roomkeeper::PersistCall> batch;
+  std::chrono::milliseconds backoff{0};
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    work_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, and everything is written
+    batch.swap(queue_);
+    lk.unlock();
+    bool ok;
+    {
+      std::lock_guard<std::mutex> g(dbMu_);
+      ok = writeBatch(batch);
+    }
+    lk.lock();
+    if (!ok) {
+      // Rolled back: the batch keeps its place ahead of what came since.
+      ++retries_;
+      batch.insert(batch.end(), std::make_move_iterator(queue_.begin()),
+                   std::make_move_iterator(queue_.end()));
+      queue_.swap(batch);
+      batch.clear();
+      backoff = std::min(std::chrono::milliseconds(5000),
+                         backoff.count() == 0 ? std::chrono::milliseconds(100) : backoff * 2);
+      // Woken early only by stop; even then the batch is tried once more.
+      work_.wait_for(lk, backoff, [&] { return stopping_; });
+      if (stopping_ && backoff >= std::chrono::milliseconds(5000)) {
+        std::fprintf(stderr, "dispatch_server: sqlite: %zu typing calls not written at exit\n",
+                     queue_.size());
+        written_ += queue_.size();
+        queue_.clear();
+        idle_.notify_all();
+        return;
+      }
+      continue;
+    }
+    backoff = std::chrono::milliseconds(0);
+    ++batches_;
+    written_ += batch.size();
+    batch.clear();
+    idle_.notify_all();
+  }
+}
+
+bool TypingStore::writeBatch(const std::vector<roomkeeper::PersistCall>& batch) {
+  auto text = [](sqlite3_stmt* st, int i, const std::string& v) {
+    sqlite3_bind_text(st, i, v.data(), static_cast<int>(v.size()), SQLITE_STATIC);
+  };
+  if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) != SQLITE_OK) {
+    std::fprintf(stderr, "dispatch_server: sqlite: begin: %s (will retry)\n",
+                 sqlite3_errmsg(db_));
+    return false;
+  }
+  const std::int64_t now = nowMs();
+  bool ok = true;
+  for (const roomkeeper::PersistCall& call : batch) {
+    switch (call.op) {
+      case roomkeeper::PersistOp::kTypingStarted:
+        text(insert_, 1, call.user);
+        text(insert_, 2, call.thread);
+        sqlite3_bind_int64(insert_, 3, now);
+        ok = step(insert_);
+        break;
+      case roomkeeper::PersistOp::kTypingStopped:
+        text(deleteOne_, 1, call.user);
+        text(deleteOne_, 2, call.thread);
+        ok = step(deleteOne_);
+        break;
+      case roomkeeper::PersistOp::kTypingStoppedAll:
+        text(deleteUser_, 1, call.user);
+        ok = step(deleteUser_);
+        break;
+    }
+    if (!ok) break;
+  }
+  // The commit may run SQLite's checkpoint (and its fsyncs): here, on the
+  // writer thread, it delays only the rows.
+  if (ok && sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK) return true;
+  if (ok)
+    std::fprintf(stderr, "dispatch_server: sqlite: commit: %s (will retry)\n",
+                 sqlite3_errmsg(db_));
+  sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+  return false;
 }
 
 bool TypingStore::step(sqlite3_stmt* stmt) {
@@ -124,58 +182,53 @@ bool TypingStore::step(sqlite3_stmt* stmt) {
   sqlite3_reset(stmt);
   sqlite3_clear_bindings(stmt);
   if (rc == SQLITE_DONE || rc == SQLITE_ROW) return true;
-  std::fprintf(stderr, "dispatch_server: sqlite: %s (roomkeeper will retry)\n",
-               sqlite3_errmsg(db_));
+  std::fprintf(stderr, "dispatch_server: sqlite: %s (will retry)\n", sqlite3_errmsg(db_));
   return false;
 }
 
-bool TypingStore::apply(const roomkeeper::PersistCall& call) {
+void TypingStore::drain(std::unique_lock<std::mutex>& lk) {
+  const std::uint64_t target = accepted_;
+  idle_.wait(lk, [&] { return written_ >= target; });
+}
+
+void TypingStore::flush() {
+  std::unique_lock<std::mutex> lk(mu_);
+  drain(lk);
+}
+
+std::size_t TypingStore::queued() {
   std::lock_guard<std::mutex> g(mu_);
-  auto text = [](sqlite3_stmt* st, int i, const std::string& v) {
-    sqlite3_bind_text(st, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
-  };
-  switch (call.op) {
-    case roomkeeper::PersistOp::kTypingStarted:
-      text(insert_, 1, call.user);
-      text(insert_, 2, call.thread);
-      sqlite3_bind_int64(insert_, 3, nowMs());
-      return step(insert_);
-    case roomkeeper::PersistOp::kTypingStopped:
-      text(deleteOne_, 1, call.user);
-      text(deleteOne_, 2, call.thread);
-      return step(deleteOne_);
-    case roomkeeper::PersistOp::kTypingStoppedAll:
-      text(deleteUser_, 1, call.user);
-      return step(deleteUser_);
-  }
-  return false;
+  return static_cast<std::size_t>(accepted_ - written_);
 }
 
 std::int64_t TypingStore::countRows() {
-  std::lock_guard<std::mutex> g(mu_);
+  std::lock_guard<std::mutex> g(dbMu_);
   std::int64_t n = -1;
   if (sqlite3_step(count_) == SQLITE_ROW) n = sqlite3_column_int64(count_, 0);
   sqlite3_reset(count_);
   return n;
 }
 
-int TypingStore::writerAutoCheckpoint() {
-  std::lock_guard<std::mutex> g(mu_);
-  sqlite3_stmt* st = nullptr;
-  int pages = -1;
-  if (sqlite3_prepare_v2(db_, "PRAGMA wal_autocheckpoint", -1, &st, nullptr) == SQLITE_OK &&
-      sqlite3_step(st) == SQLITE_ROW)
-    pages = sqlite3_column_int(st, 0);
-  sqlite3_finalize(st);
-  return pages;
-}
-
 std::int64_t TypingStore::clearAll() {
-  std::lock_guard<std::mutex> g(mu_);
+  {
+    std::unique_lock<std::mutex> lk(mu_);
+    drain(lk);
+  }
+  std::lock_guard<std::mutex> g(dbMu_);
   if (sqlite3_exec(db_, "DELETE FROM typing_indicators", nullptr, nullptr, nullptr) !=
       SQLITE_OK)
     return -1;
   return sqlite3_changes(db_);
+}
+
+std::uint64_t TypingStore::batchesWritten() {
+  std::lock_guard<std::mutex> g(mu_);
+  return batches_;
+}
+
+std::uint64_t TypingStore::batchesRetried() {
+  std::lock_guard<std::mutex> g(mu_);
+  return retries_;
 }
 
 }  // namespace dispatch
