@@ -75,7 +75,7 @@ echo "   pid $pid, listening on 127.0.0.1:$port"
 # The sampler: one row a second, on a fixed 1 s grid from t0.
 t0="$(now_ns)"
 echo 0 >"$out/.cycles"
-echo "elapsed_s,rss_kib,cycles_done,connectedClients,trackedRooms,typingTimers,bytes" \
+echo "elapsed_s,rss_kib,cycles_done,connectedClients,trackedRooms,typingTimers,bytes,wal_bytes" \
   >"$out/soak-rss.csv"
 (
   i=0
@@ -83,9 +83,11 @@ echo "elapsed_s,rss_kib,cycles_done,connectedClients,trackedRooms,typingTimers,b
     r="$(rss_kib "$pid")"
     [ -n "$r" ] || break
     s="$(curl -s --max-time 0.5 "$url" || true)"
-    printf '%d,%s,%s,%s,%s,%s,%s\n' "$i" "$r" "$(cat "$out/.cycles")" \
+    # wal_bytes: SQLite's WAL, which the store's writer thread keeps bounded.
+    printf '%d,%s,%s,%s,%s,%s,%s,%s\n' "$i" "$r" "$(cat "$out/.cycles")" \
       "$(field connectedClients "$s")" "$(field trackedRooms "$s")" \
-      "$(field typingTimers "$s")" "$(field bytes "$s")" >>"$out/soak-rss.csv"
+      "$(field typingTimers "$s")" "$(field bytes "$s")" \
+      "$(stat -c %s "$out/dispatch.db-wal" 2>/dev/null || echo 0)" >>"$out/soak-rss.csv"
     i=$((i + 1))
     wait_ns=$((t0 + i * 1000000000 - $(now_ns)))
     [ "$wait_ns" -gt 0 ] && sleep "$(printf '%d.%09d' $((wait_ns / 1000000000)) $((wait_ns % 1000000000)))"
@@ -134,7 +136,7 @@ echo "== final GET /stats"
 echo "   $final"
 status=0
 for key in connectedClients authenticated userSockets connectionTimers typingTimers \
-    trackedRooms rooms typingRows serverSessions pendingPersistence timersPending \
+    trackedRooms rooms typingRows typingRowsQueued serverSessions pendingPersistence timersPending \
     callbackErrors persistFailures persistDropped; do
   v="$(field "$key" "$final")"
   if [ "$v" != "0" ]; then echo "soak: FAIL: final $key = ${v:-?}"; status=1; fi
@@ -168,6 +170,7 @@ awk -F, -v cycles="$cycles" -v per="$per_round" -v conc="$concurrency" '
   {
     if (start == "") start = $2
     if ($2 > max) { max = $2; maxt = $1 }
+    if ($8 > walmax) walmax = $8
     end = $2; dur = $1
     if ($3 > cycles / 2) { n2++; x2 += $3; y2 += $2; xx2 += $3 * $3; xy2 += $3 * $2 }
   }
@@ -183,6 +186,7 @@ awk -F, -v cycles="$cycles" -v per="$per_round" -v conc="$concurrency" '
     printf "RSS at end (last sample):        %d KiB\n", end
     printf "slope, 2nd half, idle RSS:       %+.1f KiB per 10k cycles (%d rounds)\n", fit(x1, y1, xx1, xy1, n1) * 10000, n1
     printf "slope, 2nd half, all samples:    %+.1f KiB per 10k cycles (%d samples)\n", fit(x2, y2, xx2, xy2, n2) * 10000, n2
+    printf "SQLite WAL, largest sample:      %d bytes\n", walmax
   }' "$out/soak-rounds.csv" "$out/soak-rss.csv" >"$out/summary.txt"
 {
   echo "final /stats:                    $final"

@@ -2,7 +2,9 @@
 // dispatch_load: plays a dispatch day against dispatch_server on loopback
 // and shows, in numbers, that nothing is left behind.
 //
-// N clients connect. Most log in, subscribe to a thread and a job (admins
+// N clients connect, one every millisecond (--arrival-rate 1000; at most
+// --concurrency 64 at a time; --arrival-rate 0: each the moment another is
+// ready). Most log in, subscribe to a thread and a job (admins
 // and dispatchers also to an analytics dashboard and post a job update),
 // type with restarts, post a message; some stop typing. At the peak (all of
 // them connected, plus the ones that never log in) the server's GET /stats
@@ -1139,7 +1141,7 @@ int main(int argc, char** argv) {
       opt.clients = static_cast<int>(n);
     } else if (flag == "--concurrency" && n > 0 && n <= 10000) {
       opt.concurrency = static_cast<int>(n);
-    } else if (flag == "--arrival-rate" && n >= 0 && n <= 1000000 &&
+    } else if (flag == "--arrival-rate" && n >= 0 && n <= 1000000 && !value.empty() &&
                value.find_first_not_of("0123456789") == std::string::npos) {
       opt.arrivalRate = static_cast<int>(n);
     } else if (flag == "--stay" && n >= 0 && n <= 1000) {

@@ -186,14 +186,15 @@ bool TypingStore::step(sqlite3_stmt* stmt) {
   return false;
 }
 
-void TypingStore::drain(std::unique_lock<std::mutex>& lk) {
+bool TypingStore::drain(std::unique_lock<std::mutex>& lk,
+                        std::chrono::milliseconds timeout) {
   const std::uint64_t target = accepted_;
-  idle_.wait(lk, [&] { return written_ >= target; });
+  return idle_.wait_for(lk, timeout, [&] { return written_ >= target; });
 }
 
-void TypingStore::flush() {
+bool TypingStore::flush(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lk(mu_);
-  drain(lk);
+  return drain(lk, timeout);
 }
 
 std::size_t TypingStore::queued() {
@@ -212,7 +213,7 @@ std::int64_t TypingStore::countRows() {
 std::int64_t TypingStore::clearAll() {
   {
     std::unique_lock<std::mutex> lk(mu_);
-    drain(lk);
+    (void)drain(lk, std::chrono::seconds(10));
   }
   std::lock_guard<std::mutex> g(dbMu_);
   if (sqlite3_exec(db_, "DELETE FROM typing_indicators", nullptr, nullptr, nullptr) !=

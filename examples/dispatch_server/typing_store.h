@@ -32,6 +32,7 @@
 
 #include <roomkeeper/typing_timer_manager.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -65,9 +66,9 @@ class TypingStore {
   bool apply(const roomkeeper::PersistCall& call);
   /// Rows in the table, as written so far; -1 on error.
   std::int64_t countRows();
-  /// Waits until every call accepted before it is written (or given up at
-  /// exit).
-  void flush();
+  /// Waits until every call accepted before it is written; false if that
+  /// took longer than `timeout` (a database that keeps failing).
+  bool flush(std::chrono::milliseconds timeout = std::chrono::seconds(10));
   /// Calls accepted and not yet written.
   std::size_t queued();
   /// Deletes every row (start-up: no one is connected, so no one types).
@@ -83,7 +84,7 @@ class TypingStore {
   bool writeBatch(const std::vector<roomkeeper::PersistCall>& batch);
   bool step(sqlite3_stmt* stmt);
   /// Waits until the writer has written everything queued before the call.
-  void drain(std::unique_lock<std::mutex>& lk);
+  bool drain(std::unique_lock<std::mutex>& lk, std::chrono::milliseconds timeout);
 
   // The queue, shared by apply() and the writer.
   std::mutex mu_;

@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
   ok &= store->apply(started(5000, 1)) && store->apply(started(5000, 2));
   ok &= store->apply(PersistCall{PersistOp::kTypingStoppedAll, "u5000", ""});
   check(ok, "9,003 calls accepted");
-  store->flush();
+  check(store->flush(), "flush");
   check(store->countRows() == 1000, "in order: 1,000 rows (started again), u5000's gone");
   check(store->queued() == 0, "flush: nothing queued");
 
