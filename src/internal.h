@@ -70,6 +70,18 @@ class Name {
     std::memcpy(&p, rep_, sizeof p);
     return {p, size()};
   }
+  /// The free-list link of a free slab slot, kept in the bytes an empty
+  /// name does not use (its length byte stays 0, so it is still empty).
+  /// Only on an empty (reset) name.
+  void setFreeLink(std::uint32_t next) noexcept {
+    if (isHeap() || rep_[kInline] != 0) std::abort();  // a slot released with its name
+    std::memcpy(rep_, &next, sizeof next);
+  }
+  std::uint32_t freeLink() const noexcept {
+    std::uint32_t next;
+    std::memcpy(&next, rep_, sizeof next);
+    return next;
+  }
 
  private:
   static constexpr std::size_t kInline = 15;
@@ -166,8 +178,10 @@ class EntryList {
 static_assert(sizeof(EntryList) == 16);
 
 /// Paged slab of T: indices stay valid while the slot is live, pages never
-/// move. All pages are returned once every slot is free.
-template <typename T, std::size_t kPageBits = 10>
+/// move. All pages are returned once every slot is free. The free slots
+/// form a LIFO list linked through their (empty) name `T::*kLink`, so a
+/// slot costs sizeof(T) and nothing else.
+template <typename T, Name T::*kLink, std::size_t kPageBits = 10>
 class Slab {
  public:
   static constexpr std::size_t kPage = std::size_t{1} << kPageBits;
@@ -184,20 +198,21 @@ class Slab {
   }
   /// Throws std::bad_alloc with nothing changed.
   std::uint32_t alloc() {
-    if (free_.empty()) {
+    if (freeHead_ == kNone) {
       if (next_ == pages_.size() * kPage) addPage();
       ++live_;
       return static_cast<std::uint32_t>(next_++);
     }
-    const std::uint32_t i = free_.back();
-    free_.pop_back();
+    const std::uint32_t i = freeHead_;
+    freeHead_ = ((*this)[i].*kLink).freeLink();
     ++live_;
     return i;
   }
-  /// The slot must be reset by the caller first. Never throws: the free
-  /// list has room for every slot of every page (reserved in addPage).
+  /// The slot must be reset by the caller first (its name empty). Never
+  /// throws: the link goes into the slot itself.
   void release(std::uint32_t i) noexcept {
-    free_.push_back(i);
+    ((*this)[i].*kLink).setFreeLink(freeHead_);
+    freeHead_ = i;
     if (--live_ == 0) releaseAll();
   }
   std::size_t live() const noexcept { return live_; }
@@ -207,9 +222,6 @@ class Slab {
   void addPage() {
     // The page first: if it cannot be had, nothing else has grown.
     std::unique_ptr<T[]> page(new T[kPage]);
-    const std::size_t before = free_.capacity();
-    free_.reserve((pages_.size() + 1) * kPage);
-    *bytes_ += (free_.capacity() - before) * sizeof(std::uint32_t);
     const std::size_t pbefore = pages_.capacity();
     pages_.reserve(pages_.size() + 1);
     *bytes_ += (pages_.capacity() - pbefore) * sizeof(void*);
@@ -219,14 +231,13 @@ class Slab {
   void releaseAll() noexcept {
     *bytes_ -= pages_.size() * kPage * sizeof(T);
     *bytes_ -= pages_.capacity() * sizeof(void*);
-    *bytes_ -= free_.capacity() * sizeof(std::uint32_t);
     std::vector<std::unique_ptr<T[]>>().swap(pages_);
-    std::vector<std::uint32_t>().swap(free_);
+    freeHead_ = kNone;
     next_ = 0;
     live_ = 0;
   }
   std::vector<std::unique_ptr<T[]>> pages_;
-  std::vector<std::uint32_t> free_;
+  std::uint32_t freeHead_ = kNone;  // the free list's first slot
   std::size_t next_ = 0;
   std::size_t live_ = 0;
   std::size_t* bytes_;

@@ -51,9 +51,9 @@ struct UserSlot {
 };
 
 struct SessionRegistry::Impl {
-  using SessionSlab = detail::Slab<SessionSlot>;
-  using RoomSlab = detail::Slab<RoomSlot>;
-  using UserSlab = detail::Slab<UserSlot>;
+  using SessionSlab = detail::Slab<SessionSlot, &SessionSlot::name>;
+  using RoomSlab = detail::Slab<RoomSlot, &RoomSlot::name>;
+  using UserSlab = detail::Slab<UserSlot, &UserSlot::name>;
   using SessionHash = detail::SlotHash<SessionSlab>;
   using SessionEq = detail::SlotEq<SessionSlab>;
   using RoomHash = detail::SlotHash<RoomSlab>;

@@ -39,7 +39,7 @@ struct Indicator {
   bool anon = false;   // user is a session id (see TypingKeyView)
   bool shown = false;  // with a bus: the local members were told typingStarted
 };
-using IndicatorSlab = detail::Slab<Indicator>;
+using IndicatorSlab = detail::Slab<Indicator, &Indicator::user>;
 
 /// The (user, thread) index: 4-byte slot numbers, names looked up in the slab.
 struct IndicatorHash {
