@@ -106,8 +106,9 @@ struct Entry {
 };
 
 /// A list of Entry in 16 bytes: one entry inline, more on the heap,
-/// growing by doubling and shrinking when a quarter full. Allocation goes
-/// through malloc/realloc (Entry is trivially copyable).
+/// growing to 2c + 1 entries (3, 7, 15, ...) and shrinking to (c - 1) / 2
+/// when a quarter full. Allocation goes through malloc/realloc (Entry is
+/// trivially copyable).
 class EntryList {
  public:
   EntryList() noexcept : size_(0), cap_(1) {}
@@ -127,8 +128,13 @@ class EntryList {
   /// Ensures room for one more; false (nothing changed) if out of memory.
   bool reserveOneMore(std::size_t* bytes) noexcept {
     if (size_ < cap_) return true;
-    const std::uint32_t ncap = cap_ * 2;
-    return reallocTo(ncap, bytes);
+    // 1 (inline), then 3, 7, 15, ... on the heap: 2^k - 1 entries make a
+    // request of 16j - 8 bytes, which glibc's malloc serves with no slack
+    // (a chunk is the request plus its 8-byte header, rounded to 16).
+    // Doubling to 2^k entries would leave 8 bytes of every chunk unused and
+    // round it up by 16: a 7-room session list is 64 bytes of chunk, not 80.
+    if (cap_ > (std::numeric_limits<std::uint32_t>::max() - 1) / 2) return false;
+    return reallocTo(cap_ * 2 + 1, bytes);
   }
   /// Requires reserveOneMore() first.
   std::uint32_t push(Entry e) noexcept {
@@ -137,7 +143,7 @@ class EntryList {
   }
   void pop(std::size_t* bytes) noexcept {
     --size_;
-    if (cap_ > 4 && size_ <= cap_ / 4) reallocTo(cap_ / 2, bytes);
+    if (cap_ > 4 && size_ <= cap_ / 4) reallocTo((cap_ - 1) / 2, bytes);
     if (size_ == 0 && cap_ > 1) release(bytes);
   }
   void release(std::size_t* bytes) noexcept {
