@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 // Before Asio: Boost 1.74's asio/awaitable.hpp uses std::exchange without
 // including <utility> (a C++20 build fails without this).
 #include <utility>
@@ -194,10 +195,7 @@ class NodeProcess {
       // peer's harness does (sio_redis_cluster.js parses once per packet).
       if (cur_ == nullptr || payload != curPayload_) {
         std::size_t id = 0;
-        for (char c : payload) {
-          if (c < '0' || c > '9') break;
-          id = id * 10 + static_cast<std::size_t>(c - '0');
-        }
+        std::from_chars(payload.data(), payload.data() + payload.size(), id);
         curPayload_.assign(payload.data(), payload.size());
         cur_ = &received_[id];
       }

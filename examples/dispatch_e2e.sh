@@ -18,13 +18,7 @@ mode="$1" server="$2" load="$3" protocol="$4" clients="${5:-60}"
 expect_status=0
 extra=()
 if [ "$mode" = shutdown ]; then expect_status=2; extra=(--shutdown-grace-ms 300); fi
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+temp_dir_and_server_trap
 
 : >"$tmp/server.log"  # exists before the loop below reads it
 "$server" --port 0 --threads 2 --db "$tmp/dispatch.db" \

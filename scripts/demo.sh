@@ -17,13 +17,7 @@ bash "$root/scripts/setup.sh" demo
 . "$root/scripts/lib/dispatch_server.sh"
 . "$root/scripts/lib/build.sh"
 
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+temp_dir_and_server_trap
 
 # The configuration scripts/test.sh uses, so the two share build/; only the
 # demo's two programs (and the library) are built here.

@@ -2,11 +2,12 @@
 # The end-to-end latency runs of docs/benchmarks.md "End to end":
 # dispatch_server (SQLite file, otherwise its defaults) with 1 event loop,
 # then with 2 (its default), and dispatch_load --clients N (default 2000) on
-# this machine's loopback. Each round starts a fresh server and plays: a cold run (arrivals at 1000 a
-# second, dispatch_load's default), then on the warm server a run at 1000 a
-# second, one at 500 a second and one closed-loop run (--arrival-rate 0: 64
-# clients start in the same instant, each next one the moment one is ready).
-# Prints the warm runs' latency lines and the server's CPU per login.
+# this machine's loopback. Each round starts a fresh server and plays: a
+# cold run (arrivals at 1000 a second, dispatch_load's default), then on the
+# warm server a run at 1000 a second, one at 500 a second and one
+# closed-loop run (--arrival-rate 0: 64 clients start in the same instant,
+# each next one the moment one is ready). Prints each run's latency lines,
+# login rate and CPU (the server's per login, the load generator's own).
 # The auth deadline is 2 s (not 30) so a run takes ~8 s; the login phase
 # ends long before it.
 #   usage: scripts/e2e-bench.sh [rounds] [clients]   (after scripts/demo.sh built build/)
@@ -16,13 +17,7 @@ bin="$root/build/examples"
 . "$root/scripts/lib/dispatch_server.sh"
 rounds="${1:-3}"
 clients="${2:-2000}"
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+temp_dir_and_server_trap
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(git -C "$root" describe --always --dirty 2>/dev/null || echo '?')," \
   "$(nproc) cores, $clients clients"
 failed=0

@@ -74,7 +74,7 @@ class Name {
   /// name does not use (its length byte stays 0, so it is still empty).
   /// Only on an empty (reset) name.
   void setFreeLink(std::uint32_t next) noexcept {
-    if (isHeap() || rep_[kInline] != 0) std::abort();  // a slot released with its name
+    if (rep_[kInline] != 0) std::abort();  // a slot released with its name (inline or heap)
     std::memcpy(rep_, &next, sizeof next);
   }
   std::uint32_t freeLink() const noexcept {

@@ -109,7 +109,6 @@ void TypingStore::writerLoop() {
     lk.lock();
     if (!ok) {
       // Rolled back: the batch keeps its place ahead of what came since.
-      ++retries_;
       batch.insert(batch.end(), std::make_move_iterator(queue_.begin()),
                    std::make_move_iterator(queue_.end()));
       queue_.swap(batch);
@@ -129,7 +128,6 @@ void TypingStore::writerLoop() {
       continue;
     }
     backoff = std::chrono::milliseconds(0);
-    ++batches_;
     written_ += batch.size();
     batch.clear();
     idle_.notify_all();
@@ -220,16 +218,6 @@ std::int64_t TypingStore::clearAll() {
       SQLITE_OK)
     return -1;
   return sqlite3_changes(db_);
-}
-
-std::uint64_t TypingStore::batchesWritten() {
-  std::lock_guard<std::mutex> g(mu_);
-  return batches_;
-}
-
-std::uint64_t TypingStore::batchesRetried() {
-  std::lock_guard<std::mutex> g(mu_);
-  return retries_;
 }
 
 }  // namespace dispatch

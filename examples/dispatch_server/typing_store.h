@@ -74,9 +74,6 @@ class TypingStore {
   /// Deletes every row (start-up: no one is connected, so no one types).
   /// Returns how many rows there were.
   std::int64_t clearAll();
-  /// Batches the writer committed, and the ones it had to retry.
-  std::uint64_t batchesWritten();
-  std::uint64_t batchesRetried();
 
  private:
   TypingStore() = default;
@@ -92,7 +89,6 @@ class TypingStore {
   std::condition_variable idle_;  // drain(): the queue is written
   std::vector<roomkeeper::PersistCall> queue_;
   std::uint64_t accepted_ = 0, written_ = 0;  // calls, for drain()
-  std::uint64_t batches_ = 0, retries_ = 0;
   bool stopping_ = false;
   std::thread writer_;
 

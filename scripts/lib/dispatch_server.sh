@@ -3,6 +3,16 @@
 # the background (demo, e2e test, soak, leak check). Source it; the helpers
 # set variables in the caller's shell (a subshell could not `wait`).
 
+# temp_dir_and_server_trap: makes `tmp` (a temporary directory), sets `pid`
+# (the server's, once the caller starts it) empty, and traps EXIT to kill
+# the server if it is still running and remove `tmp`.
+temp_dir_and_server_trap() {
+  tmp="$(mktemp -d)"
+  pid=""
+  trap 'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+        rm -rf "$tmp"' EXIT
+}
+
 # wait_for_port LOG PID [TRIES]: waits (TRIES x 0.05 s, default 10 s) for the
 # server's "listening on HOST:PORT" line in LOG and sets `port`; returns 1,
 # with `port` empty, if PID exits or time runs out first.
