@@ -710,21 +710,45 @@ bool Keeper::isShutDown() const noexcept { return impl_->shut; }
 std::size_t Keeper::Impl::deliverLocal(const BroadcastTargets& targets,
                                        std::string_view event, std::string_view payload) {
   if (shut || !cb.emit) return 0;
-  // One copy of the message for every member.
-  const auto msg = std::make_shared<const std::pair<std::string, std::string>>(
-      std::string(event), std::string(payload));
-  return reg.forEachTarget(targets, [&](std::string_view s) {
-    queue([this, to = std::string(s), msg]() { cb.emit(to, msg->first, msg->second); });
+  // One queued event for the whole fan-out: the message once, the members'
+  // names one after another in one buffer (two allocations, not one per
+  // member). It runs where the members' own events would have run, and an
+  // emit that throws is counted and the next member is still told.
+  struct FanOut {
+    std::string event, payload, names;
+    std::vector<std::size_t> ends;  // names[ends[i-1], ends[i]) is member i
+  };
+  auto f = std::make_shared<FanOut>();
+  f->event.assign(event.data(), event.size());
+  f->payload.assign(payload.data(), payload.size());
+  const std::size_t n = reg.forEachTarget(targets, [&](std::string_view s) {
+    f->names.append(s.data(), s.size());
+    f->ends.push_back(f->names.size());
   });
+  if (n == 0) return 0;
+  queue([this, f = std::move(f)]() {
+    std::size_t at = 0;
+    for (const std::size_t end : f->ends) {
+      const std::string_view to(f->names.data() + at, end - at);
+      at = end;
+      try {
+        cb.emit(to, f->event, f->payload);
+      } catch (...) {
+        reg.reportError("host");
+      }
+    }
+  });
+  return n;
 }
 
 std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view event,
                               std::string_view payload) {
   Impl& im = *impl_;
   if (im.shut) return 0;
-  const std::size_t n = im.deliverLocal(targets, event, payload);
   if (im.opt.bus) {
-    // The bus gets its own copy (the views are the caller's).
+    // The bus first, so that the other Keepers' members are on their way
+    // while this one's are told (its hand-off is queued ahead of the local
+    // emits). The bus gets its own copy (the views are the caller's).
     try {
       auto msg = std::make_shared<const BroadcastMessage>(
           BroadcastMessage::copyOf(targets, event, payload));
@@ -735,6 +759,7 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
       im.reg.events.countDropped();
     }
   }
+  const std::size_t n = im.deliverLocal(targets, event, payload);
   im.reg.flush();
   return n;
 }

@@ -697,6 +697,46 @@ TEST_CASE("shutdown from inside callbacks", "[keeper]") {
 
 // ------------------------------------------------- Throwing callbacks ---
 
+TEST_CASE("a broadcast tells each member once, in order, whatever an emit does",
+          "[keeper]") {
+  Rig rig;
+  Keeper& k = *rig.keeper;
+  for (const char* s : {"m1", "m2", "m3", "m4", "out"}) {
+    REQUIRE(k.connectAuthenticated(s, std::string("u-") + s) == Result::kOk);
+    if (std::string(s) != "out") REQUIRE(k.trackRoom(s, "r") == Result::kOk);
+  }
+  // m1's emit disconnects m3, who is still to be told; m2's emit throws.
+  rig.onEmit = [&](std::string_view s, std::string_view ev) {
+    if (ev != "x") return;
+    if (s == "m1") CHECK(k.disconnect("m3") == Result::kOk);
+    if (s == "m2") throw std::runtime_error("m2 boom");
+  };
+  rig.calls.clear();
+  BroadcastTargets t;
+  t.rooms = {"r"};
+  CHECK(k.broadcast(t, "x", "{}") == 4);
+  std::vector<std::string> emits;
+  std::size_t leaveM3 = rig.calls.size(), lastEmit = 0;
+  for (std::size_t i = 0; i < rig.calls.size(); ++i) {
+    if (rig.calls[i].rfind("emit ", 0) == 0 && rig.calls[i].size() > 7 &&
+        rig.calls[i].compare(rig.calls[i].size() - 2, 2, " x") == 0) {
+      emits.push_back(rig.calls[i]);
+      lastEmit = i;
+    }
+    if (rig.calls[i] == "leave m3 r") leaveM3 = std::min(leaveM3, i);
+  }
+  // The members chosen at the call, each once, in membership order: m3's
+  // disconnect (made during the fan-out) comes after the whole fan-out.
+  CHECK(emits == std::vector<std::string>{"emit m1 x", "emit m2 x", "emit m3 x", "emit m4 x"});
+  REQUIRE(leaveM3 < rig.calls.size());
+  CHECK(leaveM3 > lastEmit);
+  const MemoryStats st = rig.stats();
+  CHECK(st.callbackErrors == 1);
+  CHECK(rig.logCount(LogLevel::kError, "m2 boom") == 1);
+  CHECK(st.connectedClients == 4);
+  CHECK(st.trackedRooms == 3);
+}
+
 TEST_CASE("a callback that throws at any step leaves nothing half-cleaned", "[keeper]") {
   const std::string step =
       GENERATE(as<std::string>{}, "leave", "emit", "persist", "disconnecting",

@@ -35,9 +35,10 @@
 //   * the kTypingStoppedAll wildcard is not persisted when the user's last
 //     local session goes: the bus calls relayUserGone() on that Keeper when
 //     the user's last session in the whole cluster has gone.
-// broadcast() delivers to local members at once, then hands the same
-// targets to the bus, which relays them to the other Keepers' members
-// (relayBroadcast delivers locally only, and never back to the bus).
+// broadcast() hands the targets to the bus, then delivers to local
+// members, in that order in one flush: the bus relays them to the other
+// Keepers' members while this Keeper's are being told (relayBroadcast
+// delivers locally only, and never back to the bus).
 //
 // Calls: every event is made on the Keeper's thread, after the change it
 // reports, in the order of the changes, with no Keeper lock held (it is
@@ -134,7 +135,8 @@ class Bus {
   virtual bool wantsMemberships() const noexcept { return true; }
   /// A local typing indicator of `user` in `thread` started or ended.
   virtual void typing(std::string_view user, std::string_view thread, bool started) = 0;
-  /// Keeper::broadcast() was called; local members have been sent to.
+  /// Keeper::broadcast() was called; the local members are told right
+  /// after this call returns (in the same flush).
   virtual void broadcast(const BroadcastTargets& targets, std::string_view event,
                          std::string_view payload) = 0;
 

@@ -160,6 +160,17 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   void onStrand(F fn) {
     asio::post(strand, [self = shared_from_this(), fn = std::move(fn)]() mutable { fn(); });
   }
+  // Runs `fn` on the node's strand, inline when the strand is idle and
+  // this thread runs the io_context (Asio's dispatch), queued otherwise:
+  // never ahead of an event raised before it, and never inside a strand
+  // handler already running on this thread (that one's queued events
+  // would be overtaken). For a broadcast, whose PUBLISH then leaves before
+  // the caller's local fan-out.
+  template <typename F>
+  void soonOnStrand(F fn) {
+    if (strand.running_in_this_thread()) return onStrand(std::move(fn));
+    asio::dispatch(strand, [self = shared_from_this(), fn = std::move(fn)]() mutable { fn(); });
+  }
   // A query's answer, through the post function (at once without one).
   void answer(std::function<void()> fn) {
     if (post)
@@ -857,7 +868,8 @@ void RedisNode::typing(std::string_view user, std::string_view thread, bool star
 
 void RedisNode::broadcast(const BroadcastTargets& targets, std::string_view event,
                           std::string_view payload) {
-  // Encoded here (the views are the caller's), sent on the strand.
+  // Encoded here (the views are the caller's), sent on the strand: written
+  // to the socket before this call returns when the strand is idle.
   std::string m;
   m.reserve(64 + payload.size());
   putField(m, "B");
@@ -869,7 +881,7 @@ void RedisNode::broadcast(const BroadcastTargets& targets, std::string_view even
   putField(m, targets.sender);
   putField(m, event);
   putField(m, payload);
-  impl_->onStrand([im = impl_.get(), m = std::move(m), idAt]() mutable {
+  impl_->soonOnStrand([im = impl_.get(), m = std::move(m), idAt]() mutable {
     if (!im->cmd->connected()) return im->count(&ClusterStats::dropped);
     std::string id;
     putField(id, im->id);
