@@ -304,6 +304,12 @@ std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_v
     e.shown = true;
   } else {
     try {
+      // A start for a thread with no room here has nobody to tell, and
+      // nothing to remember: the stop then finds it not shown, and a
+      // member who joins in between hears neither (as one who joins after
+      // a shown start hears only its stop). Most relayed starts are these
+      // on a loop or node that holds none of the thread's members.
+      if (started && !threadRoomHere(thread)) return 0;
       if (!markShown(user, thread, started)) return 0;  // shown already / not shown
     } catch (...) {
       reg.events.countDropped();
@@ -319,6 +325,12 @@ std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_v
 namespace {
 std::size_t heapOfString(std::string_view s) { return s.size() > 15 ? s.size() + 1 : 0; }
 }  // namespace
+
+bool TypingTimerManager::Impl::threadRoomHere(std::string_view thread) const {
+  std::string room = opt.threadRoomPrefix;
+  room.append(thread.data(), thread.size());
+  return reg.findRoom(room) != detail::kNone;
+}
 
 bool TypingTimerManager::Impl::markShown(std::string_view user, std::string_view thread,
                                          bool on) {

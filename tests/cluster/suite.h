@@ -133,6 +133,38 @@ TEST_CASE("cluster: typing crosses nodes, one indicator for one user's two devic
   CHECK(w.s(0).count("u@0", "typingStopped") == 0);
 }
 
+TEST_CASE("cluster: a node without the thread's room keeps nothing for a relayed start, and "
+          "a member who joins between start and stop hears neither",
+          "[cluster]") {
+  CLUSTER_WORLD w(2);
+  rkt::join(w, 0, "u", {"thread:9"});
+  rkt::join(w, 0, "m", {"thread:9"});
+  rkt::join(w, 1, "x", {"lobby"});  // node 1 has no thread:9
+  w.settle();
+  const std::size_t bytesBefore = w.s(1).keeper->getMemoryStats().bytes;
+  REQUIRE(w.s(0).keeper->startTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.until([&] { return w.s(0).count("m@0", "typingStarted") == 1; }));
+  w.settle();
+  CHECK(w.s(1).countEvent("typingStarted") == 0);
+  CHECK(w.s(1).keeper->getMemoryStats().bytes == bytesBefore);  // nothing remembered
+  // A member on node 1 joins while u types: told neither the start it
+  // missed nor a stop for a start it never heard.
+  rkt::join(w, 1, "n", {"thread:9"});
+  REQUIRE(w.s(0).keeper->stopTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.until([&] { return w.s(0).count("m@0", "typingStopped") == 1; }));
+  w.settle();
+  CHECK(w.s(1).count("n@1", "typingStarted") == 0);
+  CHECK(w.s(1).count("n@1", "typingStopped") == 0);
+  // The next start reaches n, and its stop too.
+  REQUIRE(w.s(0).keeper->startTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.until([&] { return w.s(1).count("n@1", "typingStarted") == 1; }));
+  REQUIRE(w.s(0).keeper->stopTyping("u@0", "9") == Result::kOk);
+  REQUIRE(w.until([&] { return w.s(1).count("n@1", "typingStopped") == 1; }));
+  w.settle();
+  CHECK(w.s(1).count("n@1", "typingStarted") == 1);
+  CHECK(w.s(1).count("n@1", "typingStopped") == 1);
+}
+
 TEST_CASE("cluster: two devices start and stop typing at once on two nodes: every member "
           "hears one typingStarted and one typingStopped",
           "[cluster]") {
