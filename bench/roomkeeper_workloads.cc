@@ -354,8 +354,14 @@ void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads,
 
 #include <roomkeeper/cluster/in_process.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <type_traits>
 
 namespace {
 
@@ -527,6 +533,54 @@ DayResult syncKeeperDay(const DispatchIds& d, std::size_t S, std::size_t K_, std
   return r;
 }
 
+// Runs one day twice in a child process of its own and returns the second
+// (the first warms the heap: its pages are mapped, its threads' malloc
+// arenas made). Each mode and N starts from a heap of its own, not from
+// whatever the runs before it left behind: run in this process, a
+// multi-loop day measured after a shared-SyncKeeper day was up to twice as
+// slow as the same day after another multi-loop day.
+DayResult inChild(const std::function<DayResult()>& day) {
+  static_assert(std::is_trivially_copyable_v<DayResult>, "sent through a pipe");
+  int fds[2];
+  if (::pipe(fds) != 0) return day();
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    return day();
+  }
+  if (pid == 0) {
+    ::close(fds[0]);
+    (void)day();
+    const DayResult r = day();
+    const char* p = reinterpret_cast<const char*>(&r);
+    for (std::size_t done = 0; done < sizeof r;) {
+      const ssize_t n = ::write(fds[1], p + done, sizeof r - done);
+      if (n <= 0) ::_exit(1);
+      done += static_cast<std::size_t>(n);
+    }
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  DayResult r;
+  char* p = reinterpret_cast<char*>(&r);
+  std::size_t got = 0;
+  while (got < sizeof r) {
+    const ssize_t n = ::read(fds[0], p + got, sizeof r - got);
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (got != sizeof r || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::fprintf(stderr, "dispatch_threads: a run's child process failed\n");
+    std::exit(1);
+  }
+  return r;
+}
+
 }  // namespace
 
 void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
@@ -544,8 +598,10 @@ void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
   for (int run = 0; run < kRuns; ++run)
     for (int mode = 0; mode < 2; ++mode)
       for (std::size_t i = 0; i < threads.size(); ++i) {
-        DayResult r = mode == 0 ? multiLoopDay(d, S, cfg.restarts, threads[i])
-                                : syncKeeperDay(d, S, cfg.restarts, threads[i]);
+        const DayResult r = inChild([&] {
+          return mode == 0 ? multiLoopDay(d, S, cfg.restarts, threads[i])
+                           : syncKeeperDay(d, S, cfg.restarts, threads[i]);
+        });
         series[mode][i].days.push_back(static_cast<double>(r.dayNs) / static_cast<double>(S));
         series[mode][i].last = r;
       }
