@@ -418,7 +418,7 @@ Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std:
   // delivered stops growing (for 500 ms; at most 10 s), then collect.
   std::uint64_t last = 0;
   auto still = Clock::now();
-  for (auto start = Clock::now(); Clock::now() - start < std::chrono::seconds(10);) {
+  for (auto waitFrom = Clock::now(); Clock::now() - waitFrom < std::chrono::seconds(10);) {
     std::uint64_t n = 0;
     for (auto& c : nodes) {
       c.send("received");

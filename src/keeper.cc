@@ -707,37 +707,43 @@ ShutdownReport Keeper::shutdown() {
 }
 bool Keeper::isShutDown() const noexcept { return impl_->shut; }
 
-std::size_t Keeper::Impl::deliverLocal(const BroadcastTargets& targets,
-                                       std::string_view event, std::string_view payload) {
-  if (shut || !cb.emit) return 0;
-  // One queued event for the whole fan-out: the message once, the members'
-  // names one after another in one buffer (two allocations, not one per
-  // member). It runs where the members' own events would have run, and an
-  // emit that throws is counted and the next member is still told.
-  struct FanOut {
-    std::string event, payload, names;
-    std::vector<std::size_t> ends;  // names[ends[i-1], ends[i]) is member i
-  };
+std::shared_ptr<Keeper::Impl::FanOut> Keeper::Impl::collectLocal(
+    const BroadcastTargets& targets, std::string_view event, std::string_view payload) {
+  if (shut || !cb.emit) return nullptr;
   auto f = std::make_shared<FanOut>();
   f->event.assign(event.data(), event.size());
   f->payload.assign(payload.data(), payload.size());
-  const std::size_t n = reg.forEachTarget(targets, [&](std::string_view s) {
+  reg.forEachTarget(targets, [&](std::string_view s) {
     f->names.append(s.data(), s.size());
     f->ends.push_back(f->names.size());
   });
-  if (n == 0) return 0;
-  queue([this, f = std::move(f)]() {
-    std::size_t at = 0;
-    for (const std::size_t end : f->ends) {
-      const std::string_view to(f->names.data() + at, end - at);
-      at = end;
-      try {
-        cb.emit(to, f->event, f->payload);
-      } catch (...) {
-        reg.reportError("host");
+  if (f->ends.empty()) return nullptr;
+  return f;
+}
+
+std::size_t Keeper::Impl::queueFanOut(std::shared_ptr<FanOut> f) noexcept {
+  if (!f) return 0;
+  const std::size_t n = f->ends.size();
+  // One queued event for the whole fan-out (a few allocations for a
+  // broadcast, not one per member). It runs where the members' own events
+  // would have run; an emit that throws is counted and the next member is
+  // still told.
+  try {
+    queue([this, f = std::move(f)]() {
+      std::size_t at = 0;
+      for (const std::size_t end : f->ends) {
+        const std::string_view to(f->names.data() + at, end - at);
+        at = end;
+        try {
+          cb.emit(to, f->event, f->payload);
+        } catch (...) {
+          reg.reportError("host");
+        }
       }
-    }
-  });
+    });
+  } catch (...) {
+    reg.events.countDropped();  // the closure could not be had
+  }
   return n;
 }
 
@@ -745,8 +751,11 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
                               std::string_view payload) {
   Impl& im = *impl_;
   if (im.shut) return 0;
+  // Collected first: out of memory, the call throws with nothing queued,
+  // for the bus or for anyone here.
+  std::shared_ptr<Impl::FanOut> local = im.collectLocal(targets, event, payload);
   if (im.opt.bus) {
-    // The bus first, so that the other Keepers' members are on their way
+    // The bus next, so that the other Keepers' members are on their way
     // while this one's are told (its hand-off is queued ahead of the local
     // emits). The bus gets its own copy (the views are the caller's).
     try {
@@ -759,7 +768,7 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
       im.reg.events.countDropped();
     }
   }
-  const std::size_t n = im.deliverLocal(targets, event, payload);
+  const std::size_t n = im.queueFanOut(std::move(local));
   im.reg.flush();
   return n;
 }
@@ -768,7 +777,7 @@ std::size_t Keeper::relayBroadcast(const BroadcastTargets& targets, std::string_
                                    std::string_view payload) {
   std::size_t n = 0;
   try {
-    n = impl_->deliverLocal(targets, event, payload);
+    n = impl_->queueFanOut(impl_->collectLocal(targets, event, payload));
   } catch (...) {
     impl_->reg.events.countDropped();
   }

@@ -4,9 +4,11 @@
 #define ROOMKEEPER_SRC_KEEPER_IMPL_H_
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "rate_limiter.h"
@@ -69,9 +71,18 @@ struct Keeper::Impl {
   void logStats();
   /// The bus's sessionUp, queued (no bus: nothing).
   void queueSessionUp(std::string_view session, std::string_view user) noexcept;
-  /// emit to the local targets (broadcast, relayBroadcast).
-  std::size_t deliverLocal(const BroadcastTargets& targets, std::string_view event,
-                           std::string_view payload);
+  /// A broadcast's local members, collected: the message once, the
+  /// members' names one after another in one buffer.
+  struct FanOut {
+    std::string event, payload, names;
+    std::vector<std::size_t> ends;  // names[ends[i-1], ends[i]) is member i
+  };
+  /// Collects the local targets (null: nobody to tell). May throw
+  /// (out of memory) with nothing queued.
+  std::shared_ptr<FanOut> collectLocal(const BroadcastTargets& targets, std::string_view event,
+                                       std::string_view payload);
+  /// Queues the emits of a collected fan-out as one event; its count.
+  std::size_t queueFanOut(std::shared_ptr<FanOut> f) noexcept;
   std::size_t maybeWarn();
   MemoryStats stats() const noexcept;
 

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string_view>
 
 #include "absl/container/flat_hash_set.h"
@@ -109,7 +110,9 @@ struct SessionRegistry::Impl {
   void freeSessionSlot(std::uint32_t s) noexcept;
   void deliver(detail::Event& ev) noexcept;
   void flush() noexcept;
-  /// Counts and logs the exception being handled; call inside catch.
+  /// Counts and logs the exception being handled; call inside catch. The
+  /// count is taken under `mu` (SyncKeeper's lock) when there is one: a
+  /// queued closure calls this after that lock was released.
   void reportError(std::string_view where) noexcept;
 
   RegistryCallbacks cb;
@@ -125,6 +128,7 @@ struct SessionRegistry::Impl {
   std::size_t memberships = 0;
   std::size_t sessionsWithRooms = 0;
   std::uint64_t callbackErrors = 0;
+  std::recursive_mutex* mu = nullptr;  // SyncKeeper's lock, when there is one
   // Session generations (see freeSessionSlot): per slot, kept while free.
   static constexpr std::uint32_t kGenerationPinAt = 0x80000000u;
   std::uint32_t generationFloor = 0;  // every generation issued before the pages went

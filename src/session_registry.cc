@@ -11,6 +11,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "fmt/format.h"
+#include "lock.h"
 #include "registry_impl.h"
 
 namespace roomkeeper {
@@ -68,7 +69,10 @@ std::uint32_t SessionRegistry::Impl::fromHandle(SessionHandle h) const {
 }
 
 void SessionRegistry::Impl::reportError(std::string_view where) noexcept {
-  ++callbackErrors;
+  {
+    detail::MaybeLock g(mu);
+    ++callbackErrors;
+  }
   if (!cb.log) return;
   std::string msg;
   try {
@@ -82,6 +86,7 @@ void SessionRegistry::Impl::reportError(std::string_view where) noexcept {
     cb.log(LogLevel::kError, msg);
   } catch (...) {
     // A log callback that throws while reporting is counted once more.
+    detail::MaybeLock g(mu);
     ++callbackErrors;
   }
 }

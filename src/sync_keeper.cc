@@ -34,6 +34,7 @@ struct SyncKeeper::Impl {
   Impl(KeeperCallbacks c, KeeperOptions o)
       : ordered(o.bus != nullptr), keeper(std::move(c), std::move(o)) {
     keeper.impl_->typing.impl_->mu = &mu;
+    keeper.impl_->reg.mu = &mu;
   }
 
   // Runs `op` under the lock with callback delivery deferred, then delivers

@@ -126,7 +126,7 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
   Probe probe;
   std::atomic<long> emits{0}, stoppedEmits{0}, startedEmits{0}, leaves{0}, persisted{0},
       closes{0}, disconnectings{0}, offline{0}, online{0}, errorLogs{0}, thrown{0},
-      reentrant{0}, driverCallbacks{0}, driverStops{0};
+      reentrant{0}, driverCallbacks{0}, driverStops{0}, broadcastEmits{0}, noteEmits{0};
 
   auto onDriver = [&] {
     if (tRole == 0) ++driverCallbacks;
@@ -140,6 +140,7 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
       if (tRole == 0) ++driverStops;
     }
     if (ev == "typingStarted") ++startedEmits;
+    if (ev == "note") ++noteEmits;
     SyncKeeper* k = self.load();
     (void)k->isConnected(to);  // same thread, straight back in
     ++reentrant;
@@ -254,6 +255,14 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
             r != Result::kNotAuthenticated)
           ++refusedUnexpectedly;
       }
+      if (i % 5 == 0) {
+        // A broadcast to a shared room: one queued fan-out, delivered after
+        // the lock is released, whose throwing emits are counted then.
+        roomkeeper::BroadcastTargets to;
+        to.rooms = {"thread:" + std::to_string(i % 4)};
+        const std::size_t n = sk.broadcast(to, "note", "{}");
+        broadcastEmits += static_cast<long>(n);
+      }
       if (i % 16 == 0) std::this_thread::sleep_for(1ms);  // let timers come due
     }
     return std::vector<std::string>(live.begin(), live.end());
@@ -295,6 +304,8 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
   CHECK(probe.ok > 0);
   CHECK(reentrant > 0);
   CHECK(startedEmits > 0);
+  CHECK(broadcastEmits > 0);
+  CHECK(noteEmits == broadcastEmits);  // every member a broadcast counted was told
   CHECK(stoppedEmits > 0);
   CHECK(driverCallbacks > 0);  // auto-clears and auth deadlines really fired
   CHECK(driverStops > 0);      // typingStopped emitted by the driver's auto-clear

@@ -30,6 +30,7 @@
 namespace {
 
 using roomkeeper::BroadcastTargets;
+using roomkeeper::Bus;
 using roomkeeper::Keeper;
 using roomkeeper::KeeperCallbacks;
 using roomkeeper::KeeperOptions;
@@ -735,6 +736,53 @@ TEST_CASE("a broadcast tells each member once, in order, whatever an emit does",
   CHECK(rig.logCount(LogLevel::kError, "m2 boom") == 1);
   CHECK(st.connectedClients == 4);
   CHECK(st.trackedRooms == 3);
+}
+
+namespace {
+// A bus that records what it is told into a call log (a Keeper's only bus
+// in this file: no other Keeper, so every query answers "no one else").
+struct RecordingBus final : Bus {
+  std::vector<std::string>* calls = nullptr;
+  void note(std::string line) {
+    if (calls) calls->push_back(std::move(line));
+  }
+  void sessionUp(std::string_view, std::string_view) override {}
+  void sessionDown(std::string_view, std::string_view) override {}
+  void joined(std::string_view, std::string_view) override {}
+  void left(std::string_view, std::string_view) override {}
+  void typing(std::string_view, std::string_view, bool) override {}
+  void broadcast(const BroadcastTargets& t, std::string_view event,
+                 std::string_view payload) override {
+    note("bus " + std::string(t.rooms.empty() ? "" : t.rooms[0]) + " " + std::string(event) +
+         " " + std::string(payload));
+  }
+  bool typingElsewhere(std::string_view, std::string_view) const noexcept override {
+    return false;
+  }
+};
+}  // namespace
+
+TEST_CASE("with a bus, a broadcast is handed to the bus before any local member is told",
+          "[keeper]") {
+  RecordingBus bus;
+  KeeperOptions o;
+  o.bus = &bus;
+  Rig rig(o);
+  bus.calls = &rig.calls;
+  Keeper& k = *rig.keeper;
+  for (const char* s : {"m1", "m2"}) {
+    REQUIRE(k.connectAuthenticated(s, std::string("u-") + s) == Result::kOk);
+    REQUIRE(k.trackRoom(s, "r") == Result::kOk);
+  }
+  rig.calls.clear();
+  BroadcastTargets t;
+  t.rooms = {"r"};
+  CHECK(k.broadcast(t, "x", "{}") == 2);
+  CHECK(rig.calls == std::vector<std::string>{"bus r x {}", "emit m1 x", "emit m2 x"});
+  // Relayed from the bus: local members only, never back to the bus.
+  rig.calls.clear();
+  CHECK(k.relayBroadcast(t, "y", "{}") == 2);
+  CHECK(rig.calls == std::vector<std::string>{"emit m1 y", "emit m2 y"});
 }
 
 TEST_CASE("a callback that throws at any step leaves nothing half-cleaned", "[keeper]") {

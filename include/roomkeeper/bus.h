@@ -31,14 +31,20 @@
 //     A bus sends relayTyping() for the user's first start and last stop in
 //     the whole cluster to every other Keeper, and a stop also to the one
 //     that made it if that one held its own stop back (typingElsewhere was
-//     true when it asked);
+//     true when it asked). A relayed start for a thread whose room has no
+//     member behind this Keeper tells no one and is not remembered, so its
+//     stop tells no one either (a member who joins in between hears
+//     neither);
 //   * the kTypingStoppedAll wildcard is not persisted when the user's last
 //     local session goes: the bus calls relayUserGone() on that Keeper when
 //     the user's last session in the whole cluster has gone.
 // broadcast() hands the targets to the bus, then delivers to local
-// members, in that order in one flush: the bus relays them to the other
-// Keepers' members while this Keeper's are being told (relayBroadcast
-// delivers locally only, and never back to the bus).
+// members: both are queued by the call, the bus's first, and run in that
+// order when the Keeper's queue is delivered (before the call returns,
+// unless it was made from inside a callback or another thread of a
+// SyncKeeper is delivering), so the other Keepers' members can be on their
+// way while this Keeper's are told (relayBroadcast delivers locally only,
+// and never back to the bus).
 //
 // Calls: every event is made on the Keeper's thread, after the change it
 // reports, in the order of the changes, with no Keeper lock held (it is
@@ -136,7 +142,7 @@ class Bus {
   /// A local typing indicator of `user` in `thread` started or ended.
   virtual void typing(std::string_view user, std::string_view thread, bool started) = 0;
   /// Keeper::broadcast() was called; the local members are told right
-  /// after this call returns (in the same flush).
+  /// after this call returns (the next event in the Keeper's queue).
   virtual void broadcast(const BroadcastTargets& targets, std::string_view event,
                          std::string_view payload) = 0;
 

@@ -311,8 +311,10 @@ class Keeper final : public BusTarget {
   /// Another Keeper's indicator of `user` in `thread` started or ended:
   /// typingStarted / typingStopped to the thread room's local members
   /// (not to the user's own sessions), unless this Keeper has the user
-  /// typing there itself (its own indicator speaks for it). Returns how
-  /// many sessions were sent to.
+  /// typing there itself (its own indicator speaks for it). A start for a
+  /// thread whose room has no member here is not remembered: its stop is
+  /// then sent to no one (see bus.h). Returns how many sessions were sent
+  /// to.
   std::size_t relayTyping(std::string_view user, std::string_view thread,
                           bool started) override;
   /// The user's last session in the cluster went, and it was here: the

@@ -868,8 +868,9 @@ void RedisNode::typing(std::string_view user, std::string_view thread, bool star
 
 void RedisNode::broadcast(const BroadcastTargets& targets, std::string_view event,
                           std::string_view payload) {
-  // Encoded here (the views are the caller's), sent on the strand: written
-  // to the socket before this call returns when the strand is idle.
+  // Encoded here (the views are the caller's), sent on the strand: handed
+  // to the socket before this call returns when this thread runs the
+  // io_context, the strand is idle and no write is in flight.
   std::string m;
   m.reserve(64 + payload.size());
   putField(m, "B");

@@ -145,7 +145,6 @@ TEST_CASE("cluster: a node without the thread's room keeps nothing for a relayed
   REQUIRE(w.s(0).keeper->startTyping("u@0", "9") == Result::kOk);
   REQUIRE(w.until([&] { return w.s(0).count("m@0", "typingStarted") == 1; }));
   w.settle();
-  CHECK(w.s(1).countEvent("typingStarted") == 0);
   CHECK(w.s(1).keeper->getMemoryStats().bytes == bytesBefore);  // nothing remembered
   // A member on node 1 joins while u types: told neither the start it
   // missed nor a stop for a start it never heard.
