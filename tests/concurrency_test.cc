@@ -258,8 +258,9 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
       if (i % 5 == 0) {
         // A broadcast to a shared room: one queued fan-out, delivered after
         // the lock is released, whose throwing emits are counted then.
-        roomkeeper::BroadcastTargets to;
-        to.rooms = {"thread:" + std::to_string(i % 4)};
+        const std::string room = "thread:" + std::to_string(i % 4);
+        roomkeeper::BroadcastTargets to;  // views: `room` outlives the call
+        to.rooms = {room};
         const std::size_t n = sk.broadcast(to, "note", "{}");
         broadcastEmits += static_cast<long>(n);
       }
