@@ -231,8 +231,9 @@ class NodeProcess {
         const std::size_t id = index_ + nodes_ * *k;
         const std::string room =
             kind == "all" ? std::string("all") : "crew:" + std::to_string((*rng)() % 100);
-        const std::string payload = std::to_string(id) + " " + std::to_string(nowNs());
-        sentTo_.push_back({id, room, nowNs()});
+        const std::int64_t sendNs = nowNs();
+        const std::string payload = std::to_string(id) + " " + std::to_string(sendNs);
+        sentTo_.push_back({id, room, sendNs, sendNs - dueNs(*k)});
         roomkeeper::BroadcastTargets t;
         t.rooms.push_back(room);
         keeper_->broadcast(t, "b", payload);
@@ -253,7 +254,8 @@ class NodeProcess {
 
   void report() {
     for (auto& s : sentTo_)
-      out("S " + std::to_string(s.id) + " " + s.room + " " + std::to_string(s.t) + "\n");
+      out("S " + std::to_string(s.id) + " " + s.room + " " + std::to_string(s.t) + " " +
+          std::to_string(s.lag) + "\n");
     for (auto& [id, r] : received_)
       out("R " + std::to_string(id) + " " + std::to_string(r.first) + " " +
           std::to_string(r.second) + "\n");
@@ -291,7 +293,8 @@ class NodeProcess {
   struct Sent {
     std::size_t id;
     std::string room;
-    std::int64_t t;
+    std::int64_t t;    // sent (the latency's start)
+    std::int64_t lag;  // sent minus due on the schedule: how late the sender was
   };
   std::size_t index_, nodes_, S_;
   asio::io_context io_;
@@ -396,6 +399,7 @@ long long infoField(rkt::RedisPeek& peek, const std::string& section, const std:
 
 struct Delivery {
   double p50us = 0, p99us = 0;
+  double sendLagP99us = 0;  // how late the senders sent (not in the latency)
   std::uint64_t delivered = 0, expected = 0;
 };
 
@@ -433,6 +437,7 @@ Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std:
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   std::map<std::size_t, std::pair<std::string, std::int64_t>> sent;
+  std::vector<double> lags;
   std::map<std::size_t, std::pair<std::uint64_t, std::int64_t>> got;
   for (auto& c : nodes) {
     std::vector<std::string> lines;
@@ -446,9 +451,10 @@ Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std:
       is >> id;
       if (tag == "S") {
         std::string room;
-        std::int64_t t = 0;
-        is >> room >> t;
+        std::int64_t t = 0, lag = 0;
+        is >> room >> t >> lag;
         sent[id] = {room, t};
+        lags.push_back(static_cast<double>(lag) / 1000.0);
       } else if (tag == "R") {
         std::uint64_t n = 0;
         std::int64_t t = 0;
@@ -471,6 +477,7 @@ Delivery broadcastPhase(std::vector<Child>& nodes, const std::string& kind, std:
   }
   d.p50us = percentile(lat, 0.50);
   d.p99us = percentile(lat, 0.99);
+  d.sendLagP99us = percentile(lags, 0.99);
   return d;
 }
 
@@ -635,11 +642,13 @@ void runClusterWorkload(const char* self, std::size_t S) {
       .addObject("crew", JsonLine()
                              .addCount("broadcasts", 20000)
                              .addCount("expected", crew.expected)
-                             .addCount("delivered", crew.delivered))
+                             .addCount("delivered", crew.delivered)
+                             .addNumber("send_lag_p99_us", crew.sendLagP99us, 1))
       .addObject("all", JsonLine()
                             .addCount("broadcasts", 20000)
                             .addCount("expected", all.expected)
-                            .addCount("delivered", all.delivered))
+                            .addCount("delivered", all.delivered)
+                            .addNumber("send_lag_p99_us", all.sendLagP99us, 1))
       .addNumber("typing_cross_node_p99_us", percentile(typingLat, 0.99), 1)
       .addNumber("kill_to_clean_ms", killToClean, 0)
       .addCount("orphan_keys", orphans)
