@@ -305,6 +305,36 @@ struct SlotEq {
   }
 };
 
+/// One message for several sessions, queued as one event instead of one
+/// per member: the message once, the members' names one after another in
+/// one buffer (a few allocations per fan-out, however many members).
+struct FanOut {
+  std::string event, payload, names;
+  std::vector<std::size_t> ends;  // names[ends[i-1], ends[i]) is member i
+
+  void add(std::string_view name) {
+    names.append(name.data(), name.size());
+    ends.push_back(names.size());
+  }
+  std::size_t size() const noexcept { return ends.size(); }
+  /// Calls `emit(member, event, payload)` for each member in order; one
+  /// that throws is handed to `onError` (inside the catch) and the next
+  /// member is still told.
+  template <typename Emit, typename OnError>
+  void deliver(Emit&& emit, OnError&& onError) const {
+    std::size_t at = 0;
+    for (const std::size_t end : ends) {
+      const std::string_view to(names.data() + at, end - at);
+      at = end;
+      try {
+        emit(to, event, payload);
+      } catch (...) {
+        onError();
+      }
+    }
+  }
+};
+
 /// Work deferred until the state is consistent and no container is being
 /// iterated: callbacks are queued by a mutating call and run when the
 /// outermost call finishes (or, under SyncKeeper, after the lock is

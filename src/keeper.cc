@@ -94,8 +94,8 @@ void Keeper::Impl::queueSessionUp(std::string_view session, std::string_view use
   }
 }
 
-void Keeper::Impl::queue(std::function<void()> fn) noexcept {
-  reg.events.tryPush([&](detail::Event& ev) {
+bool Keeper::Impl::queue(std::function<void()> fn) noexcept {
+  return reg.events.tryPush([&](detail::Event& ev) {
     ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
     ev.fn = std::move(fn);
   });
@@ -707,44 +707,33 @@ ShutdownReport Keeper::shutdown() {
 }
 bool Keeper::isShutDown() const noexcept { return impl_->shut; }
 
-std::shared_ptr<Keeper::Impl::FanOut> Keeper::Impl::collectLocal(
-    const BroadcastTargets& targets, std::string_view event, std::string_view payload) {
+std::shared_ptr<detail::FanOut> Keeper::Impl::collectLocal(const BroadcastTargets& targets,
+                                                          std::string_view event,
+                                                          std::string_view payload) {
   if (shut || !cb.emit) return nullptr;
-  auto f = std::make_shared<FanOut>();
+  auto f = std::make_shared<detail::FanOut>();
   f->event.assign(event.data(), event.size());
   f->payload.assign(payload.data(), payload.size());
-  reg.forEachTarget(targets, [&](std::string_view s) {
-    f->names.append(s.data(), s.size());
-    f->ends.push_back(f->names.size());
-  });
-  if (f->ends.empty()) return nullptr;
+  reg.forEachTargetSlot(targets, [&](std::uint32_t s) { f->add(reg.sessionSlots[s].name.view()); });
+  if (f->size() == 0) return nullptr;
   return f;
 }
 
-std::size_t Keeper::Impl::queueFanOut(std::shared_ptr<FanOut> f) noexcept {
+std::size_t Keeper::Impl::queueFanOut(std::shared_ptr<detail::FanOut> f) noexcept {
   if (!f) return 0;
-  const std::size_t n = f->ends.size();
-  // One queued event for the whole fan-out (a few allocations for a
-  // broadcast, not one per member). It runs where the members' own events
-  // would have run; an emit that throws is counted and the next member is
-  // still told.
+  const std::size_t n = f->size();
+  // One queued event for the whole fan-out. It runs where the members' own
+  // events would have run; an emit that throws is counted and the next
+  // member is still told.
   try {
-    queue([this, f = std::move(f)]() {
-      std::size_t at = 0;
-      for (const std::size_t end : f->ends) {
-        const std::string_view to(f->names.data() + at, end - at);
-        at = end;
-        try {
-          cb.emit(to, f->event, f->payload);
-        } catch (...) {
-          reg.reportError("host");
-        }
-      }
-    });
+    if (queue([this, f = std::move(f)]() {
+          f->deliver(cb.emit, [this] { reg.reportError("host"); });
+        }))
+      return n;
   } catch (...) {
     reg.events.countDropped();  // the closure could not be had
   }
-  return n;
+  return 0;  // dropped: nobody will be told
 }
 
 std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view event,
@@ -753,7 +742,7 @@ std::size_t Keeper::broadcast(const BroadcastTargets& targets, std::string_view 
   if (im.shut) return 0;
   // Collected first: out of memory, the call throws with nothing queued,
   // for the bus or for anyone here.
-  std::shared_ptr<Impl::FanOut> local = im.collectLocal(targets, event, payload);
+  std::shared_ptr<detail::FanOut> local = im.collectLocal(targets, event, payload);
   if (im.opt.bus) {
     // The bus next, so that the other Keepers' members are on their way
     // while this one's are told (its hand-off is queued ahead of the local

@@ -65,24 +65,19 @@ struct Keeper::Impl {
   void releaseConnTimersIfEmpty();
   ShutdownReport shutdown();
   void onAuthTimeout(TimerHandle h, std::uint32_t slot);
-  /// Never throw: out of memory, the message is dropped and counted.
-  void queue(std::function<void()> fn) noexcept;
+  /// Never throw: out of memory, the message is dropped and counted
+  /// (false).
+  bool queue(std::function<void()> fn) noexcept;
   void queueLog(LogLevel level, std::string msg) noexcept;
   void logStats();
   /// The bus's sessionUp, queued (no bus: nothing).
   void queueSessionUp(std::string_view session, std::string_view user) noexcept;
-  /// A broadcast's local members, collected: the message once, the
-  /// members' names one after another in one buffer.
-  struct FanOut {
-    std::string event, payload, names;
-    std::vector<std::size_t> ends;  // names[ends[i-1], ends[i]) is member i
-  };
-  /// Collects the local targets (null: nobody to tell). May throw
-  /// (out of memory) with nothing queued.
-  std::shared_ptr<FanOut> collectLocal(const BroadcastTargets& targets, std::string_view event,
-                                       std::string_view payload);
+  /// A broadcast's local members, collected (null: nobody to tell). May
+  /// throw (out of memory) with nothing queued.
+  std::shared_ptr<detail::FanOut> collectLocal(const BroadcastTargets& targets,
+                                               std::string_view event, std::string_view payload);
   /// Queues the emits of a collected fan-out as one event; its count.
-  std::size_t queueFanOut(std::shared_ptr<FanOut> f) noexcept;
+  std::size_t queueFanOut(std::shared_ptr<detail::FanOut> f) noexcept;
   std::size_t maybeWarn();
   MemoryStats stats() const noexcept;
 

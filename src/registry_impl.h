@@ -99,6 +99,9 @@ struct SessionRegistry::Impl {
   std::size_t clearAll();
   std::size_t forEachTarget(const BroadcastTargets& targets,
                             detail::FunctionRef<void(std::string_view)> visit);
+  /// The same walk, by slot: for a visitor that changes nothing.
+  std::size_t forEachTargetSlot(const BroadcastTargets& targets,
+                                detail::FunctionRef<void(std::uint32_t)> visit);
 
   /// Never throws: out of memory, the event is dropped and counted.
   void pushEvent(EventKind kind, std::string_view a, std::string_view b) noexcept;

@@ -547,6 +547,17 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
 std::size_t SessionRegistry::Impl::forEachTarget(
     const BroadcastTargets& targets,
     detail::FunctionRef<void(std::string_view)> visit) {
+  // A copy of each name: the visitor may change the registry (the walk
+  // skips whoever it removed).
+  std::string name;
+  return forEachTargetSlot(targets, [&](std::uint32_t s) {
+    name.assign(sessionSlots[s].name.view());
+    visit(name);
+  });
+}
+
+std::size_t SessionRegistry::Impl::forEachTargetSlot(
+    const BroadcastTargets& targets, detail::FunctionRef<void(std::uint32_t)> visit) {
   // Two fresh stamps: one marks excluded sessions, one marks targets taken.
   markCounter += 2;
   if (markCounter < 2) {  // wrapped: reset every mark
@@ -588,11 +599,9 @@ std::size_t SessionRegistry::Impl::forEachTarget(
     }
   }
   std::size_t n = 0;
-  std::string name;
   for (SessionHandle h : chosen) {
     if (fromHandle(h) == kNone) continue;  // gone while we were visiting
-    name.assign(sessionSlots[h.index].name.view());
-    visit(name);
+    visit(h.index);
     ++n;
   }
   return n;

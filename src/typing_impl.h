@@ -86,8 +86,10 @@ struct TypingTimerManager::Impl {
   std::size_t onDisconnect(std::uint32_t s);
   std::size_t clearAll();
   void releaseIdle();
-  void emitToThread(std::uint32_t s, const TypingKeyView& key,
-                    const std::string& event) noexcept;
+  /// `event` to the thread room's members but the typer's own sessions,
+  /// as one queued event; how many members it is for.
+  std::size_t emitToThread(std::uint32_t s, const TypingKeyView& key,
+                           const std::string& event) noexcept;
   /// An indicator started or ended here: emitted to local members (unless
   /// the bus has the user typing there elsewhere) and told to the bus.
   void announce(std::uint32_t s, const TypingKeyView& key, bool started, Indicator& e) noexcept;

@@ -185,9 +185,9 @@ void TypingTimerManager::Impl::reportError(std::string_view where) noexcept {
   }
 }
 
-void TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView& key,
-                                            const std::string& event) noexcept {
-  if (!cb.emit) return;
+std::size_t TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView& key,
+                                                   const std::string& event) noexcept {
+  if (!cb.emit) return 0;
   // Out of memory, some members may miss this event (counted as dropped);
   // the state change it reports has been made and stays made.
   try {
@@ -198,34 +198,34 @@ void TypingTimerManager::Impl::emitToThread(std::uint32_t s, const TypingKeyView
     payload += ",\"userId\":";
     appendJsonString(payload, key.user);
     payload += "}";
-    // One payload for every member, not one copy each.
-    const auto shared = std::make_shared<const std::string>(std::move(payload));
     BroadcastTargets targets;
     targets.rooms.push_back(room);
     if (s != detail::kNone) targets.sender = reg.sessionSlots[s].name.view();
     // Not to the typer: skip every session of the same user (an anonymous
-    // typer is only its own session, the sender).
-    const std::string user(key.user);
+    // typer is only its own session, the sender). One queued event for
+    // every member (the payload once, the names in one buffer).
+    auto f = std::make_shared<detail::FanOut>();
+    f->event = event;
+    f->payload = std::move(payload);
     const bool anon = key.anon;
-    reg.forEachTarget(targets, [&](std::string_view target) {
-      const std::uint32_t t = reg.findSession(target);
-      if (t == detail::kNone) return;
-      if (!anon && reg.sessionSlots[t].user != detail::kNone &&
-          reg.userSlots[reg.sessionSlots[t].user].name.view() == user)
+    reg.forEachTargetSlot(targets, [&](std::uint32_t t) {
+      const SessionSlot& ts = reg.sessionSlots[t];
+      if (!anon && ts.user != detail::kNone && reg.userSlots[ts.user].name.view() == key.user)
         return;
-      reg.events.tryPush([&](detail::Event& ev) {
-        ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
-        ev.fn = [this, to = std::string(target), &event, shared]() {
-          try {
-            cb.emit(to, event, *shared);
-          } catch (...) {
-            reportError("emit");
-          }
-        };
-      });
+      f->add(ts.name.view());
     });
+    const std::size_t n = f->size();
+    if (n == 0) return 0;
+    const bool queued = reg.events.tryPush([&](detail::Event& ev) {
+      ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
+      ev.fn = [this, f = std::move(f)]() {
+        f->deliver(cb.emit, [this] { reportError("emit"); });
+      };
+    });
+    return queued ? n : 0;
   } catch (...) {
     reg.events.countDropped();
+    return 0;
   }
 }
 
@@ -316,10 +316,8 @@ std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_v
       return 0;
     }
   }
-  const std::size_t before = reg.events.size();
-  emitToThread(detail::kNone, TypingKeyView{user, thread, false},
-               started ? opt.startedEvent : opt.stoppedEvent);
-  return reg.events.size() - before;
+  return emitToThread(detail::kNone, TypingKeyView{user, thread, false},
+                      started ? opt.startedEvent : opt.stoppedEvent);
 }
 
 namespace {
@@ -374,9 +372,7 @@ std::size_t TypingTimerManager::Impl::forgetShown(std::string_view user) noexcep
     shownBytes -= 64 + heapOfString(user);
     for (const std::string& t : threads) {
       shownBytes -= sizeof(std::string) + heapOfString(t);
-      const std::size_t before = reg.events.size();
-      emitToThread(detail::kNone, TypingKeyView{user, t, false}, opt.stoppedEvent);
-      n += reg.events.size() - before;
+      n += emitToThread(detail::kNone, TypingKeyView{user, t, false}, opt.stoppedEvent);
     }
   } catch (...) {
     reg.events.countDropped();

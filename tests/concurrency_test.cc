@@ -126,7 +126,7 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
   Probe probe;
   std::atomic<long> emits{0}, stoppedEmits{0}, startedEmits{0}, leaves{0}, persisted{0},
       closes{0}, disconnectings{0}, offline{0}, online{0}, errorLogs{0}, thrown{0},
-      reentrant{0}, driverCallbacks{0}, driverStops{0}, broadcastEmits{0}, noteEmits{0};
+      reentrant{0}, driverCallbacks{0}, driverStops{0}, broadcastEmits{0}, noteEmits{0}, noteThrown{0};
 
   auto onDriver = [&] {
     if (tRole == 0) ++driverCallbacks;
@@ -140,7 +140,12 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
       if (tRole == 0) ++driverStops;
     }
     if (ev == "typingStarted") ++startedEmits;
-    if (ev == "note") ++noteEmits;
+    if (ev == "note" && ++noteEmits % 5 == 0) {
+      // A throw inside a broadcast's fan-out, whatever n % 97 does.
+      ++noteThrown;
+      ++thrown;
+      throw std::runtime_error("note boom");
+    }
     SyncKeeper* k = self.load();
     (void)k->isConnected(to);  // same thread, straight back in
     ++reentrant;
@@ -307,6 +312,7 @@ TEST_CASE("SyncKeeper stress: workers and the driver, callbacks calling back in"
   CHECK(startedEmits > 0);
   CHECK(broadcastEmits > 0);
   CHECK(noteEmits == broadcastEmits);  // every member a broadcast counted was told
+  CHECK(noteThrown > 0);
   CHECK(stoppedEmits > 0);
   CHECK(driverCallbacks > 0);  // auto-clears and auth deadlines really fired
   CHECK(driverStops > 0);      // typingStopped emitted by the driver's auto-clear

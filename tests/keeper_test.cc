@@ -783,6 +783,26 @@ TEST_CASE("with a bus, a broadcast is handed to the bus before any local member 
   rig.calls.clear();
   CHECK(k.relayBroadcast(t, "y", "{}") == 2);
   CHECK(rig.calls == std::vector<std::string>{"emit m1 y", "emit m2 y"});
+
+  // A relayed typing start: the thread room's members but the typer's own
+  // sessions, counted per member (one queued event for all of them); an
+  // emit that throws does not keep the next member from being told.
+  for (const char* s : {"m1", "m2"}) REQUIRE(k.trackRoom(s, "thread:5") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("m1b", "u-m1") == Result::kOk);  // m1's other device
+  REQUIRE(k.trackRoom("m1b", "thread:5") == Result::kOk);
+  REQUIRE(k.connectAuthenticated("m3", "u-m3") == Result::kOk);
+  REQUIRE(k.trackRoom("m3", "thread:5") == Result::kOk);
+  rig.onEmit = [&](std::string_view s, std::string_view ev) {
+    if (s == "m2" && ev == "typingStarted") throw std::runtime_error("m2 boom");
+  };
+  rig.calls.clear();
+  CHECK(k.relayTyping("u-m1", "5", true) == 2);
+  CHECK(rig.calls == std::vector<std::string>{"emit m2 typingStarted 5", "emit m3 typingStarted 5"});
+  CHECK(rig.stats().callbackErrors == 1);
+  rig.onEmit = nullptr;
+  rig.calls.clear();
+  CHECK(k.relayTyping("u-m1", "5", false) == 2);
+  CHECK(rig.calls == std::vector<std::string>{"emit m2 typingStopped 5", "emit m3 typingStopped 5"});
 }
 
 TEST_CASE("a callback that throws at any step leaves nothing half-cleaned", "[keeper]") {
