@@ -100,8 +100,9 @@ struct TypingTimerManager::Impl {
   /// With a bus: marks (user, thread) as told to the local members (on) or
   /// no longer (off); true if that changed anything.
   bool markShown(std::string_view user, std::string_view thread, bool on);
-  /// The thread's room (threadRoomPrefix + thread) has a member here.
-  bool threadRoomHere(std::string_view thread) const;
+  /// The thread's room (threadRoomPrefix + thread): its slot, or kNone
+  /// when it has no member here. May throw (a name past 512 bytes).
+  std::uint32_t threadRoomSlot(std::string_view thread) const;
   /// The user is offline everywhere: typingStopped for whatever of theirs
   /// the local members were still shown (a stop that never came).
   std::size_t forgetShown(std::string_view user) noexcept;

@@ -143,13 +143,12 @@ TypingKeyView TypingTimerManager::Impl::keyOf(std::uint32_t s,
   return TypingKeyView{reg.userSlots[slot.user].name.view(), thread, false};
 }
 
-bool TypingTimerManager::Impl::isMemberOfThread(std::uint32_t s,
-                                                std::string_view thread) const {
-  // Only when an indicator starts (never on the keystroke path): one
-  // lookup of the thread's room, its name built on the stack when it fits.
+std::uint32_t TypingTimerManager::Impl::threadRoomSlot(std::string_view thread) const {
+  // Never on the keystroke path: one lookup of the thread's room, its name
+  // built on the stack when it fits.
   const std::size_t n = opt.threadRoomPrefix.size() + thread.size();
   char buf[512];
-  std::string heap;  // may throw: the caller refuses with kOutOfMemory
+  std::string heap;  // may throw: the callers refuse or drop the call
   char* name = buf;
   if (n > sizeof buf) {
     heap.resize(n);
@@ -157,7 +156,13 @@ bool TypingTimerManager::Impl::isMemberOfThread(std::uint32_t s,
   }
   std::memcpy(name, opt.threadRoomPrefix.data(), opt.threadRoomPrefix.size());
   std::memcpy(name + opt.threadRoomPrefix.size(), thread.data(), thread.size());
-  const std::uint32_t r = reg.findRoom(std::string_view(name, n));
+  return reg.findRoom(std::string_view(name, n));
+}
+
+bool TypingTimerManager::Impl::isMemberOfThread(std::uint32_t s,
+                                                std::string_view thread) const {
+  // Only when an indicator starts.
+  const std::uint32_t r = threadRoomSlot(thread);
   return r != detail::kNone && reg.isMember(s, r);
 }
 
@@ -309,7 +314,7 @@ std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_v
       // member who joins in between hears neither (as one who joins after
       // a shown start hears only its stop). Most relayed starts are these
       // on a loop or node that holds none of the thread's members.
-      if (started && !threadRoomHere(thread)) return 0;
+      if (started && threadRoomSlot(thread) == detail::kNone) return 0;
       if (!markShown(user, thread, started)) return 0;  // shown already / not shown
     } catch (...) {
       reg.events.countDropped();
@@ -323,12 +328,6 @@ std::size_t TypingTimerManager::Impl::relay(std::string_view user, std::string_v
 namespace {
 std::size_t heapOfString(std::string_view s) { return s.size() > 15 ? s.size() + 1 : 0; }
 }  // namespace
-
-bool TypingTimerManager::Impl::threadRoomHere(std::string_view thread) const {
-  std::string room = opt.threadRoomPrefix;
-  room.append(thread.data(), thread.size());
-  return reg.findRoom(room) != detail::kNone;
-}
 
 bool TypingTimerManager::Impl::markShown(std::string_view user, std::string_view thread,
                                          bool on) {
