@@ -39,7 +39,9 @@ using Lock = std::mutex;
 
 // One command for a Keeper, decided on another node.
 struct Cmd {
-  enum class Op : std::uint8_t { kPresence, kTyping, kUserGone, kBroadcast };
+  // kGone: offline, and the wildcard is this Keeper's to persist (its
+  // session was the user's last): kPresence then kUserGone, in one command.
+  enum class Op : std::uint8_t { kPresence, kTyping, kUserGone, kGone, kBroadcast };
   Op op;
   bool flag = false;  // online / started
   std::string a, b;   // user, thread
@@ -78,6 +80,14 @@ void apply(BusTarget& k, const Cmd& c) {
       (void)k.relayTyping(c.a, c.b, c.flag);
       break;
     case Cmd::Op::kUserGone:
+      (void)k.relayUserGone(c.a);
+      break;
+    case Cmd::Op::kGone:
+      try {
+        k.relayPresence(c.a, false);
+      } catch (...) {
+        // As for any command (see drain): the wildcard still goes.
+      }
       (void)k.relayUserGone(c.a);
       break;
     case Cmd::Op::kBroadcast:
@@ -292,9 +302,10 @@ class InProcessNode final : public Node {
       removeHolder(h->second, me_->id);
       if (h->second.empty()) {
         sh.map.erase(h);
-        for (auto& to : reg) push(to->inbox, {Cmd::Op::kPresence, false, std::string(user), {}, {}}, w);
+        for (auto& to : reg)
+          if (to != me_) push(to->inbox, {Cmd::Op::kPresence, false, std::string(user), {}, {}}, w);
         // The wildcard is this node's to persist: its session was the last.
-        push(me_->inbox, {Cmd::Op::kUserGone, false, std::string(user), {}, {}}, w);
+        push(me_->inbox, {Cmd::Op::kGone, false, std::string(user), {}, {}}, w);
       }
     }
     wake(w);
