@@ -347,7 +347,8 @@ void runDispatchRoomkeeper(const BenchConfig& cfg, std::size_t S, int threads,
 //   * "multi-loop": one Keeper per thread, joined by an InProcessHub; a
 //     thread's own sessions only; what another loop must deliver is handed
 //     over through that loop's queue (its "post"), drained between calls;
-//   * the peer: one SyncKeeper shared by the N threads.
+//   * the peer: one SyncKeeper shared by the N threads;
+//   * a diagnostic: the multi-loop Keepers with no hub (the ceiling).
 // Every phase ends with a barrier that opens when
 // all threads have arrived and no queue holds anything, so each phase's
 // effects are delivered before the next starts, in both modes alike.
@@ -369,18 +370,24 @@ namespace {
 struct BenchLoop {
   std::mutex mu;
   std::vector<std::function<void()>> q, running;
+  std::atomic<bool> queued{false};  // q is not empty (set and cleared under mu)
   std::atomic<std::int64_t>* pending = nullptr;  // queued or running, all loops
 
   void post(std::function<void()> fn) {
     pending->fetch_add(1, std::memory_order_relaxed);
     std::lock_guard<std::mutex> g(mu);
     q.push_back(std::move(fn));
+    queued.store(true, std::memory_order_release);
   }
   bool drain() {
+    // An idle loop polls without the lock, so that it does not contend for
+    // it with the threads that post to it.
+    if (!queued.load(std::memory_order_acquire)) return false;
     {
       std::lock_guard<std::mutex> g(mu);
       if (q.empty()) return false;
       running.swap(q);
+      queued.store(false, std::memory_order_relaxed);
     }
     for (auto& fn : running) {
       fn();
@@ -466,7 +473,12 @@ std::uint64_t timeThreads(std::size_t n, const std::function<void(std::size_t)>&
   return sw.elapsedNs();
 }
 
-DayResult multiLoopDay(const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t n) {
+// withBus false: the same Keepers and calls with no hub at all, so nothing
+// crosses loops (not the W3t day: a user's rooms are per loop). It shows
+// what N threads of this day can gain on this machine when they share
+// nothing: the ceiling the multi-loop line is to be read against.
+DayResult multiLoopDay(const DispatchIds& d, std::size_t S, std::size_t K_, std::size_t n,
+                       bool withBus) {
   struct PerLoop {
     BenchLoop loop;
     ManualClock clock{SteadyTime{} + std::chrono::hours(1)};
@@ -487,9 +499,10 @@ DayResult multiLoopDay(const DispatchIds& d, std::size_t S, std::size_t K_, std:
     cb.persist = [](const PersistCall&) { return true; };
     KeeperOptions opt;
     opt.clock = &p->clock;
-    opt.bus = p->node.get();
+    opt.bus = withBus ? p->node.get() : nullptr;
     p->keeper = std::make_unique<Keeper>(std::move(cb), opt);
-    p->node->bind(*p->keeper, [p](std::function<void()> fn) { p->loop.post(std::move(fn)); });
+    if (withBus)
+      p->node->bind(*p->keeper, [p](std::function<void()> fn) { p->loop.post(std::move(fn)); });
     loops.push_back(std::move(l));
   }
   std::vector<BarrierSlot> slots(4);
@@ -587,20 +600,23 @@ void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
                                   const std::vector<std::size_t>& threads) {
   const DispatchIds d = makeIds(S);
   // This machine is shared and noisy: every (mode, N) runs kRuns times,
-  // interleaved (1 loop, 2 loops, 1 shared, 2 shared, 1 loop, ...), and the
-  // median is reported, with the fastest and slowest run.
+  // interleaved (1 loop, 2 loops, 1 shared, 2 shared, 1 no bus, 2 no bus,
+  // 1 loop, ...), and the median is reported, with the fastest and slowest
+  // run. Modes: 0 multi-loop, 1 the peer (shared SyncKeeper), 2 the
+  // no-bus ceiling (see multiLoopDay).
   constexpr int kRuns = 5;
+  constexpr int kModes = 3;
   struct Series {
     std::vector<double> days;
     DayResult last;
   };
-  std::vector<std::vector<Series>> series(2, std::vector<Series>(threads.size()));
+  std::vector<std::vector<Series>> series(kModes, std::vector<Series>(threads.size()));
   for (int run = 0; run < kRuns; ++run)
-    for (int mode = 0; mode < 2; ++mode)
+    for (int mode = 0; mode < kModes; ++mode)
       for (std::size_t i = 0; i < threads.size(); ++i) {
         const DayResult r = inChild([&] {
-          return mode == 0 ? multiLoopDay(d, S, cfg.restarts, threads[i])
-                           : syncKeeperDay(d, S, cfg.restarts, threads[i]);
+          return mode == 1 ? syncKeeperDay(d, S, cfg.restarts, threads[i])
+                           : multiLoopDay(d, S, cfg.restarts, threads[i], mode == 0);
         });
         series[mode][i].days.push_back(static_cast<double>(r.dayNs) / static_cast<double>(S));
         series[mode][i].last = r;
@@ -609,7 +625,10 @@ void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  for (int mode = 0; mode < 2; ++mode) {
+  const char* systems[kModes] = {
+      " multi-loop (Keeper per loop, InProcessHub)", " SyncKeeper shared",
+      " Keeper per loop, no bus (ceiling: nothing crosses loops)"};
+  for (int mode = 0; mode < kModes; ++mode) {
     const double day1 = median(series[mode][0].days);
     for (std::size_t i = 0; i < threads.size(); ++i) {
       const Series& se = series[mode][i];
@@ -617,8 +636,7 @@ void runDispatchThreadsRoomkeeper(const BenchConfig& cfg, std::size_t S,
       const double day = median(se.days);
       JsonLine j;
       j.addString("workload", "dispatch_threads");
-      j.addString("system", kSystem + (mode == 0 ? " multi-loop (Keeper per loop, InProcessHub)"
-                                                 : " SyncKeeper shared"));
+      j.addString("system", kSystem + systems[mode]);
       j.addCount("sessions", S);
       j.addCount("threads", threads[i]);
       j.addCount("restarts", cfg.restarts);
