@@ -32,7 +32,8 @@ target_sources(roomkeeper_cluster PUBLIC
 set_target_properties(roomkeeper_cluster PROPERTIES
   VERIFY_INTERFACE_HEADER_SETS ${PROJECT_IS_TOP_LEVEL})
 target_link_libraries(roomkeeper_cluster PUBLIC roomkeeper::roomkeeper Boost::headers
-  PRIVATE fmt::fmt PkgConfig::HIREDIS absl::flat_hash_map absl::hash)
+  PRIVATE fmt::fmt PkgConfig::HIREDIS absl::flat_hash_map absl::hash
+  absl::inlined_vector)
 if(PROJECT_IS_TOP_LEVEL AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(roomkeeper_cluster PRIVATE -Wall -Wextra -Wpedantic -Wshadow
     -Wconversion -Wno-sign-conversion $<$<BOOL:${ROOMKEEPER_WERROR}>:-Werror>)

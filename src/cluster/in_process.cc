@@ -19,6 +19,7 @@
 #include <array>
 #include <atomic>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <string>
 
@@ -47,6 +48,9 @@ struct Cmd {
   std::string a, b;   // user, thread
   std::shared_ptr<const BroadcastMessage> msg;
 };
+
+// The most commands whose buffer an inbox keeps between drains.
+constexpr std::size_t kKeptCmds = 1024;
 
 // A node's queue of commands, drained on its Keeper's thread.
 struct Inbox {
@@ -99,8 +103,11 @@ void apply(BusTarget& k, const Cmd& c) {
 // Runs on the inbox's own thread (through its post function).
 void drain(const std::shared_ptr<Inbox>& in) {
   // The batch's buffer goes back to the inbox afterwards (q and spare take
-  // turns), so a busy inbox allocates nothing and frees nothing on the
-  // drain's thread that the pushing threads allocated.
+  // turns), so a busy inbox does not regrow its queue from nothing on the
+  // pushing threads and free it on this one at every turn. Only a buffer
+  // of up to kKeptCmds goes back: a burst's larger one is freed here. (A
+  // command's strings longer than 15 bytes and a broadcast's message are
+  // still allocated by the pushing thread and freed by this one.)
   std::vector<Cmd> batch;
   BusTarget* k = nullptr;
   {
@@ -121,6 +128,7 @@ void drain(const std::shared_ptr<Inbox>& in) {
     }
   }
   batch.clear();
+  if (batch.capacity() > kKeptCmds) return;
   std::lock_guard<Lock> g(in->mu);
   if (in->keeper != nullptr && batch.capacity() > in->spare.capacity()) in->spare.swap(batch);
 }
@@ -212,7 +220,8 @@ struct InProcessHub::State {
   std::atomic<std::uint64_t> reaped{0};
 
   Shard& shardOf(std::array<Shard, kShards>& a, std::size_t hash) {
-    return a[hash >> 58];  // kShards == 64
+    static_assert(kShards == 64);
+    return a[hash >> (std::numeric_limits<std::size_t>::digits - 6)];
   }
   std::shared_ptr<const Registry> snapshot() {
     std::lock_guard<Lock> g(regMu);
@@ -241,7 +250,8 @@ class InProcessNode final : public Node {
       std::lock_guard<Lock> g(me_->inbox->mu);
       me_->inbox->keeper = nullptr;  // no command reaches a gone Keeper
       me_->inbox->post = nullptr;    // and nothing more is posted to its loop
-      me_->inbox->q.clear();
+      std::vector<Cmd>().swap(me_->inbox->q);
+      std::vector<Cmd>().swap(me_->inbox->spare);
     }
     reap();
   }
