@@ -12,7 +12,9 @@
 //   * commands for another loop go into that loop's inbox in the order they
 //     were decided (pushed while the deciding lock is held), and the loop
 //     is woken through the host's post function once per batch, after
-//     every lock is released. A wake drains the whole inbox.
+//     every lock is released. A wake drains the whole inbox. Presence and
+//     typing edges wake at the end of the deciding loop's turn (flushWakes,
+//     posted to that loop once per batch); a broadcast wakes at once.
 // Lock order: node -> shard -> inbox; never two nodes, never two shards.
 #include "roomkeeper/cluster/in_process.h"
 
@@ -64,15 +66,23 @@ struct Inbox {
 };
 using Wakes = std::vector<std::shared_ptr<Inbox>>;
 
-// Under the lock that decided `c`: keeps the decision order.
+void addWake(Wakes& wakes, const std::shared_ptr<Inbox>& in) {
+  for (const auto& x : wakes)
+    if (x == in) return;
+  wakes.push_back(in);
+}
+
+// Under the lock that decided `c`: keeps the decision order. The inbox
+// goes into `wakes` (to be woken by the caller) unless a drain is posted
+// and not started yet: that drain will run `c`.
 void push(const std::shared_ptr<Inbox>& in, Cmd c, Wakes& wakes) {
-  std::lock_guard<Lock> g(in->mu);
-  if (in->keeper == nullptr) return;
-  in->q.push_back(std::move(c));
-  if (!in->scheduled) {
-    in->scheduled = true;
-    wakes.push_back(in);
+  {
+    std::lock_guard<Lock> g(in->mu);
+    if (in->keeper == nullptr) return;
+    in->q.push_back(std::move(c));
+    if (in->scheduled) return;
   }
+  addWake(wakes, in);
 }
 
 void apply(BusTarget& k, const Cmd& c) {
@@ -139,11 +149,19 @@ Post postOf(const std::shared_ptr<Inbox>& in) {
   return in->post;
 }
 
-// With no lock held.
+// With no lock held: posts a drain to each inbox that has commands and no
+// drain posted (whoever pushed them, a drain posted once runs them all).
 void wake(Wakes& wakes) {
   for (auto& in : wakes) {
+    Post p;
+    {
+      std::lock_guard<Lock> g(in->mu);
+      if (in->scheduled || in->keeper == nullptr || in->q.empty()) continue;
+      in->scheduled = true;
+      p = in->post;
+    }
     try {
-      if (Post p = postOf(in)) p([in]() { drain(in); });
+      p([in]() { drain(in); });
     } catch (...) {
       // The host could not queue the drain (out of memory): the next
       // command for this inbox posts again.
@@ -205,8 +223,50 @@ struct NodeState {
   absl::flat_hash_map<std::string, std::uint32_t> users;  // user -> sessions here
   std::uint64_t published = 0;
   std::shared_ptr<Inbox> inbox = std::make_shared<Inbox>();
+  // Inboxes this node's changes have filled, woken by flushWakes() at the
+  // end of its loop's turn (posted there once per batch) rather than at the
+  // end of each change: an idle loop is then woken once for a batch of
+  // commands, not once per command.
+  Wakes later;
+  bool flushPosted = false;
 };
 using Registry = std::vector<std::shared_ptr<NodeState>>;
+
+void flushWakes(const std::shared_ptr<NodeState>& n) {
+  Wakes w;
+  {
+    std::lock_guard<Lock> g(n->mu);
+    w.swap(n->later);
+    n->flushPosted = false;
+  }
+  wake(w);
+}
+
+// With no lock held: the inboxes in `w` are woken at the end of this
+// loop's turn (now, if that cannot be arranged).
+void wakeLater(const std::shared_ptr<NodeState>& n, Wakes& w) {
+  if (w.empty()) return;
+  bool post = false;
+  try {
+    std::lock_guard<Lock> g(n->mu);
+    for (const auto& in : w) addWake(n->later, in);
+    if (!n->flushPosted) post = n->flushPosted = true;
+  } catch (...) {
+    wake(w);  // out of memory: woken now
+    return;
+  }
+  w.clear();
+  if (!post) return;
+  try {
+    if (Post p = postOf(n->inbox)) {
+      p([n]() { flushWakes(n); });
+      return;
+    }
+  } catch (...) {
+    // The host could not queue it: woken now.
+  }
+  flushWakes(n);
+}
 
 }  // namespace
 
@@ -254,6 +314,7 @@ class InProcessNode final : public Node {
       std::vector<Cmd>().swap(me_->inbox->spare);
     }
     reap();
+    flushWakes(me_);  // what this node's last changes filled, woken now
   }
 
   bool bind(BusTarget& keeper, Post post) override {
@@ -292,7 +353,7 @@ class InProcessNode final : public Node {
           for (auto& to : reg) push(to->inbox, {Cmd::Op::kPresence, true, std::string(user), {}, {}}, w);
       }
     }
-    wake(w);
+    wakeLater(me_, w);
   }
 
   void sessionDown(std::string_view, std::string_view user) override {
@@ -318,7 +379,7 @@ class InProcessNode final : public Node {
         push(me_->inbox, {Cmd::Op::kGone, false, std::string(user), {}, {}}, w);
       }
     }
-    wake(w);
+    wakeLater(me_, w);
   }
 
   // Memberships stay in each Keeper (see wantsMemberships).
@@ -367,7 +428,7 @@ class InProcessNode final : public Node {
                  w);
       }
     }
-    wake(w);
+    wakeLater(me_, w);
   }
 
   void broadcast(const BroadcastTargets& targets, std::string_view event,
@@ -386,6 +447,9 @@ class InProcessNode final : public Node {
       for (auto& n : reg)
         if (n != me_) push(n->inbox, {Cmd::Op::kBroadcast, false, {}, {}, msg}, w);
     }
+    // A broadcast is sent now: the host asked for it to go out, and its
+    // latency is what users see. It also wakes whatever this node's
+    // earlier edges put in the same inboxes, ahead of it (FIFO).
     wake(w);
   }
 

@@ -48,6 +48,16 @@ class InProcessWorld {
         }
     }
   }
+  /// Runs loop i's queue until it is empty (what it posts to itself too).
+  void runLoop(std::size_t i) {
+    auto& q = queues_.at(i);
+    while (!q.empty()) {
+      auto fn = std::move(q.front());
+      q.pop_front();
+      fn();
+    }
+  }
+  std::size_t queued(std::size_t i) const { return queues_.at(i).size(); }
   bool until(const std::function<bool()>& pred) {
     settle();
     return pred();
@@ -121,4 +131,35 @@ TEST_CASE("in-process cluster: a command for a Keeper that has gone is not run",
   w.crash(1);                              // node 1 goes before its loop runs
   w.settle();                              // the queued command finds no Keeper
   CHECK(w.s(0).count("a@0", "e") == 1);
+}
+
+TEST_CASE("in-process cluster: an edge wakes the other loops when its own loop's turn ends, "
+          "a broadcast at once",
+          "[cluster][inprocess]") {
+  rkt::InProcessWorld w(2);
+  // A presence edge decided on loop 0: loop 1 is not woken until loop 0
+  // runs what it posted itself (the end of its turn).
+  REQUIRE(w.s(0).keeper->connectAuthenticated("u@0", "u") == Result::kOk);
+  CHECK(w.queued(1) == 0);
+  w.runLoop(1);
+  CHECK(w.s(1).online.empty());
+  w.runLoop(0);
+  CHECK(w.queued(1) == 1);  // one drain, however many edges
+  w.runLoop(1);
+  CHECK(w.s(1).online == std::vector<std::string>{"u"});
+
+  // An edge, then a broadcast, both from loop 0: the broadcast wakes loop 1
+  // at once, and that drain runs the edge queued ahead of it first.
+  rkt::join(w, 1, "m", {"r"});
+  w.settle();
+  REQUIRE(w.s(0).keeper->connectAuthenticated("v@0", "v") == Result::kOk);
+  roomkeeper::BroadcastTargets t;
+  t.rooms = {"r"};
+  w.s(0).keeper->broadcast(t, "news", "{}");
+  CHECK(w.queued(1) == 1);
+  w.runLoop(1);
+  CHECK(w.s(1).online == std::vector<std::string>{"u", "m", "v"});
+  CHECK(w.s(1).count("m@1", "news") == 1);
+  w.settle();
+  CHECK(w.s(0).online == std::vector<std::string>{"u", "m", "v"});
 }

@@ -21,7 +21,11 @@
 //   * what a change means for another loop goes into that loop's inbox in
 //     the order it was decided, and the loop is woken through its post
 //     function once per batch, after every lock is released; the wake runs
-//     the whole inbox on the loop's thread, in order per sender.
+//     the whole inbox on the loop's thread, in order per sender;
+//   * presence and typing edges wake their target loops at the end of the
+//     deciding loop's turn (the node posts itself one flush per batch), so
+//     an idle loop is woken once for many edges; a broadcast wakes them at
+//     once (and with it whatever was queued ahead of it).
 // No mutex is ever held while a Keeper or a host callback runs.
 //
 // A node that is destroyed while its Keeper still held sessions (the
