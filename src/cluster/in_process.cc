@@ -153,18 +153,19 @@ Post postOf(const std::shared_ptr<Inbox>& in) {
 // drain posted (whoever pushed them, a drain posted once runs them all).
 void wake(Wakes& wakes) {
   for (auto& in : wakes) {
-    Post p;
-    {
-      std::lock_guard<Lock> g(in->mu);
-      if (in->scheduled || in->keeper == nullptr || in->q.empty()) continue;
-      in->scheduled = true;
-      p = in->post;
-    }
     try {
+      Post p;
+      {
+        std::lock_guard<Lock> g(in->mu);
+        if (in->scheduled || in->keeper == nullptr || in->q.empty()) continue;
+        p = in->post;  // a copy may allocate: before the mark
+        in->scheduled = true;
+      }
       p([in]() { drain(in); });
     } catch (...) {
-      // The host could not queue the drain (out of memory): the next
-      // command for this inbox posts again.
+      // Out of memory copying the post function or queueing the drain:
+      // not marked (or unmarked), so the next command for this inbox
+      // posts again; the other inboxes are still woken.
       std::lock_guard<Lock> g(in->mu);
       in->scheduled = false;
     }

@@ -137,29 +137,31 @@ TEST_CASE("in-process cluster: an edge wakes the other loops when its own loop's
           "a broadcast at once",
           "[cluster][inprocess]") {
   rkt::InProcessWorld w(2);
-  // A presence edge decided on loop 0: loop 1 is not woken until loop 0
-  // runs what it posted itself (the end of its turn).
+  // Two presence edges decided on loop 0: loop 1 is not woken until loop
+  // 0 runs what it posted itself (the end of its turn), and then once.
   REQUIRE(w.s(0).keeper->connectAuthenticated("u@0", "u") == Result::kOk);
+  REQUIRE(w.s(0).keeper->connectAuthenticated("x@0", "x") == Result::kOk);
   CHECK(w.queued(1) == 0);
   w.runLoop(1);
   CHECK(w.s(1).online.empty());
   w.runLoop(0);
-  CHECK(w.queued(1) == 1);  // one drain, however many edges
+  CHECK(w.queued(1) == 1);  // one drain for both edges
   w.runLoop(1);
-  CHECK(w.s(1).online == std::vector<std::string>{"u"});
+  CHECK(w.s(1).online == std::vector<std::string>{"u", "x"});
 
   // An edge, then a broadcast, both from loop 0: the broadcast wakes loop 1
-  // at once, and that drain runs the edge queued ahead of it first.
+  // at once, and that one drain delivers the edge queued ahead of it too.
   rkt::join(w, 1, "m", {"r"});
   w.settle();
   REQUIRE(w.s(0).keeper->connectAuthenticated("v@0", "v") == Result::kOk);
+  CHECK(w.queued(1) == 0);  // the edge alone has not woken loop 1
   roomkeeper::BroadcastTargets t;
   t.rooms = {"r"};
   w.s(0).keeper->broadcast(t, "news", "{}");
   CHECK(w.queued(1) == 1);
   w.runLoop(1);
-  CHECK(w.s(1).online == std::vector<std::string>{"u", "m", "v"});
+  CHECK(w.s(1).online == std::vector<std::string>{"u", "x", "m", "v"});
   CHECK(w.s(1).count("m@1", "news") == 1);
   w.settle();
-  CHECK(w.s(0).online == std::vector<std::string>{"u", "m", "v"});
+  CHECK(w.s(0).online == std::vector<std::string>{"u", "x", "m", "v"});
 }

@@ -25,7 +25,9 @@
 //   * presence and typing edges wake their target loops at the end of the
 //     deciding loop's turn (the node posts itself one flush per batch), so
 //     an idle loop is woken once for many edges; a broadcast wakes them at
-//     once (and with it whatever was queued ahead of it).
+//     once (and with it whatever was queued ahead of it). So a loop's last
+//     edges (its Keeper's shutdown()) reach the other loops when it runs
+//     its queue once more, or at the latest when its node is destroyed.
 // No mutex is ever held while a Keeper or a host callback runs.
 //
 // A node that is destroyed while its Keeper still held sessions (the
