@@ -42,9 +42,9 @@ using Lock = std::mutex;
 
 // One command for a Keeper, decided on another node.
 struct Cmd {
-  // kGone: offline, and the wildcard is this Keeper's to persist (its
-  // session was the user's last): kPresence then kUserGone, in one command.
-  enum class Op : std::uint8_t { kPresence, kTyping, kUserGone, kGone, kBroadcast };
+  // kGone: offline, and the wildcard is this Keeper's to persist (the
+  // user's last session anywhere went): relayPresence then relayUserGone.
+  enum class Op : std::uint8_t { kPresence, kTyping, kGone, kBroadcast };
   Op op;
   bool flag = false;  // online / started
   std::string a, b;   // user, thread
@@ -92,9 +92,6 @@ void apply(BusTarget& k, const Cmd& c) {
       break;
     case Cmd::Op::kTyping:
       (void)k.relayTyping(c.a, c.b, c.flag);
-      break;
-    case Cmd::Op::kUserGone:
-      (void)k.relayUserGone(c.a);
       break;
     case Cmd::Op::kGone:
       try {
@@ -232,6 +229,15 @@ struct NodeState {
   bool flushPosted = false;
 };
 using Registry = std::vector<std::shared_ptr<NodeState>>;
+
+// The user's last session anywhere went: every node hears it offline, and
+// `heir` (if any) also persists the wildcard, in the same command.
+void pushGone(const Registry& reg, const std::shared_ptr<NodeState>& heir,
+              const std::string& user, Wakes& w) {
+  for (auto& to : reg)
+    if (to != heir) push(to->inbox, {Cmd::Op::kPresence, false, user, {}, {}}, w);
+  if (heir) push(heir->inbox, {Cmd::Op::kGone, false, user, {}, {}}, w);
+}
 
 void flushWakes(const std::shared_ptr<NodeState>& n) {
   Wakes w;
@@ -374,10 +380,8 @@ class InProcessNode final : public Node {
       removeHolder(h->second, me_->id);
       if (h->second.empty()) {
         sh.map.erase(h);
-        for (auto& to : reg)
-          if (to != me_) push(to->inbox, {Cmd::Op::kPresence, false, std::string(user), {}, {}}, w);
         // The wildcard is this node's to persist: its session was the last.
-        push(me_->inbox, {Cmd::Op::kGone, false, std::string(user), {}, {}}, w);
+        pushGone(reg, me_, std::string(user), w);
       }
     }
     wakeLater(me_, w);
@@ -618,10 +622,8 @@ class InProcessNode final : public Node {
     const auto reg = hub_->snapshot();
     const std::shared_ptr<NodeState> heir = reg->empty() ? nullptr : reg->front();
     Wakes w;
-    bool any = dropFrom(hub_->users, me_->id, [&](const std::string& user) {
-      for (auto& to : *reg) push(to->inbox, {Cmd::Op::kPresence, false, user, {}, {}}, w);
-      if (heir) push(heir->inbox, {Cmd::Op::kUserGone, false, user, {}, {}}, w);
-    });
+    bool any = dropFrom(hub_->users, me_->id,
+                        [&](const std::string& user) { pushGone(*reg, heir, user, w); });
     any = dropFrom(hub_->typing, me_->id, [&](const std::string& key) {
             const std::size_t cut = key.find('\x1f');
             for (auto& to : *reg)
