@@ -184,7 +184,7 @@ constexpr std::uint32_t kUserTag = 0x80000000u;  // timer data: tag | index
 }
 
 RateLimiter::RateLimiter(const RateLimits& limits, const Clock& clock, TimerService& timers)
-    : limits_(limits), clock_(clock), epoch_(clock.now()), timers_(timers) {
+    : limits_(limits), clock_(clock), cell_(clock.cell()), epoch_(clock.now()), timers_(timers) {
   connect_ = ruleOf(limits_.connectsPerAddress);
   builtin_[kJoins] = ruleOf(limits_.joinsPerSession);
   builtin_[kTyping] = ruleOf(limits_.typingPerSession);

@@ -102,7 +102,7 @@ inline std::uint64_t above(std::uint64_t mask, unsigned pos) noexcept {
 
 struct TimerService::Impl {
   explicit Impl(const Clock* c)
-      : clock(c ? c : &SteadyClock::instance()), epoch(clock->now()) {}
+      : clock(c ? c : &SteadyClock::instance()), cell(clock->cell()), epoch(clock->now()) {}
 
   Node& node(std::uint32_t i) noexcept { return pages[i >> kPageBits][0].nodes[i & (kPage - 1)]; }
   const Node& node(std::uint32_t i) const noexcept {
@@ -126,19 +126,26 @@ struct TimerService::Impl {
     return static_cast<std::uint64_t>(ns) / 1000000u;
   }
   std::uint64_t deadlineTick(std::chrono::nanoseconds delay) const noexcept {
-    const SteadyTime t = clock->now();
-    std::int64_t base = 0;
-    if (t > epoch)
-      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
-    // A clock that went backwards is clamped to the latest time advanced to.
-    if (base < lastAdvanceNs) base = lastAdvanceNs;
+    const SteadyTime t = cell ? *cell : clock->now();
     const std::int64_t d = delay.count();
     if (d <= 0) {
       // Due at once; never before the wheel's own time.
-      return std::min<std::uint64_t>(now, static_cast<std::uint64_t>(base) / 1000000u);
+      return std::min<std::uint64_t>(now, baseNs(t) / 1000000u);
     }
-    // ceil((base + d) / 1 ms) without overflowing.
-    const std::uint64_t sum = static_cast<std::uint64_t>(base) + static_cast<std::uint64_t>(d);
+    return tickAfter(t, d);
+  }
+  // Nanoseconds from the epoch to t; a clock that went backwards is clamped
+  // to the latest time advanced to.
+  std::uint64_t baseNs(SteadyTime t) const noexcept {
+    std::int64_t base = 0;
+    if (t > epoch)
+      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    if (base < lastAdvanceNs) base = lastAdvanceNs;
+    return static_cast<std::uint64_t>(base);
+  }
+  // The tick of t + d for d > 0: ceil((base + d) / 1 ms) without overflowing.
+  std::uint64_t tickAfter(SteadyTime t, std::int64_t d) const noexcept {
+    const std::uint64_t sum = baseNs(t) + static_cast<std::uint64_t>(d);
     return (sum + 999999u) / 1000000u;
   }
   SteadyTime tickTime(std::uint64_t tick) const noexcept {
@@ -211,6 +218,27 @@ struct TimerService::Impl {
     n.slot = static_cast<std::uint8_t>(slot);
     pushBack(wheel[level][slot], i);
     masks[level] |= std::uint64_t{1} << slot;
+  }
+
+  // restart() when the fast path does not apply (see there).
+  [[gnu::noinline]] bool restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept {
+    Impl& im = *this;
+    const std::uint32_t i = im.resolve(timer);
+    if (i == kNil) return false;
+    Node& n = im.node(i);
+    const std::uint64_t d = im.deadlineTick(delay);
+    if (n.state == NodeState::kWheel && d >= n.deadline()) {
+      n.setDeadline(d);
+      return true;
+    }
+    if (n.state == NodeState::kFiring) {
+      ++im.pending;  // re-armed from its own callback: it lives on
+    } else {
+      im.detach(i);
+    }
+    n.setDeadline(d);
+    im.place(i);
+    return true;
   }
 
   // ---- slab ----
@@ -361,6 +389,7 @@ struct TimerService::Impl {
   }
 
   const Clock* clock;
+  const SteadyTime* cell;  // clock->cell(): read without a virtual call
   SteadyTime epoch;
   std::uint64_t now = 0;  // wheel time, in ticks since epoch
   std::int64_t lastAdvanceNs = 0;  // the latest time advance() was given
@@ -446,28 +475,29 @@ TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId han
   return TimerHandle{i, n.generation};
 }
 
+// The lazy case (a wheel timer pushed back) is the keystroke path, and in
+// random order its cost is the one cache miss on the node. How many of those
+// misses overlap from one call to the next depends on how many instructions
+// a call takes. So with a clock that has a cell (ManualClock: the time is
+// read, not called for) the fast path is one read of the time, one load of
+// the node and one store, with no call and no saved register; everything
+// else (another clock, a delay <= 0, a stale handle, a timer to relink) is
+// restartSlow(), out of line.
 bool TimerService::restart(TimerHandle timer, std::chrono::nanoseconds delay) {
   Impl& im = *impl_;
-  const std::uint32_t i = im.resolve(timer);
-  if (i == kNil) return false;
-  Node& n = im.node(i);
-  const std::uint64_t d = im.deadlineTick(delay);
-  if (n.state == NodeState::kWheel && d >= n.deadline()) {
-    // Lazy: the list it sits in comes up no later than its old deadline,
-    // which is no later than the new one; there it is placed again by its
-    // deadline (cascade -> place). One access to the node, no list touched:
-    // a keystroke's restart costs one cache miss, not three.
-    n.setDeadline(d);
-    return true;
+  if (im.cell != nullptr && delay.count() > 0 && timer.valid() && timer.index < im.highWater) {
+    const std::uint64_t d = im.tickAfter(*im.cell, delay.count());
+    Node& n = im.node(timer.index);
+    if (n.generation == timer.generation && n.state == NodeState::kWheel &&
+        d >= n.deadline()) {
+      // Lazy: the list it sits in comes up no later than its old deadline,
+      // which is no later than the new one; there it is placed again by its
+      // deadline (cascade -> place). One access to the node, no list touched.
+      n.setDeadline(d);
+      return true;
+    }
   }
-  if (n.state == NodeState::kFiring) {
-    ++im.pending;  // re-armed from its own callback: it lives on
-  } else {
-    im.detach(i);
-  }
-  n.setDeadline(d);
-  im.place(i);
-  return true;
+  return im.restartSlow(timer, delay);
 }
 
 bool TimerService::cancel(TimerHandle timer) noexcept {
