@@ -68,6 +68,8 @@ bool parseSize(const char* text, std::size_t* out) {
 void runRooms(const BenchConfig& cfg) {
   runRoomsRoomkeeper(cfg);
   runRoomsRoomkeeper(cfg, /*handles=*/true);
+  runRoomsRoomkeeper(cfg, /*handles=*/false, /*batched=*/true);
+  runRoomsRoomkeeper(cfg, /*handles=*/true, /*batched=*/true);
   runRoomsHandwritten(cfg);
 }
 

@@ -24,7 +24,9 @@
 #include "bench_util.h"
 
 // W1 rooms: cfg.sessions sessions.
-void runRoomsRoomkeeper(const BenchConfig& cfg, bool handles = false);
+// batched: each session joins its rooms with one trackRooms call (a line
+// of its own; WORKLOAD.md's join is one call per room).
+void runRoomsRoomkeeper(const BenchConfig& cfg, bool handles = false, bool batched = false);
 
 // W2 timers: cfg.timers timers, cfg.restarts restart rounds, plus the fire
 // phase.

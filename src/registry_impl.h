@@ -90,6 +90,9 @@ struct SessionRegistry::Impl {
   Result linkUser(std::uint32_t s, std::string_view user, bool* newUser);
   void unlinkUser(std::uint32_t s);
   Result track(std::uint32_t s, std::string_view room);
+  /// trackRooms(): fetches what joining these rooms will touch (a hint).
+  static constexpr std::size_t kRoomPrefetch = 16;
+  void prefetchRooms(const std::string_view* rooms, std::size_t n) const noexcept;
   Result untrack(std::uint32_t s, std::string_view room);
   void removeMembership(std::uint32_t s, std::uint32_t pos);
   void leaveRoomSide(std::uint32_t s, detail::Entry e) noexcept;

@@ -355,3 +355,44 @@ TEST_CASE("client addresses: bad ones are refused", "[ratelimit]") {
   CHECK(k.connect("t", ClientAddress{""}) == Result::kOk);
   CHECK(k.connect("v", ClientAddress{""}) == Result::kOk);
 }
+
+// Keeper::trackRooms is one trackRoom per room: the same results (the rate
+// limit, authentication, bad ids), emits and state, on twin Keepers.
+TEST_CASE("trackRooms gives the results of one trackRoom per room, rate limit included",
+          "[ratelimit]") {
+  const bool byHandle = GENERATE(false, true);
+  INFO((byHandle ? "by handle" : "by id"));
+  Fixture fOne, fMany;
+  fOne.opt.rateLimits.joinsPerSession = {10, 5};
+  fMany.opt.rateLimits.joinsPerSession = {10, 5};
+  Keeper one(fOne.callbacks(), fOne.opt), many(fMany.callbacks(), fMany.opt);
+  const std::vector<std::string> rooms{"a", "", "b", "a", "c", "d", "e", "f", "g"};
+  for (Keeper* k : {&one, &many}) {
+    REQUIRE(k->connect("anon") == Result::kOk);
+    REQUIRE(k->connectAuthenticated("s", "u") == Result::kOk);
+  }
+  std::vector<Result> expected, got;
+  // Before authentication: every room refused, nothing taken.
+  for (const std::string& r : rooms) expected.push_back(one.trackRoom("anon", r));
+  CHECK(many.trackRooms("anon", rooms, &got) == 0);
+  CHECK(got == expected);
+  CHECK(std::count(got.begin(), got.end(), Result::kNotAuthenticated) == 9);
+  expected.clear();
+  const SessionHandle hOne = one.handleOf("s"), hMany = many.handleOf("s");
+  for (const std::string& r : rooms)
+    expected.push_back(byHandle ? one.trackRoom(hOne, r) : one.trackRoom("s", r));
+  const std::size_t joined =
+      byHandle ? many.trackRooms(hMany, rooms, &got) : many.trackRooms("s", rooms, &got);
+  CHECK(got == expected);
+  // a, b, c, d joined; 'a' again is kAlreadyDone and takes a token (a call
+  // carried out), the empty id takes none; e, f, g find the bucket empty.
+  CHECK(joined == 4);
+  CHECK(got[1] == Result::kInvalidId);
+  CHECK(got[3] == Result::kAlreadyDone);
+  CHECK(std::count(got.begin(), got.end(), Result::kRateLimited) == 3);
+  CHECK(many.getMemoryStats().rateLimitedJoins == one.getMemoryStats().rateLimitedJoins);
+  CHECK(sameState(many.getMemoryStats(), one.getMemoryStats()));
+  CHECK(many.registry().roomsOf("s") == one.registry().roomsOf("s"));
+  CHECK(fMany.emits == fOne.emits);
+  CHECK(fMany.logs.size() == fOne.logs.size());
+}

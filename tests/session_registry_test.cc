@@ -778,6 +778,93 @@ TEST_CASE("maxRoomsPerSession", "[registry]") {
   CHECK(reg.trackRoom("a", "r4") == Result::kOk);
 }
 
+// trackRooms must be one trackRoom per room, only faster: the same
+// results, the same events in the same order, the same state, on two twin
+// registries, whatever the list holds and whatever canJoin does meanwhile.
+TEST_CASE("trackRooms gives the results and events of one trackRoom per room",
+          "[registry]") {
+  const bool byHandle = GENERATE(false, true);
+  INFO((byHandle ? "by handle" : "by id"));
+  Limits lim;
+  lim.maxRoomsPerSession = 24;
+  lim.maxIdLength = 16;
+  lim.maxMembersPerRoom = 2;
+  Recorder one, many;
+  SessionRegistry regOne(one.callbacks(true), lim), regMany(many.callbacks(true), lim);
+  // 40 names: more than one chunk of 16; repeats, an empty and a too long
+  // id, a full room, and more rooms than the session may have.
+  std::vector<std::string> rooms;
+  for (int i = 0; i < 30; ++i) rooms.push_back("r" + std::to_string(i % 26));
+  rooms.insert(rooms.begin() + 3, "");
+  rooms.insert(rooms.begin() + 5, std::string(17, 'x'));
+  rooms.insert(rooms.begin() + 7, "full");
+  rooms.insert(rooms.begin() + 9, "r1");
+  rooms.push_back("r3");
+  for (SessionRegistry* reg : {&regOne, &regMany}) {
+    REQUIRE(reg->connect("other1") == Result::kOk);
+    REQUIRE(reg->connect("other2") == Result::kOk);
+    REQUIRE(reg->trackRoom("other1", "full") == Result::kOk);
+    REQUIRE(reg->trackRoom("other2", "full") == Result::kOk);
+    REQUIRE(reg->trackRoom("other1", "r7") == Result::kOk);
+    REQUIRE(reg->connect("s") == Result::kOk);
+  }
+  // canJoin refuses one room and, at another, disconnects the session from
+  // inside the hook: every later room then finds no session.
+  for (Recorder* rec : {&one, &many}) {
+    SessionRegistry* reg = rec == &one ? &regOne : &regMany;
+    rec->canJoin = [reg](std::string_view, std::string_view room) {
+      if (room == "r9") return false;
+      if (room == "r20") (void)reg->disconnect("s");
+      return true;
+    };
+  }
+  one.take();
+  many.take();
+
+  std::vector<Result> expected;
+  const SessionHandle hOne = regOne.handleOf("s"), hMany = regMany.handleOf("s");
+  for (const std::string& r : rooms)
+    expected.push_back(byHandle ? regOne.trackRoom(hOne, r) : regOne.trackRoom("s", r));
+  std::vector<Result> got;
+  const std::size_t joined = byHandle ? regMany.trackRooms(hMany, rooms, &got)
+                                      : regMany.trackRooms("s", rooms, &got);
+  REQUIRE(got.size() == rooms.size());
+  CHECK(got == expected);
+  CHECK(joined == static_cast<std::size_t>(std::count(got.begin(), got.end(), Result::kOk)));
+  // The list reached every kind of answer.
+  for (Result r : {Result::kOk, Result::kAlreadyDone, Result::kInvalidId, Result::kRoomFull,
+                   Result::kDenied, byHandle ? Result::kStaleHandle : Result::kNotConnected})
+    CHECK(std::count(got.begin(), got.end(), r) > 0);
+  CHECK(many.take() == one.take());
+  CHECK(regMany.getMemoryStats() == regOne.getMemoryStats());
+  CHECK(sorted(regMany.roomsOf("other1")) == sorted(regOne.roomsOf("other1")));
+  for (const std::string& r : rooms) CHECK(regMany.roomSize(r) == regOne.roomSize(r));
+}
+
+TEST_CASE("trackRooms: a braced list, the session's room limit, a stale handle",
+          "[registry]") {
+  Limits lim;
+  lim.maxRoomsPerSession = 2;
+  SessionRegistry reg({}, lim);
+  SessionHandle h;
+  REQUIRE(reg.connect("s", {}, &h) == Result::kOk);
+  std::vector<Result> got;
+  CHECK(reg.trackRooms(h, {"a", "b", "c", "a"}, &got) == 2);
+  CHECK(got == std::vector<Result>{Result::kOk, Result::kOk, Result::kTooManyRooms,
+                                   Result::kAlreadyDone});
+  CHECK(reg.roomsOf("s") == Strings{"a", "b"});
+  REQUIRE(reg.disconnect(h) == Result::kOk);
+  const RegistryStats st = reg.getMemoryStats();
+  CHECK(reg.trackRooms(h, {"x", "y"}, &got) == 0);
+  CHECK(got == std::vector<Result>{Result::kStaleHandle, Result::kStaleHandle});
+  CHECK(reg.trackRooms("s", std::vector<std::string_view>{"x"}, &got) == 0);
+  CHECK(got == std::vector<Result>{Result::kNotConnected});
+  CHECK(reg.trackRooms("s", std::vector<std::string>{}, &got) == 0);
+  CHECK(got.empty());
+  CHECK(reg.getMemoryStats() == st);
+  CHECK_FALSE(reg.roomExists("x"));
+}
+
 TEST_CASE("maxSessionsPerUser, on connect and on bindUser", "[registry]") {
   Limits lim;
   lim.maxSessionsPerUser = 2;

@@ -57,6 +57,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -189,7 +190,7 @@ struct ShutdownReport {
   std::size_t persistUndelivered = 0;  // each logged at error level
 };
 
-class Keeper final : public BusTarget {
+class Keeper final : public BusTarget, public detail::TrackRooms<Keeper> {
  public:
   Keeper();
   explicit Keeper(KeeperCallbacks callbacks, KeeperOptions options = {});
@@ -231,6 +232,13 @@ class Keeper final : public BusTarget {
   Result trackRoom(std::string_view session, std::string_view room);
   Result untrackRoom(std::string_view session, std::string_view room);
   std::size_t clearRoomTracking(std::string_view session);
+  /// std::size_t trackRooms(session, rooms, std::vector<Result>* results =
+  /// nullptr), by id or by handle (inherited from detail::TrackRooms):
+  /// trackRoom() for each of `rooms` in order, with the same results,
+  /// events and rate limiting, each room's events delivered before the
+  /// next; the rooms' lookups are started together so that their cache
+  /// misses overlap (as SessionRegistry::trackRooms). Returns how many
+  /// joined (kOk); `results`, if given, receives each room's Result.
 
   /// As TypingTimerManager, plus kShutDown, kNotAuthenticated and
   /// kRateLimited (typingPerSession) for startTyping.
@@ -339,7 +347,11 @@ class Keeper final : public BusTarget {
 
  private:
   friend class SyncKeeper;
+  friend class detail::TrackRooms<Keeper>;
   template <typename Id> Result trackRoomImpl(Id session, std::string_view room);
+  // One chunk of trackRooms() (one of byId and byHandle is set).
+  std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
+                             const std::string_view* rooms, std::size_t n, Result* out);
   template <typename Id> Result untrackRoomImpl(Id session, std::string_view room);
   template <typename Id> Result startTypingImpl(Id session, std::string_view thread);
   template <typename Id> Result stopTypingImpl(Id session, std::string_view thread);
