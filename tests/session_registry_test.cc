@@ -865,6 +865,36 @@ TEST_CASE("trackRooms: a braced list, the session's room limit, a stale handle",
   CHECK_FALSE(reg.roomExists("x"));
 }
 
+// A big room's member list grows by a quarter, not by doubling: its slots
+// stay within 25 % of its members (plus the room's own slab page), and it
+// still shrinks back to nothing.
+TEST_CASE("a big room's member list holds at most a quarter more slots than members",
+          "[registry]") {
+  SessionRegistry reg;
+  constexpr std::size_t kMembers = 20000;
+  std::vector<SessionHandle> h(kMembers);
+  for (std::size_t i = 0; i < kMembers; ++i)
+    REQUIRE(reg.connect("s" + std::to_string(i), {}, &h[i]) == Result::kOk);
+  const std::size_t before = reg.getMemoryStats().bytes;
+  for (std::size_t i = 0; i < kMembers; ++i) REQUIRE(reg.trackRoom(h[i], "big") == Result::kOk);
+  const std::size_t list = reg.getMemoryStats().bytes - before;
+  const std::size_t exact = kMembers * 8;  // one 8-byte entry per member
+  INFO("member list and room: " << list << " bytes for " << exact << " of entries");
+  CHECK(list >= exact);
+  CHECK(list <= exact + exact / 4 + 64 * 1024);  // doubling would be 262,136
+  CHECK(reg.roomSize("big") == kMembers);
+  std::size_t visited = 0;
+  reg.forEachMember("big", [&](std::string_view) { ++visited; });
+  CHECK(visited == kMembers);
+  for (std::size_t i = 0; i < kMembers; i += 2) REQUIRE(reg.untrackRoom(h[i], "big") == Result::kOk);
+  CHECK(reg.roomSize("big") == kMembers / 2);
+  CHECK(reg.isMember("s1", "big"));
+  CHECK_FALSE(reg.isMember("s0", "big"));
+  for (std::size_t i = 1; i < kMembers; i += 2) REQUIRE(reg.untrackRoom(h[i], "big") == Result::kOk);
+  CHECK_FALSE(reg.roomExists("big"));
+  CHECK(reg.getMemoryStats().bytes == before);
+}
+
 TEST_CASE("maxSessionsPerUser, on connect and on bindUser", "[registry]") {
   Limits lim;
   lim.maxSessionsPerUser = 2;
