@@ -714,7 +714,7 @@ Result SessionRegistry::trackRoom(SessionHandle session, std::string_view room) 
 std::size_t SessionRegistry::trackRoomsImpl(const std::string_view* byId,
                                             const SessionHandle* byHandle,
                                             const std::string_view* rooms, std::size_t n,
-                                            Result* out) {
+                                            Result* out, std::size_t* done) {
   if (!impl_) {  // moved-from: holds nothing, refuses everything
     std::fill(out, out + n, Result::kShutDown);
     return 0;
@@ -733,6 +733,7 @@ std::size_t SessionRegistry::trackRoomsImpl(const std::string_view* byId,
     }
     impl_->flush();
     if (out[i] == Result::kOk) ++joined;
+    *done = i + 1;
   }
   return joined;
 }

@@ -660,6 +660,47 @@ TEST_CASE("SyncKeeper has the handle, query and bounded-advance calls",
   CHECK(sk.checkThresholds() == 0);
 }
 
+TEST_CASE("SyncKeeper::trackRooms from several threads: each room once per session, "
+          "callbacks outside the lock",
+          "[concurrency]") {
+  // Four threads, each with its own sessions, join overlapping lists of
+  // rooms with trackRooms; a roomCreated observer calls back in (it would
+  // deadlock if it ran under the lock on another thread's call).
+  KeeperCallbacks cb;
+  SyncKeeper* self = nullptr;
+  std::atomic<int> created{0};
+  cb.roomCreated = [&](std::string_view room) {
+    ++created;
+    (void)self->roomSize(room);
+  };
+  SyncKeeper sk(cb, KeeperOptions{});
+  self = &sk;
+  constexpr int kThreads = 4, kSessions = 50;
+  std::vector<std::string> rooms;
+  for (int r = 0; r < 20; ++r) rooms.push_back("room-" + std::to_string(r));
+  std::vector<std::thread> pool;
+  std::atomic<std::size_t> joined{0};
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < kSessions; ++i) {
+        const std::string s = "t" + std::to_string(t) + "-" + std::to_string(i);
+        roomkeeper::SessionHandle h;
+        if (sk.connectAuthenticated(s, s, &h) != Result::kOk) continue;
+        // Each thread starts the list at another place; by handle for half.
+        std::vector<std::string_view> mine;
+        for (int r = 0; r < 20; ++r) mine.push_back(rooms[(r + 5 * t) % 20]);
+        std::vector<Result> results;
+        joined += (i % 2) ? sk.trackRooms(h, mine, &results) : sk.trackRooms(s, mine, &results);
+        joined += sk.trackRooms(s, mine, &results);  // again: all kAlreadyDone
+      }
+    });
+  for (auto& th : pool) th.join();
+  CHECK(joined == static_cast<std::size_t>(kThreads * kSessions * 20));
+  CHECK(created == 20);
+  for (const std::string& r : rooms) CHECK(sk.roomSize(r) == kThreads * kSessions);
+  CHECK(sk.getMemoryStats().trackedRooms == static_cast<std::size_t>(kThreads * kSessions * 20));
+}
+
 TEST_CASE("rate limits under SyncKeeper: shared buckets hand out exactly their tokens",
           "[concurrency][ratelimit]") {
   // A frozen clock: no token comes back, so across every thread exactly the

@@ -357,42 +357,70 @@ TEST_CASE("client addresses: bad ones are refused", "[ratelimit]") {
 }
 
 // Keeper::trackRooms is one trackRoom per room: the same results (the rate
-// limit, authentication, bad ids), emits and state, on twin Keepers.
+// limit, authentication, bad ids, a session that goes mid-list), emits,
+// warnings and state, on twin Keepers.
 TEST_CASE("trackRooms gives the results of one trackRoom per room, rate limit included",
           "[ratelimit]") {
   const bool byHandle = GENERATE(false, true);
   INFO((byHandle ? "by handle" : "by id"));
   Fixture fOne, fMany;
-  fOne.opt.rateLimits.joinsPerSession = {10, 5};
-  fMany.opt.rateLimits.joinsPerSession = {10, 5};
-  Keeper one(fOne.callbacks(), fOne.opt), many(fMany.callbacks(), fMany.opt);
-  const std::vector<std::string> rooms{"a", "", "b", "a", "c", "d", "e", "f", "g"};
+  fOne.opt.rateLimits.joinsPerSession = {10, 12};
+  fMany.opt.rateLimits.joinsPerSession = {10, 12};
+  // A roomCreated observer that disconnects the session when room "q" is
+  // made: every later room of the list finds no session.
+  Keeper* kOne = nullptr;
+  Keeper* kMany = nullptr;
+  KeeperCallbacks cbOne = fOne.callbacks(), cbMany = fMany.callbacks();
+  cbOne.roomCreated = [&](std::string_view r) {
+    if (r == "q") (void)kOne->disconnect("t");
+  };
+  cbMany.roomCreated = [&](std::string_view r) {
+    if (r == "q") (void)kMany->disconnect("t");
+  };
+  Keeper one(cbOne, fOne.opt), many(cbMany, fMany.opt);
+  kOne = &one;
+  kMany = &many;
+  // 20 names, more than one chunk of 16.
+  std::vector<std::string> rooms{"a", "", "b", "a"};
+  for (char c = 'c'; c <= 'r'; ++c) rooms.emplace_back(1, c);
   for (Keeper* k : {&one, &many}) {
     REQUIRE(k->connect("anon") == Result::kOk);
     REQUIRE(k->connectAuthenticated("s", "u") == Result::kOk);
   }
-  std::vector<Result> expected, got;
+  // One trackRoom per room on `one`, trackRooms on `many` (by id or by
+  // handle), for session `s`: the results must be the same.
+  std::vector<Result> got;
+  const auto twin = [&](const std::string& s, const std::vector<std::string>& list) {
+    std::vector<Result> expected;
+    const SessionHandle hOne = one.handleOf(s), hMany = many.handleOf(s);
+    for (const std::string& r : list)
+      expected.push_back(byHandle ? one.trackRoom(hOne, r) : one.trackRoom(s, r));
+    const std::size_t n =
+        byHandle ? many.trackRooms(hMany, list, &got) : many.trackRooms(s, list, &got);
+    CHECK(got == expected);
+    return n;
+  };
   // Before authentication: every room refused, nothing taken.
-  for (const std::string& r : rooms) expected.push_back(one.trackRoom("anon", r));
-  CHECK(many.trackRooms("anon", rooms, &got) == 0);
-  CHECK(got == expected);
-  CHECK(std::count(got.begin(), got.end(), Result::kNotAuthenticated) == 9);
-  expected.clear();
-  const SessionHandle hOne = one.handleOf("s"), hMany = many.handleOf("s");
-  for (const std::string& r : rooms)
-    expected.push_back(byHandle ? one.trackRoom(hOne, r) : one.trackRoom("s", r));
-  const std::size_t joined =
-      byHandle ? many.trackRooms(hMany, rooms, &got) : many.trackRooms("s", rooms, &got);
-  CHECK(got == expected);
-  // a, b, c, d joined; 'a' again is kAlreadyDone and takes a token (a call
-  // carried out), the empty id takes none; e, f, g find the bucket empty.
-  CHECK(joined == 4);
+  CHECK(twin("anon", rooms) == 0);
+  CHECK(std::count(got.begin(), got.end(), Result::kNotAuthenticated) == 20);
+  const std::size_t joined = twin("s", rooms);
+  // a, b, c ... k joined (11); 'a' again is kAlreadyDone and takes a token
+  // (a call carried out), the empty id takes none; then the bucket of 12 is
+  // empty for the last 7.
+  CHECK(joined == 11);
   CHECK(got[1] == Result::kInvalidId);
   CHECK(got[3] == Result::kAlreadyDone);
-  CHECK(std::count(got.begin(), got.end(), Result::kRateLimited) == 3);
+  CHECK(std::count(got.begin(), got.end(), Result::kRateLimited) == 7);
   CHECK(many.getMemoryStats().rateLimitedJoins == one.getMemoryStats().rateLimitedJoins);
   CHECK(sameState(many.getMemoryStats(), one.getMemoryStats()));
   CHECK(many.registry().roomsOf("s") == one.registry().roomsOf("s"));
+  // A session that goes in the middle of the list: k ... r for a fresh
+  // session (8 rooms, within its bucket of 12); making 'q' disconnects it.
+  for (Keeper* k : {&one, &many}) REQUIRE(k->connectAuthenticated("t", "v") == Result::kOk);
+  CHECK(twin("t", std::vector<std::string>(rooms.begin() + 12, rooms.end())) == 7);
+  CHECK(got[7] == (byHandle ? Result::kStaleHandle : Result::kNotConnected));
+  CHECK_FALSE(many.registry().isConnected("t"));
   CHECK(fMany.emits == fOne.emits);
-  CHECK(fMany.logs.size() == fOne.logs.size());
+  CHECK(fMany.logs == fOne.logs);
+  CHECK(sameState(many.getMemoryStats(), one.getMemoryStats()));
 }

@@ -614,6 +614,64 @@ TEST_CASE("allocation failure in connect and startTyping: all or nothing",
   CHECK(typingDone);
 }
 
+TEST_CASE("trackRooms when an allocation fails: the rooms before it keep their results",
+          "[robustness][oom]") {
+  // canJoin copies the session's and the room's names (longer than the
+  // small-string buffer here), so every plain allocation of the call can
+  // fail in turn: the results vector's reserve, a copy, an event. The rooms
+  // exist beforehand (another member): Abseil's tables are not
+  // exception-safe when their allocator throws (docs/robustness.md), so
+  // the call must not grow the room index.
+  const std::string session = "session-0123456789abcdef";
+  std::vector<std::string> rooms;
+  for (int i = 0; i < 20; ++i) rooms.push_back("room-0123456789abcdef-" + std::to_string(i));
+  bool finished = false;
+  long threw = 0;
+  for (long k = 1; k < 400 && !finished; ++k) {
+    INFO("allocation " << k << " fails");
+    RegistryCallbacks cb;
+    cb.canJoin = [](std::string_view, std::string_view) { return true; };
+    cb.roomJoined = [](std::string_view, std::string_view) {};
+    SessionRegistry reg(cb);
+    REQUIRE(reg.connect("other") == Result::kOk);
+    for (const std::string& r : rooms) REQUIRE(reg.trackRoom("other", r) == Result::kOk);
+    REQUIRE(reg.connect(session) == Result::kOk);
+    std::vector<Result> results;
+    std::size_t joined = 0;
+    bool thrown = false;
+    gFailCountdown.store(k);
+    try {
+      joined = reg.trackRooms(session, rooms, &results);
+    } catch (const std::bad_alloc&) {
+      thrown = true;
+    }
+    finished = gFailCountdown.exchange(0) > 0;
+    const std::size_t ok =
+        static_cast<std::size_t>(std::count(results.begin(), results.end(), Result::kOk));
+    // Whatever failed: the session is in exactly the rooms reported joined,
+    // in order, and a failure inside a join is reported as trackRoom would.
+    CHECK(reg.roomCount(session) == ok);
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      CHECK((results[i] == Result::kOk || results[i] == Result::kOutOfMemory));
+      CHECK(reg.isMember(session, rooms[i]) == (results[i] == Result::kOk));
+    }
+    if (thrown) {
+      ++threw;
+      CHECK(results.size() < rooms.size());
+    } else {
+      CHECK(results.size() == rooms.size());
+      CHECK(joined == ok);
+    }
+    // Nothing left behind.
+    CHECK(reg.clearRoomTracking(session) == ok);
+    REQUIRE(reg.disconnect(session) == Result::kOk);
+    REQUIRE(reg.disconnect("other") == Result::kOk);
+    CHECK(reg.getMemoryStats() == RegistryStats{});
+  }
+  CHECK(finished);
+  CHECK(threw > 0);  // some failures did reach the caller as an exception
+}
+
 TEST_CASE("typing fan-out shares one payload: bytes do not grow with members x payload",
           "[robustness][oom]") {
   KeeperOptions opt;

@@ -6,6 +6,7 @@
 #include <roomkeeper/session_registry.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -839,7 +840,53 @@ TEST_CASE("trackRooms gives the results and events of one trackRoom per room",
   CHECK(regMany.getMemoryStats() == regOne.getMemoryStats());
   CHECK(sorted(regMany.roomsOf("other1")) == sorted(regOne.roomsOf("other1")));
   for (const std::string& r : rooms) CHECK(regMany.roomSize(r) == regOne.roomSize(r));
+
+  // Again with the session's room limit (24) reached in the middle of a
+  // list of 30 new rooms.
+  one.canJoin = nullptr;
+  many.canJoin = nullptr;
+  std::vector<std::string> more;
+  for (int i = 0; i < 30; ++i) more.push_back("m" + std::to_string(i));
+  for (SessionRegistry* reg : {&regOne, &regMany}) REQUIRE(reg->connect("t") == Result::kOk);
+  one.take();
+  many.take();
+  expected.clear();
+  const SessionHandle tOne = regOne.handleOf("t"), tMany = regMany.handleOf("t");
+  for (const std::string& r : more)
+    expected.push_back(byHandle ? regOne.trackRoom(tOne, r) : regOne.trackRoom("t", r));
+  CHECK((byHandle ? regMany.trackRooms(tMany, more, &got) : regMany.trackRooms("t", more, &got)) ==
+        24);
+  CHECK(got == expected);
+  CHECK(std::count(got.begin(), got.end(), Result::kTooManyRooms) == 6);
+  CHECK(many.take() == one.take());
+  CHECK(regMany.getMemoryStats() == regOne.getMemoryStats());
+  CHECK(regMany.roomsOf("t") == regOne.roomsOf("t"));
 }
+
+// The names are kept as views until their chunk is joined: a range whose
+// elements are made on the fly (and gone at the next step) is refused at
+// compile time by trackRooms' static_assert on this trait.
+namespace {
+struct MadeOnTheFly {  // yields a std::string by value
+  struct It {
+    int i;
+    std::string operator*() const { return "r" + std::to_string(i); }
+    It& operator++() {
+      ++i;
+      return *this;
+    }
+    bool operator!=(const It& o) const { return i != o.i; }
+  };
+  It begin() const { return {0}; }
+  It end() const { return {3}; }
+};
+using roomkeeper::detail::kKeepsNames;
+static_assert(kKeepsNames<std::vector<std::string>>);
+static_assert(kKeepsNames<std::vector<std::string_view>>);
+static_assert(kKeepsNames<std::array<const char*, 2>>);
+static_assert(kKeepsNames<std::initializer_list<std::string_view>>);
+static_assert(!kKeepsNames<MadeOnTheFly>);
+}  // namespace
 
 TEST_CASE("trackRooms: a braced list, the session's room limit, a stale handle",
           "[registry]") {

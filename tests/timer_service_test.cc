@@ -57,6 +57,17 @@ TimerHandlerId recordInto(TimerService& timers, const ManualClock& clock, Log& l
   });
 }
 
+// The ManualClock's time through now() only: no cell(), so the service
+// calls now() on every arm and restart (the path every other clock takes).
+class CalledClock final : public roomkeeper::Clock {
+ public:
+  explicit CalledClock(const ManualClock& c) : c_(c) {}
+  SteadyTime now() const noexcept override { return c_.now(); }
+
+ private:
+  const ManualClock& c_;
+};
+
 std::uint64_t ceilMs(nanoseconds d) {
   const auto n = static_cast<std::uint64_t>(d.count());
   return (n + 999999u) / 1000000u;
@@ -877,6 +888,34 @@ TEST_CASE("time going backwards is clamped: nothing early, nothing lost", "[time
   }
 }
 
+TEST_CASE("a restart while the clock is behind the wheel counts from the wheel's time",
+          "[timer]") {
+  // restart() has a fast path for a clock with a cell (ManualClock); the
+  // same clamp must hold on it as on the called path.
+  const bool withCell = GENERATE(true, false);
+  INFO((withCell ? "ManualClock, read through its cell" : "a clock read through now()"));
+  ManualClock clock(kStart);
+  CalledClock called(clock);
+  TimerService timers(withCell ? static_cast<const roomkeeper::Clock*>(&clock) : &called);
+  std::vector<SteadyTime> fired;
+  const TimerHandlerId h =
+      timers.addHandler([&](TimerHandle, std::uint32_t) { fired.push_back(clock.now()); });
+  const TimerHandle t = timers.arm(20ms, h, 0);  // due at +20 ms
+  clock.set(kStart + 15ms);
+  CHECK(timers.advance() == 0);  // the wheel is at +15 ms
+  clock.set(kStart + 5ms);       // the clock goes back 10 ms
+  // Later than +20 ms either way, so the lazy case: +15 + 20 = +35 ms, not
+  // +5 + 20 = +25 ms.
+  REQUIRE(timers.restart(t, 20ms));
+  clock.set(kStart + 15ms);
+  while (clock.now() < kStart + 60ms) {
+    clock.advanceBy(1ms);
+    timers.advance();
+  }
+  REQUIRE(fired.size() == 1);
+  CHECK(fired[0] == kStart + 35ms);
+}
+
 TEST_CASE("a 30 s stall: everything due fires in one advance, in deadline order",
           "[timer]") {
   ManualClock clock(kStart);
@@ -1100,17 +1139,6 @@ TEST_CASE("size and bytes return to the start after shrinkToFit", "[timer]") {
 /// exactly the due timers (a bounded one: the earliest by tick), in tick
 /// order; within a tick, the timers not restarted lazily (a restart to the
 /// same or a later tick while in the wheel) fire in sequence order.
-// The ManualClock's time through now() only: no cell(), so the service
-// calls now() on every arm and restart (the path every other clock takes).
-class CalledClock final : public roomkeeper::Clock {
- public:
-  explicit CalledClock(const ManualClock& c) : c_(c) {}
-  SteadyTime now() const noexcept override { return c_.now(); }
-
- private:
-  const ManualClock& c_;
-};
-
 class TimerModelRun {
  public:
   // withCell false: the service reads the time through a CalledClock.

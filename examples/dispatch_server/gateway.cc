@@ -920,10 +920,12 @@ void Session::onAuthenticate(const std::string& ev, const json& id, const json& 
   std::vector<std::string> rooms = {"role:" + identity_->role,
                                     "user:" + identity_->userId};
   if (!identity_->crewId.empty()) rooms.push_back("crew:" + identity_->crewId);
-  for (const std::string& room : rooms) {
-    const Result j = loop_.keeper().trackRoom(id_, room);
+  // The connection's rooms in one call (their lookups overlap); each gets
+  // what trackRoom would give it, and the first refusal is the answer.
+  std::vector<Result> joined;
+  (void)loop_.keeper().trackRooms(id_, rooms, &joined);
+  for (const Result j : joined)
     if (!roomkeeper::ok(j)) return resultError(id, ev, j);
-  }
   ack(id, ev,
       {{"userId", identity_->userId},
        {"role", identity_->role},

@@ -233,12 +233,13 @@ class Keeper final : public BusTarget, public detail::TrackRooms<Keeper> {
   Result untrackRoom(std::string_view session, std::string_view room);
   std::size_t clearRoomTracking(std::string_view session);
   /// std::size_t trackRooms(session, rooms, std::vector<Result>* results =
-  /// nullptr), by id or by handle (inherited from detail::TrackRooms):
-  /// trackRoom() for each of `rooms` in order, with the same results,
-  /// events and rate limiting, each room's events delivered before the
-  /// next; the rooms' lookups are started together so that their cache
-  /// misses overlap (as SessionRegistry::trackRooms). Returns how many
-  /// joined (kOk); `results`, if given, receives each room's Result.
+  /// nullptr), by id or by handle: trackRoom() for each of `rooms` in
+  /// order, with the same results, events and rate limiting, each room's
+  /// events delivered before the next; the rooms' lookups are started
+  /// together so that their cache misses overlap. Returns how many joined
+  /// (kOk); `results`, if given, receives each room's Result. As
+  /// SessionRegistry::trackRooms (what `rooms` may be, exceptions).
+  using detail::TrackRooms<Keeper>::trackRooms;
 
   /// As TypingTimerManager, plus kShutDown, kNotAuthenticated and
   /// kRateLimited (typingPerSession) for startTyping.
@@ -351,7 +352,8 @@ class Keeper final : public BusTarget, public detail::TrackRooms<Keeper> {
   template <typename Id> Result trackRoomImpl(Id session, std::string_view room);
   // One chunk of trackRooms() (one of byId and byHandle is set).
   std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                             const std::string_view* rooms, std::size_t n, Result* out);
+                             const std::string_view* rooms, std::size_t n, Result* out,
+                             std::size_t* done);
   template <typename Id> Result untrackRoomImpl(Id session, std::string_view room);
   template <typename Id> Result startTypingImpl(Id session, std::string_view thread);
   template <typename Id> Result stopTypingImpl(Id session, std::string_view thread);

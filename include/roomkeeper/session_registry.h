@@ -62,9 +62,12 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "roomkeeper/callbacks.h"
@@ -135,6 +138,16 @@ struct BroadcastTargets {
 };
 
 namespace detail {
+/// Whether iterating `Rooms` gives names that outlive the step (references
+/// into the container, views, C strings): trackRooms() accepts only those.
+template <typename Rooms>
+inline constexpr bool kKeepsNames = [] {
+  using Ref = decltype(*std::begin(std::declval<const Rooms&>()));
+  return std::is_lvalue_reference_v<Ref> ||
+         std::is_same_v<std::decay_t<Ref>, std::string_view> ||
+         std::is_same_v<std::decay_t<Ref>, const char*>;
+}();
+
 /// The trackRooms() calls of SessionRegistry and Keeper (the same four in
 /// both): each hands the rooms to Self::trackRoomsImpl in chunks of views on
 /// the stack (nothing allocated but `results`) and sums what it returns.
@@ -164,13 +177,33 @@ class TrackRooms {
   template <typename Rooms>
   std::size_t inChunks(const std::string_view* byId, const SessionHandle* byHandle,
                        const Rooms& rooms, std::vector<Result>* results) {
+    using std::begin;
+    using std::end;
+    // The names are kept as views until their chunk is joined, so they must
+    // outlive the call: a range that makes each name on the fly would leave
+    // the views dangling.
+    static_assert(kKeepsNames<Rooms>,
+                  "trackRooms: pass a container of strings or string_views (the names "
+                  "must outlive the call)");
+    if (results) {
+      results->clear();
+      // Before any join: the one allocation that may fail comes first.
+      results->reserve(static_cast<std::size_t>(std::distance(begin(rooms), end(rooms))));
+    }
     constexpr std::size_t kChunk = 16;
-    if (results) results->clear();
     std::string_view chunk[kChunk];
     Result out[kChunk];
     std::size_t n = 0, joined = 0;
     auto drain = [&] {
-      joined += static_cast<Self*>(this)->trackRoomsImpl(byId, byHandle, chunk, n, out);
+      std::size_t done = 0;
+      try {
+        joined += static_cast<Self*>(this)->trackRoomsImpl(byId, byHandle, chunk, n, out, &done);
+      } catch (...) {
+        // What trackRoom would throw (out of memory copying a name for
+        // canJoin): the rooms before it keep their results.
+        if (results) results->insert(results->end(), out, out + done);
+        throw;
+      }
       if (results) results->insert(results->end(), out, out + n);
       n = 0;
     };
@@ -233,16 +266,20 @@ class SessionRegistry : public detail::TrackRooms<SessionRegistry> {
   Result trackRoom(SessionHandle session, std::string_view room);
 
   /// std::size_t trackRooms(session, rooms, std::vector<Result>* results =
-  /// nullptr), by id or by handle (inherited from detail::TrackRooms):
-  /// joins `session` to each of `rooms` (a container of strings or
-  /// string_views, or a braced list), in order, with the same results,
+  /// nullptr), by id or by handle: joins `session` to each of `rooms` (a
+  /// container of strings or string_views, or a braced list; the names
+  /// must outlive the call), in order, with the same results,
   /// events and canJoin calls as one trackRoom() per room, each room's
   /// events delivered before the next room is joined. The difference is
   /// speed: the rooms' index entries, slots and member lists are fetched
   /// together first, so that their cache misses overlap instead of coming
   /// one after another (a connect that joins a session's rooms). Returns
   /// how many joined (kOk); `results`, if given, receives each room's
-  /// Result in order (replacing its contents). O(rooms).
+  /// Result in order (replacing its contents; reserved before any join).
+  /// If a join throws (what trackRoom throws: std::bad_alloc), the rooms
+  /// before it are joined and have their results, the rest are not tried.
+  /// O(rooms).
+  using detail::TrackRooms<SessionRegistry>::trackRooms;
 
   /// Leaves one room (an unsubscribe handler). kOk; kAlreadyDone if not a
   /// member; kNotConnected; kStaleHandle; kInvalidId. Deletes the room if it
@@ -348,7 +385,8 @@ class SessionRegistry : public detail::TrackRooms<SessionRegistry> {
       detail::FunctionRef<void(std::string_view)> visit);
   // One chunk of trackRooms() (one of byId and byHandle is set).
   std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                             const std::string_view* rooms, std::size_t n, Result* out);
+                             const std::string_view* rooms, std::size_t n, Result* out,
+                             std::size_t* done);
 
   friend class detail::TrackRooms<SessionRegistry>;
   friend class Keeper;

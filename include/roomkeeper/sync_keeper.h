@@ -32,7 +32,9 @@
 // on the driver thread (it would join itself): it returns false there.
 //
 // Thread safety: thread-safe. Ownership: owns its Keeper; the clock in
-// KeeperOptions must outlive it and be safe to read from several threads.
+// KeeperOptions must outlive it and be safe to read from several threads
+// (its now(); a Clock::cell() is read without synchronisation, so a clock
+// that some thread moves while others call in must not have one).
 #ifndef ROOMKEEPER_SYNC_KEEPER_H_
 #define ROOMKEEPER_SYNC_KEEPER_H_
 
@@ -46,7 +48,7 @@
 
 namespace roomkeeper {
 
-class SyncKeeper final : public BusTarget {
+class SyncKeeper final : public BusTarget, public detail::TrackRooms<SyncKeeper> {
  public:
   explicit SyncKeeper(KeeperCallbacks callbacks = {}, KeeperOptions options = {});
   /// Stops the driver. Destroying a SyncKeeper from inside one of its own
@@ -64,6 +66,11 @@ class SyncKeeper final : public BusTarget {
   Result trackRoom(std::string_view session, std::string_view room);
   Result untrackRoom(std::string_view session, std::string_view room);
   std::size_t clearRoomTracking(std::string_view session);
+  /// As Keeper::trackRooms, by id or by handle: one trackRoom() per room,
+  /// each under the lock with its callbacks after it (another thread's
+  /// call may come between two rooms, as between two trackRoom calls); the
+  /// rooms' lookups are started together first, under the lock.
+  using detail::TrackRooms<SyncKeeper>::trackRooms;
   Result startTyping(std::string_view session, std::string_view thread);
   Result stopTyping(std::string_view session, std::string_view thread);
   Result disconnect(std::string_view session);
@@ -132,6 +139,11 @@ class SyncKeeper final : public BusTarget {
   bool driverRunning() const;
 
  private:
+  friend class detail::TrackRooms<SyncKeeper>;
+  // One chunk of trackRooms() (one of byId and byHandle is set).
+  std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
+                             const std::string_view* rooms, std::size_t n, Result* out,
+                             std::size_t* done);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

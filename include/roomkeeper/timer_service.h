@@ -117,8 +117,13 @@ class Clock {
   /// A clock whose time is one variable that its owner sets (ManualClock)
   /// returns that variable here, and the library reads it directly on its
   /// per-call paths (arm, restart, a keystroke) instead of calling now():
-  /// no virtual call there. The variable must live as long as the clock,
-  /// and now() must return its value. The default, nullptr: now() is called.
+  /// no virtual call there. The contract: the variable lives as long as
+  /// the clock and now() returns its value; cell() is asked once, when a
+  /// component is built on the clock, and must keep returning the same
+  /// pointer; the variable is read without any synchronisation, so it may
+  /// only change on the thread that uses the component (or under the lock
+  /// that guards it: SyncKeeper's). A clock that another thread moves
+  /// returns nullptr here, the default, and now() is called every time.
   virtual const SteadyTime* cell() const noexcept { return nullptr; }
 };
 
@@ -135,9 +140,9 @@ class SteadyClock final : public Clock {
 /// A clock that moves only when told to: tests, simulations, benchmarks,
 /// and an event loop's time for the current turn. A loop that reads the
 /// steady clock once per turn and set()s it here (as libuv's uv_now() and
-/// Node's timers do) saves a clock read per call; with a clock_gettime of
-/// ~20-30 ns on a VM, that is most of a keystroke's restart. Everything a
-/// turn arms or restarts then counts from the turn's start.
+/// Node's timers do) saves a clock read per call, which can be most of the
+/// cost of a keystroke's restart. Everything a turn arms or restarts then
+/// counts from the turn's start. Set it on the loop's own thread (cell()).
 class ManualClock final : public Clock {
  public:
   explicit ManualClock(SteadyTime start = SteadyTime{}) noexcept : now_(start) {}
