@@ -503,9 +503,13 @@ std::size_t SessionRegistry::Impl::clearRooms(std::uint32_t s) {
     for (std::uint32_t i = 0; i < mine.size(); ++i)
       __builtin_prefetch(&roomSlots[mine[i].slot]);
     for (std::uint32_t i = 0; i < mine.size(); ++i) {
-      const detail::EntryList& m = roomSlots[mine[i].slot].members;
+      const RoomSlot& rs = roomSlots[mine[i].slot];
+      const detail::EntryList& m = rs.members;
       __builtin_prefetch(&m[mine[i].pos], 1);
       __builtin_prefetch(&m.back(), 1);
+      // A room this session is the last member of is erased from the
+      // index: its probe's control bytes and slot numbers too.
+      if (m.size() == 1) roomIndex.prefetch(rs.name.view());
     }
     for (std::uint32_t i = 0; i < mine.size(); ++i) {
       const detail::EntryList& m = roomSlots[mine[i].slot].members;
@@ -547,6 +551,9 @@ Result SessionRegistry::Impl::disconnect(std::uint32_t s) {
 }
 
 void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
+  // The session's own index entry is erased last; fetch it while the rooms
+  // are being left rather than wait for it then.
+  sessionIndex.prefetch(sessionSlots[s].name.view());
   clearRooms(s);
   unlinkUser(s);
   SessionSlot& slot = sessionSlots[s];
