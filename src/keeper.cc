@@ -659,17 +659,8 @@ Result Keeper::trackRoom(SessionHandle session, std::string_view room) {
 Result Keeper::untrackRoom(std::string_view session, std::string_view room) {
   return untrackRoomImpl(session, room);
 }
-std::size_t Keeper::trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                                   const std::string_view* rooms, std::size_t n, Result* out,
-                                   std::size_t* done) {
+void Keeper::prefetchRooms(const std::string_view* rooms, std::size_t n) noexcept {
   impl_->reg.prefetchRooms(rooms, n);
-  std::size_t joined = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    out[i] = byHandle ? trackRoomImpl(*byHandle, rooms[i]) : trackRoomImpl(*byId, rooms[i]);
-    if (out[i] == Result::kOk) ++joined;
-    *done = i + 1;
-  }
-  return joined;
 }
 Result Keeper::untrackRoom(SessionHandle session, std::string_view room) {
   return untrackRoomImpl(session, room);

@@ -718,31 +718,8 @@ Result SessionRegistry::trackRoom(SessionHandle session, std::string_view room) 
   impl_->flush();
   return r;
 }
-std::size_t SessionRegistry::trackRoomsImpl(const std::string_view* byId,
-                                            const SessionHandle* byHandle,
-                                            const std::string_view* rooms, std::size_t n,
-                                            Result* out, std::size_t* done) {
-  if (!impl_) {  // moved-from: holds nothing, refuses everything
-    std::fill(out, out + n, Result::kShutDown);
-    return 0;
-  }
-  impl_->prefetchRooms(rooms, n);
-  std::size_t joined = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    // Each room exactly as trackRoom() would take it: the session found
-    // again (a canJoin hook or an event may have ended it), the events
-    // delivered before the next room.
-    if (byHandle) {
-      const std::uint32_t s = impl_->fromHandle(*byHandle);
-      out[i] = s == kNone ? Result::kStaleHandle : impl_->track(s, rooms[i]);
-    } else {
-      out[i] = impl_->track(impl_->findSession(*byId), rooms[i]);
-    }
-    impl_->flush();
-    if (out[i] == Result::kOk) ++joined;
-    *done = i + 1;
-  }
-  return joined;
+void SessionRegistry::prefetchRooms(const std::string_view* rooms, std::size_t n) noexcept {
+  if (impl_) impl_->prefetchRooms(rooms, n);  // moved-from: trackRoom refuses
 }
 
 Result SessionRegistry::untrackRoom(std::string_view session, std::string_view room) {

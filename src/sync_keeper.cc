@@ -316,19 +316,10 @@ Result SyncKeeper::trackRoom(std::string_view s, std::string_view r) {
 Result SyncKeeper::untrackRoom(std::string_view s, std::string_view r) {
   return impl_->run([&] { return impl_->keeper.untrackRoom(s, r); });
 }
-std::size_t SyncKeeper::trackRoomsImpl(const std::string_view* byId,
-                                       const SessionHandle* byHandle,
-                                       const std::string_view* rooms, std::size_t n,
-                                       Result* out, std::size_t* done) {
+void SyncKeeper::prefetchRooms(const std::string_view* rooms, std::size_t n) {
   // A hint, under the lock: the rooms may change before their turn.
-  impl_->run([&] { impl_->keeper.impl_->reg.prefetchRooms(rooms, n); });
-  std::size_t joined = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    out[i] = byHandle ? trackRoom(*byHandle, rooms[i]) : trackRoom(*byId, rooms[i]);
-    if (out[i] == Result::kOk) ++joined;
-    *done = i + 1;
-  }
-  return joined;
+  std::lock_guard<std::recursive_mutex> g(impl_->mu);
+  impl_->keeper.impl_->reg.prefetchRooms(rooms, n);
 }
 std::size_t SyncKeeper::clearRoomTracking(std::string_view s) {
   return impl_->run([&] { return impl_->keeper.clearRoomTracking(s); });

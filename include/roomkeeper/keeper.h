@@ -350,10 +350,8 @@ class Keeper final : public BusTarget, public detail::TrackRooms<Keeper> {
   friend class SyncKeeper;
   friend class detail::TrackRooms<Keeper>;
   template <typename Id> Result trackRoomImpl(Id session, std::string_view room);
-  // One chunk of trackRooms() (one of byId and byHandle is set).
-  std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                             const std::string_view* rooms, std::size_t n, Result* out,
-                             std::size_t* done);
+  // trackRooms(): starts the lookups of a chunk of rooms (a hint).
+  void prefetchRooms(const std::string_view* rooms, std::size_t n) noexcept;
   template <typename Id> Result untrackRoomImpl(Id session, std::string_view room);
   template <typename Id> Result startTypingImpl(Id session, std::string_view thread);
   template <typename Id> Result stopTypingImpl(Id session, std::string_view thread);

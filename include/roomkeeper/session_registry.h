@@ -148,35 +148,35 @@ inline constexpr bool kKeepsNames = [] {
          std::is_same_v<std::decay_t<Ref>, const char*>;
 }();
 
-/// The trackRooms() calls of SessionRegistry and Keeper (the same four in
-/// both): each hands the rooms to Self::trackRoomsImpl in chunks of views on
-/// the stack (nothing allocated but `results`) and sums what it returns.
+/// The trackRooms() calls of SessionRegistry, Keeper and SyncKeeper (the
+/// same four in each): per chunk of up to 16 names (views on the stack),
+/// Self::prefetchRooms(names, n) starts their lookups, then
+/// Self::trackRoom(session, name) joins each in turn.
 template <typename Self>
 class TrackRooms {
  public:
   template <typename Rooms>
   std::size_t trackRooms(std::string_view session, const Rooms& rooms,
                          std::vector<Result>* results = nullptr) {
-    return inChunks(&session, nullptr, rooms, results);
+    return inChunks(session, rooms, results);
   }
   template <typename Rooms>
   std::size_t trackRooms(SessionHandle session, const Rooms& rooms,
                          std::vector<Result>* results = nullptr) {
-    return inChunks(nullptr, &session, rooms, results);
+    return inChunks(session, rooms, results);
   }
   std::size_t trackRooms(std::string_view session, std::initializer_list<std::string_view> rooms,
                          std::vector<Result>* results = nullptr) {
-    return inChunks(&session, nullptr, rooms, results);
+    return inChunks(session, rooms, results);
   }
   std::size_t trackRooms(SessionHandle session, std::initializer_list<std::string_view> rooms,
                          std::vector<Result>* results = nullptr) {
-    return inChunks(nullptr, &session, rooms, results);
+    return inChunks(session, rooms, results);
   }
 
  private:
-  template <typename Rooms>
-  std::size_t inChunks(const std::string_view* byId, const SessionHandle* byHandle,
-                       const Rooms& rooms, std::vector<Result>* results) {
+  template <typename Id, typename Rooms>
+  std::size_t inChunks(Id session, const Rooms& rooms, std::vector<Result>* results) {
     using std::begin;
     using std::end;
     // The names are kept as views until their chunk is joined, so they must
@@ -187,24 +187,23 @@ class TrackRooms {
                   "must outlive the call)");
     if (results) {
       results->clear();
-      // Before any join: the one allocation that may fail comes first.
+      // Before any join: the one allocation that may fail comes first, and
+      // the push_back below cannot throw.
       results->reserve(static_cast<std::size_t>(std::distance(begin(rooms), end(rooms))));
     }
+    Self& self = static_cast<Self&>(*this);
     constexpr std::size_t kChunk = 16;
     std::string_view chunk[kChunk];
-    Result out[kChunk];
     std::size_t n = 0, joined = 0;
     auto drain = [&] {
-      std::size_t done = 0;
-      try {
-        joined += static_cast<Self*>(this)->trackRoomsImpl(byId, byHandle, chunk, n, out, &done);
-      } catch (...) {
-        // What trackRoom would throw (out of memory copying a name for
-        // canJoin): the rooms before it keep their results.
-        if (results) results->insert(results->end(), out, out + done);
-        throw;
+      self.prefetchRooms(chunk, n);
+      for (std::size_t i = 0; i < n; ++i) {
+        // A throw (what trackRoom throws: out of memory copying a name for
+        // canJoin) leaves the results of the rooms before it.
+        const Result r = self.trackRoom(session, chunk[i]);
+        if (results) results->push_back(r);
+        if (r == Result::kOk) ++joined;
       }
-      if (results) results->insert(results->end(), out, out + n);
       n = 0;
     };
     for (const auto& room : rooms) {
@@ -383,10 +382,8 @@ class SessionRegistry : public detail::TrackRooms<SessionRegistry> {
   std::size_t forEachTargetImpl(
       const BroadcastTargets& targets,
       detail::FunctionRef<void(std::string_view)> visit);
-  // One chunk of trackRooms() (one of byId and byHandle is set).
-  std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                             const std::string_view* rooms, std::size_t n, Result* out,
-                             std::size_t* done);
+  // trackRooms(): starts the lookups of a chunk of rooms (a hint).
+  void prefetchRooms(const std::string_view* rooms, std::size_t n) noexcept;
 
   friend class detail::TrackRooms<SessionRegistry>;
   friend class Keeper;

@@ -140,10 +140,9 @@ class SyncKeeper final : public BusTarget, public detail::TrackRooms<SyncKeeper>
 
  private:
   friend class detail::TrackRooms<SyncKeeper>;
-  // One chunk of trackRooms() (one of byId and byHandle is set).
-  std::size_t trackRoomsImpl(const std::string_view* byId, const SessionHandle* byHandle,
-                             const std::string_view* rooms, std::size_t n, Result* out,
-                             std::size_t* done);
+  // trackRooms(): starts the lookups of a chunk of rooms (a hint), under
+  // the lock.
+  void prefetchRooms(const std::string_view* rooms, std::size_t n);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
