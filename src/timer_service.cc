@@ -41,39 +41,21 @@ constexpr std::uint32_t kNil = 0xFFFFFFFFu;
 constexpr int kLevels = 8;
 constexpr int kBits = 6;
 constexpr int kSlots = 1 << kBits;
-constexpr std::uint32_t kPageBits = 12;
+constexpr std::uint32_t kPageBits = detail::TimerView::kPageBits;
 constexpr std::uint32_t kPage = 1u << kPageBits;
 
-enum class NodeState : std::uint8_t { kFree, kWheel, kDue, kNextDue, kFiring };
+using NodeState = detail::TimerState;
 
-// A deadline in ticks is at most (2^64 + 999999) / 10^6 < 2^45 (see
-// deadlineTick): 48 bits hold it.
-constexpr std::uint64_t kDeadlineMask = (std::uint64_t{1} << 48) - 1;
-
-// A timer is 28 bytes in two parts. The 16-byte Node is what a call about
-// the timer reads (a restart reads and writes nothing else): aligned to 16,
-// it never straddles a cache line. `deadline` is the timer's deadline;
-// `level` and `slot` say which wheel list holds it, which after a lazy
-// restart (see restart()) is the list of an earlier deadline. The 12-byte
-// Link holds the list pointers and the context, touched only when the timer
-// is linked, unlinked or fired.
-struct alignas(16) Node {
-  std::uint32_t generation;
-  std::uint32_t deadlineLo;
-  std::uint16_t deadlineHi;
-  TimerHandlerId handler;
-  NodeState state;
-  std::uint8_t level;
-  std::uint8_t slot;
-  std::uint8_t unused;
-  std::uint64_t deadline() const noexcept {
-    return (std::uint64_t{deadlineHi} << 32) | deadlineLo;
-  }
-  void setDeadline(std::uint64_t d) noexcept {
-    deadlineLo = static_cast<std::uint32_t>(d);
-    deadlineHi = static_cast<std::uint16_t>((d & kDeadlineMask) >> 32);
-  }
-};
+// A timer is 28 bytes in two parts. The 16-byte Node (detail::TimerNode, in
+// the header: restart()'s inline case reads it) is what a call about the
+// timer reads (a restart reads and writes nothing else): aligned to 16, it
+// never straddles a cache line. Its deadline is in ticks since the epoch; a
+// deadline is at most (2^64 + 999999) / 10^6 < 2^45 ticks (see
+// deadlineTick), so 48 bits hold it. `level` and `slot` say which wheel
+// list holds it, which after a lazy restart (see restart()) is the list of
+// an earlier deadline. The 12-byte Link holds the list pointers and the
+// context, touched only when the timer is linked, unlinked or fired.
+using Node = detail::TimerNode;
 struct Link {
   std::uint32_t prev;
   std::uint32_t next;  // also the free-list link
@@ -101,8 +83,14 @@ inline std::uint64_t above(std::uint64_t mask, unsigned pos) noexcept {
 }  // namespace
 
 struct TimerService::Impl {
-  explicit Impl(const Clock* c)
-      : clock(c ? c : &SteadyClock::instance()), cell(clock->cell()), epoch(clock->now()) {}
+  // `v` is the service's view_: the fields restart()'s inline case reads
+  // (the clock's cell, the epoch, the page table, the high water, the latest
+  // time advanced to) live there, and are kept up to date here.
+  Impl(const Clock* c, detail::TimerView& v)
+      : clock(c ? c : &SteadyClock::instance()), view(v) {
+    view.cell = clock->cell();
+    view.epoch = clock->now();
+  }
 
   Node& node(std::uint32_t i) noexcept { return pages[i >> kPageBits][0].nodes[i & (kPage - 1)]; }
   const Node& node(std::uint32_t i) const noexcept {
@@ -113,7 +101,7 @@ struct TimerService::Impl {
     return pages[i >> kPageBits][0].links[i & (kPage - 1)];
   }
   std::uint32_t resolve(TimerHandle h) const noexcept {
-    if (!h.valid() || h.index >= highWater) return kNil;
+    if (!h.valid() || h.index >= view.highWater) return kNil;
     const Node& n = node(h.index);
     if (n.generation != h.generation || n.state == NodeState::kFree) return kNil;
     return h.index;
@@ -121,12 +109,12 @@ struct TimerService::Impl {
 
   // ---- time ----
   std::uint64_t floorTick(SteadyTime t) const noexcept {
-    if (t <= epoch) return 0;
-    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    if (t <= view.epoch) return 0;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t - view.epoch).count();
     return static_cast<std::uint64_t>(ns) / 1000000u;
   }
   std::uint64_t deadlineTick(std::chrono::nanoseconds delay) const noexcept {
-    const SteadyTime t = cell ? *cell : clock->now();
+    const SteadyTime t = view.cell ? *view.cell : clock->now();
     const std::int64_t d = delay.count();
     if (d <= 0) {
       // Due at once; never before the wheel's own time.
@@ -138,9 +126,9 @@ struct TimerService::Impl {
   // to the latest time advanced to.
   std::uint64_t baseNs(SteadyTime t) const noexcept {
     std::int64_t base = 0;
-    if (t > epoch)
-      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
-    if (base < lastAdvanceNs) base = lastAdvanceNs;
+    if (t > view.epoch)
+      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - view.epoch).count();
+    if (base < view.lastAdvanceNs) base = view.lastAdvanceNs;
     return static_cast<std::uint64_t>(base);
   }
   // The tick of t + d for d > 0: ceil((base + d) / 1 ms) without overflowing.
@@ -154,8 +142,8 @@ struct TimerService::Impl {
     constexpr std::int64_t kMaxNs = std::numeric_limits<std::int64_t>::max();
     if (tick > static_cast<std::uint64_t>(kMaxNs / 1000000)) return SteadyTime::max();
     const std::chrono::nanoseconds d(static_cast<std::int64_t>(tick) * 1000000);
-    if (epoch > SteadyTime{} && d > SteadyTime::max() - epoch) return SteadyTime::max();
-    return epoch + d;
+    if (view.epoch > SteadyTime{} && d > SteadyTime::max() - view.epoch) return SteadyTime::max();
+    return view.epoch + d;
   }
 
   // ---- lists ----
@@ -220,8 +208,8 @@ struct TimerService::Impl {
     masks[level] |= std::uint64_t{1} << slot;
   }
 
-  // restart() when the fast path does not apply (see there).
-  [[gnu::noinline]] bool restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept {
+  // restart() when its inline case (in the header) does not apply.
+  bool restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept {
     Impl& im = *this;
     const std::uint32_t i = im.resolve(timer);
     if (i == kNil) return false;
@@ -248,18 +236,21 @@ struct TimerService::Impl {
       freeHead = link(i).next;
       return i;
     }
-    if (highWater == pages.size() * kPage) {
+    if (view.highWater == pages.size() * kPage) {
       // The page first: if either allocation fails, nothing has grown.
       // Array new, like every slab page of the library (one element).
       std::unique_ptr<Page[]> page(new Page[1]);
       pages.reserve(pages.size() + 1);
+      pageNodes.reserve(pages.size() + 1);
       for (std::uint32_t k = 0; k < kPage; ++k) {
         page[0].nodes[k].generation = generationBase;
         page[0].nodes[k].state = NodeState::kFree;
       }
+      pageNodes.push_back(page[0].nodes);  // no throw: reserved
+      view.pages = pageNodes.data();
       pages.push_back(std::move(page));
     }
-    return highWater++;
+    return view.highWater++;
   }
   // Returns a node to the free list; a pending one also leaves the count
   // (a firing node already left it when its callback began).
@@ -389,10 +380,8 @@ struct TimerService::Impl {
   }
 
   const Clock* clock;
-  const SteadyTime* cell;  // clock->cell(): read without a virtual call
-  SteadyTime epoch;
+  detail::TimerView& view;  // the service's view_ (see the constructor)
   std::uint64_t now = 0;  // wheel time, in ticks since epoch
-  std::int64_t lastAdvanceNs = 0;  // the latest time advance() was given
   List wheel[kLevels][kSlots];
   std::uint64_t masks[kLevels] = {};
   List due;
@@ -400,7 +389,7 @@ struct TimerService::Impl {
   std::size_t dueCount = 0;
   std::size_t pending = 0;
   std::vector<std::unique_ptr<Page[]>> pages;
-  std::uint32_t highWater = 0;
+  std::vector<Node*> pageNodes;  // each page's first node: view.pages
   std::uint32_t freeHead = kNil;
   std::uint32_t generationBase = 0;
   std::uint32_t maxGeneration = 0;
@@ -414,7 +403,7 @@ struct TimerService::Impl {
   LogFn log;
 };
 
-TimerService::TimerService(const Clock* clock) : impl_(std::make_unique<Impl>(clock)) {}
+TimerService::TimerService(const Clock* clock) : impl_(std::make_unique<Impl>(clock, view_)) {}
 TimerService::~TimerService() = default;
 
 TimerHandlerId TimerService::addHandler(Handler handler) {
@@ -442,7 +431,7 @@ TimerHandlerId TimerService::addHandler(Handler handler) {
 bool TimerService::removeHandler(TimerHandlerId handler) {
   Impl& im = *impl_;
   if (handler >= im.handlers.size() || !im.handlerLive[handler]) return false;
-  for (std::uint32_t i = 0; i < im.highWater; ++i) {
+  for (std::uint32_t i = 0; i < im.view.highWater; ++i) {
     Node& n = im.node(i);
     if (n.handler != handler) continue;
     if (n.state == NodeState::kWheel || n.state == NodeState::kDue ||
@@ -475,29 +464,9 @@ TimerHandle TimerService::arm(std::chrono::nanoseconds delay, TimerHandlerId han
   return TimerHandle{i, n.generation};
 }
 
-// The lazy case (a wheel timer pushed back) is the keystroke path, and in
-// random order its cost is the one cache miss on the node. How many of those
-// misses overlap from one call to the next depends on how many instructions
-// a call takes. So with a clock that has a cell (ManualClock: the time is
-// read, not called for) the fast path is one read of the time, one load of
-// the node and one store, with no call and no saved register; everything
-// else (another clock, a delay <= 0, a stale handle, a timer to relink) is
-// restartSlow(), out of line.
-bool TimerService::restart(TimerHandle timer, std::chrono::nanoseconds delay) {
-  Impl& im = *impl_;
-  if (im.cell != nullptr && delay.count() > 0 && timer.valid() && timer.index < im.highWater) {
-    const std::uint64_t d = im.tickAfter(*im.cell, delay.count());
-    Node& n = im.node(timer.index);
-    if (n.generation == timer.generation && n.state == NodeState::kWheel &&
-        d >= n.deadline()) {
-      // Lazy: the list it sits in comes up no later than its old deadline,
-      // which is no later than the new one; there it is placed again by its
-      // deadline (cascade -> place). One access to the node, no list touched.
-      n.setDeadline(d);
-      return true;
-    }
-  }
-  return im.restartSlow(timer, delay);
+// restart() is inline in the header for its common case; this is the rest.
+bool TimerService::restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept {
+  return impl_->restartSlow(timer, delay);
 }
 
 bool TimerService::cancel(TimerHandle timer) noexcept {
@@ -569,10 +538,10 @@ std::size_t TimerService::advance(SteadyTime now, std::size_t maxFire) {
     return 0;
   }
   const std::uint64_t target = im.floorTick(now);
-  if (now > im.epoch) {
+  if (now > im.view.epoch) {
     const std::int64_t ns =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(now - im.epoch).count();
-    if (ns > im.lastAdvanceNs) im.lastAdvanceNs = ns;
+        std::chrono::duration_cast<std::chrono::nanoseconds>(now - im.view.epoch).count();
+    if (ns > im.view.lastAdvanceNs) im.view.lastAdvanceNs = ns;
   }
   if (target > im.now) im.moveTo(target);  // earlier times are clamped
   return im.fire(maxFire);
@@ -584,7 +553,8 @@ std::size_t TimerService::dueCount() const noexcept { return impl_->dueCount; }
 std::size_t TimerService::size() const noexcept { return impl_->pending; }
 std::size_t TimerService::bytes() const noexcept {
   const Impl& im = *impl_;
-  return im.pages.size() * sizeof(Page) + im.pages.capacity() * sizeof(void*);
+  return im.pages.size() * sizeof(Page) +
+         (im.pages.capacity() + im.pageNodes.capacity()) * sizeof(void*);
 }
 std::uint64_t TimerService::callbackErrors() const noexcept { return impl_->errors; }
 
@@ -597,7 +567,9 @@ void TimerService::shrinkToFit() {
   if (im.maxGeneration >= 0x80000000u) return;
   im.generationBase = im.maxGeneration;
   std::vector<std::unique_ptr<Page[]>>().swap(im.pages);
-  im.highWater = 0;
+  std::vector<Node*>().swap(im.pageNodes);
+  im.view.pages = nullptr;
+  im.view.highWater = 0;
   im.freeHead = kNil;
 }
 
@@ -605,7 +577,7 @@ const Clock& TimerService::clock() const noexcept { return *impl_->clock; }
 
 void detail::TestAccess::ageTimers(TimerService& timers, std::uint32_t g) {
   TimerService::Impl& im = *timers.impl_;
-  for (std::uint32_t i = 0; i < im.highWater; ++i)
+  for (std::uint32_t i = 0; i < im.view.highWater; ++i)
     if (im.node(i).state == NodeState::kFree) im.node(i).generation = g;
   im.generationBase = std::max(im.generationBase, g);
   im.maxGeneration = std::max(im.maxGeneration, g);

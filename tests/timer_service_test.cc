@@ -556,10 +556,13 @@ TEST_CASE("stale handles never touch a newer timer in a reused node (ABA)", "[ti
     for (std::uint32_t i = 0; i < 5000; ++i) old.push_back(timers.arm(1s, h, i));
     CHECK(timers.cancelAll() == 5000);
     timers.shrinkToFit();
+    // No page held: restart's inline case must not read one.
+    for (const TimerHandle& t : old) CHECK_FALSE(timers.restart(t, 1s));
     std::vector<TimerHandle> fresh;
     for (std::uint32_t i = 0; i < 5000; ++i) fresh.push_back(timers.arm(2s, h, 100000 + i));
     for (const TimerHandle& t : old) {
       CHECK_FALSE(timers.isPending(t));
+      CHECK_FALSE(timers.restart(t, 5s));  // would push a fresh timer back
       CHECK_FALSE(timers.cancel(t));
     }
     CHECK(timers.size() == 5000);

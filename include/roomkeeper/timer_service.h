@@ -82,6 +82,37 @@ using SteadyTime = std::chrono::steady_clock::time_point;
 using Millis = std::chrono::milliseconds;
 
 namespace detail {
+/// Not API: the first 16 bytes of a timer, which restart()'s inline case
+/// reads and writes (src/timer_service.cc has the rest of the layout).
+enum class TimerState : std::uint8_t { kFree, kWheel, kDue, kNextDue, kFiring };
+struct alignas(16) TimerNode {
+  std::uint32_t generation;
+  std::uint32_t deadlineLo;  // deadline in ticks since the epoch, 48 bits
+  std::uint16_t deadlineHi;
+  std::uint16_t handler;
+  TimerState state;
+  std::uint8_t level;  // the wheel list holding it (a lazy restart's may
+  std::uint8_t slot;   // be the list of an earlier deadline)
+  std::uint8_t unused;
+  std::uint64_t deadline() const noexcept {
+    return (std::uint64_t{deadlineHi} << 32) | deadlineLo;
+  }
+  void setDeadline(std::uint64_t d) noexcept {
+    deadlineLo = static_cast<std::uint32_t>(d);
+    deadlineHi = static_cast<std::uint16_t>(d >> 32);  // d < 2^48
+  }
+};
+/// Not API: what restart()'s inline case reads of the service, kept in the
+/// TimerService object and updated by the library as it changes.
+struct TimerView {
+  static constexpr unsigned kPageBits = 12;  // 4096 nodes a slab page
+  const SteadyTime* cell = nullptr;          // the clock's cell, or nullptr
+  TimerNode* const* pages = nullptr;         // each page's first node
+  std::uint32_t highWater = 0;               // nodes ever handed out
+  std::int64_t lastAdvanceNs = 0;            // the latest time advanced to
+  SteadyTime epoch{};                        // tick 0
+};
+
 /// `d` in nanoseconds, saturated at nanoseconds::max() (and min()): a plain
 /// conversion of Millis::max() overflows into the past. Integer arithmetic
 /// for integer durations (one compare on the arm/restart path). O(1).
@@ -214,8 +245,9 @@ class TimerService {
   /// cancelled, or never armed). O(1). To a later (or the same) tick it
   /// touches only the timer's own node -- a keystroke's restart costs one
   /// memory access --, and advance() moves the timer when its old deadline
-  /// comes (see Order above).
-  bool restart(TimerHandle timer, std::chrono::nanoseconds delay);
+  /// comes (see Order above). With a clock that has a cell (ManualClock)
+  /// that case is compiled inline at the call (see the end of this file).
+  inline bool restart(TimerHandle timer, std::chrono::nanoseconds delay) noexcept;
   /// As above; the delay is converted saturating (see arm()).
   template <typename Rep, typename Period>
   bool restart(TimerHandle timer, std::chrono::duration<Rep, Period> delay) {
@@ -275,8 +307,46 @@ class TimerService {
  private:
   friend struct detail::TestAccess;
   struct Impl;
+  bool restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept;
+  detail::TimerView view_;
   std::unique_ptr<Impl> impl_;
 };
+
+// restart()'s common case: a keystroke pushes its timer back. In random
+// order its cost is the one cache miss on the timer's node, and how many of
+// those misses overlap from one call to the next depends on how few
+// instructions lie between them, so with a clock that has a cell it is
+// compiled here, at the call: one read of the time, one load of the node,
+// one store. Everything else (another clock, a delay <= 0, a stale handle,
+// a timer to relink, a due one) is restartSlow(), in the library.
+inline bool TimerService::restart(TimerHandle timer,
+                                  std::chrono::nanoseconds delay) noexcept {
+  const detail::TimerView& v = view_;
+  if (v.cell != nullptr && delay.count() > 0 && timer.valid() && timer.index < v.highWater) {
+    // The tick of now + delay, rounded up; a clock behind the wheel's time
+    // counts from the wheel's time (as arm() does).
+    const SteadyTime t = *v.cell;
+    std::int64_t base = 0;
+    if (t > v.epoch)
+      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - v.epoch).count();
+    if (base < v.lastAdvanceNs) base = v.lastAdvanceNs;
+    const std::uint64_t d =
+        (static_cast<std::uint64_t>(base) + static_cast<std::uint64_t>(delay.count()) + 999999u) /
+        1000000u;
+    detail::TimerNode& n =
+        v.pages[timer.index >> detail::TimerView::kPageBits]
+               [timer.index & ((1u << detail::TimerView::kPageBits) - 1)];
+    if (n.generation == timer.generation && n.state == detail::TimerState::kWheel &&
+        d >= n.deadline()) {
+      // Lazy: the list it sits in comes up no later than its old deadline,
+      // which is no later than the new one; there the wheel places it again
+      // by its deadline. One access to the node, no list touched.
+      n.setDeadline(d);
+      return true;
+    }
+  }
+  return restartSlow(timer, delay);
+}
 
 }  // namespace roomkeeper
 
