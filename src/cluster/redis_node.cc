@@ -101,6 +101,7 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   RedisConfig cfg;
   std::shared_ptr<RedisConn> cmd, sub, hb;
   asio::steady_timer hbTimer, cmdRetry, subRetry;
+  std::mt19937_64 jitter{std::random_device{}()};  // heartbeat()'s spread
   std::chrono::milliseconds cmdBackoff{0}, subBackoff{0};
   std::string id;
   std::vector<std::string> oldIds;  // earlier ids of this node, to remove
@@ -512,10 +513,16 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
     maybeRegister();
   }
 
+  // The next beat comes 80-100 % of beat() later, at random: nodes started
+  // together (a deploy, a test) would otherwise renew, probe and look for
+  // the dead at the same instant, every beat, for as long as they run.
+  // Never later than beat(), so the lease keeps its margin.
   void heartbeat() {
     if (stopping) return;
     auto self = shared_from_this();
-    hbTimer.expires_after(beat());
+    const auto b = std::chrono::duration_cast<std::chrono::microseconds>(beat());
+    hbTimer.expires_after(b - std::chrono::microseconds(static_cast<std::int64_t>(
+                                  jitter() % static_cast<std::uint64_t>(b.count() / 5 + 1))));
     hbTimer.async_wait([this, self](boost::system::error_code e) {
       if (e || stopping) return;
       beatOnce();

@@ -29,7 +29,8 @@
 // other nodes hear only the differences.
 //
 // Leases: a fresh node id at each start; a lease (default 5 s) renewed
-// every leaseInterval/5, judged by Redis TIME. A node whose lease has
+// every 80-100 % of lease/5 (spread at random, so that nodes started
+// together do not beat together), judged by Redis TIME. A node whose lease has
 // expired is fenced: its scripts are refused, and it re-registers. Any
 // node that has held its own lease for a full lease period removes the
 // sessions, memberships, presence and typing of a dead node (an NX lock
