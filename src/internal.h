@@ -105,30 +105,48 @@ struct Entry {
   std::uint32_t pos;
 };
 
-/// A list of Entry in 16 bytes: one entry inline, more on the heap,
-/// growing to 2c + 1 entries (3, 7, 15, ...) and shrinking to (c - 1) / 2
-/// when a quarter full. Allocation goes through malloc/realloc (Entry is
-/// trivially copyable).
+/// A list of Entry in 16 bytes: up to two entries inline, more on the
+/// heap, growing to 3, then 2c + 1 entries (7, 15, 31, ...), and from
+/// kFineGrowth on by a quarter; it shrinks to (c - 1) / 2 when a quarter
+/// full, and is freed when empty. Allocation goes through malloc/realloc
+/// (Entry is trivially copyable).
+///
+/// The 16 bytes are two Entry. Inline, they are the entries themselves,
+/// packed at the front; an unused one has the slot kEmpty. On the heap, the
+/// first holds the size, tagged with kHeap, and the capacity; the second,
+/// the pointer. So an entry's slot is at most kMaxSlot, and Slab hands out
+/// no slot number above it.
 class EntryList {
  public:
-  EntryList() noexcept : size_(0), cap_(1) {}
+  static constexpr std::uint32_t kHeap = 0x80000000u;
+  static constexpr std::uint32_t kEmpty = 0x7FFFFFFFu;
+  static constexpr std::uint32_t kMaxSlot = kEmpty - 1;
+  static constexpr std::uint32_t kMaxSize = kHeap - 1;
+
+  EntryList() noexcept : e_{{kEmpty, 0}, {kEmpty, 0}} {}
   ~EntryList() { release(nullptr); }
   EntryList(const EntryList&) = delete;
   EntryList& operator=(const EntryList&) = delete;
 
-  std::uint32_t size() const noexcept { return size_; }
-  bool empty() const noexcept { return size_ == 0; }
-  Entry* data() noexcept { return cap_ == 1 ? &u_.one : u_.heap; }
-  const Entry* data() const noexcept { return cap_ == 1 ? &u_.one : u_.heap; }
+  std::uint32_t size() const noexcept {
+    const std::uint32_t w = e_[0].slot;
+    if (w & kHeap) return w & ~kHeap;
+    return (w != kEmpty ? 1u : 0u) + (e_[1].slot != kEmpty ? 1u : 0u);
+  }
+  bool empty() const noexcept { return e_[0].slot == kEmpty; }
+  Entry* data() noexcept { return onHeap() ? heap() : e_; }
+  const Entry* data() const noexcept { return onHeap() ? heap() : e_; }
   Entry& operator[](std::uint32_t i) noexcept { return data()[i]; }
   const Entry& operator[](std::uint32_t i) const noexcept { return data()[i]; }
-  Entry& back() noexcept { return data()[size_ - 1]; }
-  const Entry& back() const noexcept { return data()[size_ - 1]; }
+  Entry& back() noexcept { return data()[size() - 1]; }
+  const Entry& back() const noexcept { return data()[size() - 1]; }
 
   /// Ensures room for one more; false (nothing changed) if out of memory.
   bool reserveOneMore(std::size_t* bytes) noexcept {
-    if (size_ < cap_) return true;
-    // 1 (inline), then 3, 7, 15, ... on the heap: 2^k - 1 entries make a
+    if (!onHeap()) return e_[1].slot == kEmpty || reallocTo(3, bytes);
+    const std::uint32_t cap = e_[0].pos;
+    if ((e_[0].slot & ~kHeap) < cap) return true;
+    // 2 (inline), then 3, 7, 15, ... on the heap: 2^k - 1 entries make a
     // request of 16j - 8 bytes, which glibc's malloc serves with no slack
     // (a chunk is the request plus its 8-byte header, rounded to 16).
     // Doubling to 2^k entries would leave 8 bytes of every chunk unused and
@@ -141,59 +159,83 @@ class EntryList {
     // copies add up to about 4 entries per push, and realloc moves blocks
     // that big by remapping pages rather than copying where it can.
     std::uint32_t ncap;
-    if (cap_ < kFineGrowth) {
-      ncap = cap_ * 2 + 1;
+    if (cap < kFineGrowth) {
+      ncap = cap * 2 + 1;
     } else {
-      if (cap_ > std::numeric_limits<std::uint32_t>::max() - cap_ / 4) return false;
-      ncap = cap_ + cap_ / 4;
+      if (cap > kMaxSize - cap / 4) return false;  // the size must stay below kHeap
+      ncap = cap + cap / 4;
     }
     return reallocTo(ncap, bytes);
   }
   static constexpr std::uint32_t kFineGrowth = 4095;
-  /// Requires reserveOneMore() first.
+  /// Requires reserveOneMore() first, and e.slot <= kMaxSlot.
   std::uint32_t push(Entry e) noexcept {
-    data()[size_] = e;
-    return size_++;
+    if (onHeap()) {
+      const std::uint32_t n = e_[0].slot & ~kHeap;
+      heap()[n] = e;
+      e_[0].slot = (n + 1) | kHeap;
+      return n;
+    }
+    if (e_[0].slot == kEmpty) {
+      e_[0] = e;
+      return 0;
+    }
+    e_[1] = e;
+    return 1;
   }
   void pop(std::size_t* bytes) noexcept {
-    --size_;
-    if (cap_ > 4 && size_ <= cap_ / 4) reallocTo((cap_ - 1) / 2, bytes);
-    if (size_ == 0 && cap_ > 1) release(bytes);
+    if (!onHeap()) {
+      (e_[1].slot != kEmpty ? e_[1] : e_[0]).slot = kEmpty;
+      return;
+    }
+    const std::uint32_t n = (e_[0].slot & ~kHeap) - 1;
+    e_[0].slot = n | kHeap;
+    const std::uint32_t cap = e_[0].pos;
+    if (n == 0) {
+      release(bytes);
+    } else if (cap > 4 && n <= cap / 4) {
+      reallocTo((cap - 1) / 2, bytes);
+    }
   }
   void release(std::size_t* bytes) noexcept {
-    if (cap_ > 1) {
-      std::free(u_.heap);
-      if (bytes) *bytes -= cap_ * sizeof(Entry);
+    if (onHeap()) {
+      std::free(heap());
+      if (bytes) *bytes -= e_[0].pos * sizeof(Entry);
     }
-    cap_ = 1;
-    size_ = 0;
+    e_[0] = Entry{kEmpty, 0};
+    e_[1] = Entry{kEmpty, 0};
   }
 
  private:
+  bool onHeap() const noexcept { return (e_[0].slot & kHeap) != 0; }
+  Entry* heap() const noexcept {
+    Entry* p;
+    std::memcpy(&p, &e_[1], sizeof p);
+    return p;
+  }
   bool reallocTo(std::uint32_t ncap, std::size_t* bytes) noexcept {
     Entry* fresh;
-    if (cap_ > 1) {
+    std::uint32_t n;
+    if (onHeap()) {
+      n = e_[0].slot & ~kHeap;
       // realloc: grows in place when it can, and moves large blocks by
       // remapping pages rather than copying them.
-      fresh = static_cast<Entry*>(std::realloc(u_.heap, ncap * sizeof(Entry)));
+      fresh = static_cast<Entry*>(std::realloc(heap(), ncap * sizeof(Entry)));
       if (fresh == nullptr) return false;
-      if (bytes) *bytes -= cap_ * sizeof(Entry);
+      if (bytes) *bytes -= e_[0].pos * sizeof(Entry);
     } else {
+      n = size();
       fresh = static_cast<Entry*>(std::malloc(ncap * sizeof(Entry)));
       if (fresh == nullptr) return false;
-      if (size_ > 0) fresh[0] = u_.one;
+      std::memcpy(fresh, e_, n * sizeof(Entry));
     }
-    u_.heap = fresh;
-    cap_ = ncap;
+    e_[0] = Entry{n | kHeap, ncap};
+    static_assert(sizeof(Entry*) == sizeof(Entry), "the pointer takes one entry's place");
+    std::memcpy(&e_[1], &fresh, sizeof fresh);
     if (bytes) *bytes += ncap * sizeof(Entry);
     return true;
   }
-  std::uint32_t size_;
-  std::uint32_t cap_;
-  union U {
-    Entry one;
-    Entry* heap;
-  } u_;
+  Entry e_[2];
 };
 static_assert(sizeof(EntryList) == 16);
 
@@ -216,9 +258,11 @@ class Slab {
   const T& operator[](std::uint32_t i) const noexcept {
     return pages_[i >> kPageBits][i & (kPage - 1)];
   }
-  /// Throws std::bad_alloc with nothing changed.
+  /// Throws std::bad_alloc with nothing changed, also past
+  /// EntryList::kMaxSlot slots (an entry could not name the next one).
   std::uint32_t alloc() {
     if (freeHead_ == kNone) {
+      if (next_ > EntryList::kMaxSlot) throw std::bad_alloc();
       if (next_ == pages_.size() * kPage) addPage();
       ++live_;
       return static_cast<std::uint32_t>(next_++);

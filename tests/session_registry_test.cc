@@ -942,6 +942,73 @@ TEST_CASE("a big room's member list holds at most a quarter more slots than memb
   CHECK(reg.getMemoryStats().bytes == before);
 }
 
+// A list keeps two entries inline: a 2-member room, or a session in two
+// rooms, costs no list bytes. The third entry moves the list to the heap
+// (3 slots, then 7); it goes back inline only when it empties.
+TEST_CASE("two entries inline: a 2-member room and a 2-room session hold no list on the heap",
+          "[registry]") {
+  SessionRegistry reg;
+  SessionHandle a, b, c;
+  REQUIRE(reg.connect("a", {}, &a) == Result::kOk);
+  REQUIRE(reg.connect("b", {}, &b) == Result::kOk);
+  REQUIRE(reg.connect("c", {}, &c) == Result::kOk);
+  REQUIRE(reg.trackRoom(a, "keep") == Result::kOk);  // the room slab's page
+  {
+    // The room index grown first (it keeps its capacity when rooms go), so
+    // that only the lists move the byte count below.
+    SessionHandle d;
+    REQUIRE(reg.connect("d", {}, &d) == Result::kOk);
+    for (int i = 0; i < 16; ++i) REQUIRE(reg.trackRoom(d, "x" + std::to_string(i)) == Result::kOk);
+    REQUIRE(reg.disconnect(d) == Result::kOk);
+  }
+  const std::size_t base = reg.getMemoryStats().bytes;
+  const auto roomBytes = [&] { return reg.getMemoryStats().bytes - base; };
+
+  REQUIRE(reg.trackRoom(a, "r") == Result::kOk);  // a: 2 rooms
+  REQUIRE(reg.trackRoom(b, "r") == Result::kOk);  // r: 2 members
+  CHECK(roomBytes() == 0);
+  REQUIRE(reg.trackRoom(c, "r") == Result::kOk);  // r: 3 members, on the heap
+  CHECK(roomBytes() == 3 * 8);
+  REQUIRE(reg.trackRoom(a, "s") == Result::kOk);  // a: 3 rooms, on the heap
+  CHECK(roomBytes() == 6 * 8);
+
+  // The first member leaves: the last one moves into its place, and its
+  // mirror in c's room list follows.
+  REQUIRE(reg.untrackRoom(a, "r") == Result::kOk);
+  CHECK(reg.roomSize("r") == 2);
+  CHECK(reg.isMember("c", "r"));
+  CHECK(reg.isMember("b", "r"));
+  CHECK_FALSE(reg.isMember("a", "r"));
+  std::set<std::string> seen;
+  reg.forEachMember("r", [&](std::string_view m) { seen.emplace(m); });
+  CHECK(seen == std::set<std::string>{"b", "c"});
+  CHECK(reg.roomsOf("c") == std::vector<std::string>{"r"});
+
+  // Inline lists: the first of two entries leaves, the second moves down.
+  REQUIRE(reg.trackRoom(b, "t") == Result::kOk);
+  REQUIRE(reg.trackRoom(c, "t") == Result::kOk);
+  REQUIRE(reg.untrackRoom(b, "r") == Result::kOk);  // b's first room
+  CHECK(reg.roomsOf("b") == std::vector<std::string>{"t"});
+  REQUIRE(reg.untrackRoom(b, "t") == Result::kOk);
+  CHECK(reg.roomsOf("b").empty());
+  CHECK(reg.roomSize("t") == 1);
+  CHECK(reg.isMember("c", "t"));
+
+  REQUIRE(reg.disconnect(c) == Result::kOk);
+  CHECK_FALSE(reg.roomExists("r"));
+  CHECK_FALSE(reg.roomExists("t"));
+  CHECK(reg.roomsOf("a") == std::vector<std::string>{"keep", "s"});
+  CHECK(roomBytes() == 3 * 8);  // a's list: 2 entries in 3 heap slots
+  REQUIRE(reg.untrackRoom(a, "s") == Result::kOk);
+  CHECK(roomBytes() == 3 * 8);  // it stays on the heap until it empties
+  REQUIRE(reg.trackRoom(b, "u") == Result::kOk);
+  REQUIRE(reg.trackRoom(b, "v") == Result::kOk);
+  CHECK(roomBytes() == 3 * 8);
+  REQUIRE(reg.untrackRoom(a, "keep") == Result::kOk);  // a's list empties: freed
+  REQUIRE(reg.trackRoom(a, "keep") == Result::kOk);
+  CHECK(roomBytes() == 0);
+}
+
 TEST_CASE("maxSessionsPerUser, on connect and on bindUser", "[registry]") {
   Limits lim;
   lim.maxSessionsPerUser = 2;
