@@ -115,8 +115,8 @@ struct Entry {
 /// packed at the front; an unused one has the slot kEmpty. On the heap, the
 /// first holds the size, tagged with kHeap, and the capacity; the second,
 /// the pointer. So an entry's slot is at most kMaxSlot, and Slab hands out
-/// no slot number above it.
-class EntryList {
+/// no slot number above it. Aligned to 8, as the pointer it holds.
+class alignas(8) EntryList {
  public:
   static constexpr std::uint32_t kHeap = 0x80000000u;
   static constexpr std::uint32_t kEmpty = 0x7FFFFFFFu;
@@ -237,7 +237,7 @@ class EntryList {
   }
   Entry e_[2];
 };
-static_assert(sizeof(EntryList) == 16);
+static_assert(sizeof(EntryList) == 16 && alignof(EntryList) == 8);
 
 /// Paged slab of T: indices stay valid while the slot is live, pages never
 /// move. All pages are returned once every slot is free. The free slots

@@ -39,6 +39,7 @@ struct Indicator {
   bool anon = false;   // user is a session id (see TypingKeyView)
   bool shown = false;  // with a bus: the local members were told typingStarted
 };
+static_assert(sizeof(Indicator) == 64, "an indicator is 64 bytes");
 using IndicatorSlab = detail::Slab<Indicator, &Indicator::user>;
 
 /// The (user, thread) index: 4-byte slot numbers, names looked up in the slab.

@@ -6,6 +6,7 @@
 #include <utility>
 #include <boost/asio.hpp>
 #include <atomic>
+#include <cstdint>
 #include <mutex>
 #include <random>
 #include <set>
@@ -101,7 +102,10 @@ struct RedisNode::Impl : std::enable_shared_from_this<RedisNode::Impl> {
   RedisConfig cfg;
   std::shared_ptr<RedisConn> cmd, sub, hb;
   asio::steady_timer hbTimer, cmdRetry, subRetry;
-  std::mt19937_64 jitter{std::random_device{}()};  // heartbeat()'s spread
+  // heartbeat()'s spread: seeded from the clock and this object's address
+  // (std::random_device may throw where there is no entropy source).
+  std::mt19937_64 jitter{static_cast<std::uint64_t>(Clock::now().time_since_epoch().count()) ^
+                         reinterpret_cast<std::uintptr_t>(this)};
   std::chrono::milliseconds cmdBackoff{0}, subBackoff{0};
   std::string id;
   std::vector<std::string> oldIds;  // earlier ids of this node, to remove
