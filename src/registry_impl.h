@@ -90,8 +90,8 @@ struct SessionRegistry::Impl {
   Result linkUser(std::uint32_t s, std::string_view user, bool* newUser);
   void unlinkUser(std::uint32_t s);
   Result track(std::uint32_t s, std::string_view room);
-  /// trackRooms(): fetches what joining these rooms will touch (a hint).
-  static constexpr std::size_t kRoomPrefetch = 16;
+  /// trackRooms(): fetches what joining these rooms will touch (a hint;
+  /// at most detail::kTrackRoomsChunk rooms).
   void prefetchRooms(const std::string_view* rooms, std::size_t n) const noexcept;
   Result untrack(std::uint32_t s, std::string_view room);
   void removeMembership(std::uint32_t s, std::uint32_t pos);

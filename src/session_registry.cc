@@ -336,13 +336,14 @@ void SessionRegistry::Impl::prefetchRooms(const std::string_view* rooms,
   // any: the index's control bytes and slot numbers, then (find) the room's
   // slot with its name, then the end of its member list where the join
   // writes. Only a hint: track() then does the real work, unchanged.
-  for (std::size_t i = 0; i < n; ++i)
-    if (validId(rooms[i], limits)) roomIndex.prefetch(rooms[i]);
-  std::uint32_t found[kRoomPrefetch];
-  const std::size_t m = n < kRoomPrefetch ? n : kRoomPrefetch;
+  const std::size_t m = n < detail::kTrackRoomsChunk ? n : detail::kTrackRoomsChunk;
+  bool valid[detail::kTrackRoomsChunk];
   for (std::size_t i = 0; i < m; ++i) {
-    found[i] = validId(rooms[i], limits) ? findRoom(rooms[i]) : kNone;
+    valid[i] = validId(rooms[i], limits);
+    if (valid[i]) roomIndex.prefetch(rooms[i]);
   }
+  std::uint32_t found[detail::kTrackRoomsChunk];
+  for (std::size_t i = 0; i < m; ++i) found[i] = valid[i] ? findRoom(rooms[i]) : kNone;
   for (std::size_t i = 0; i < m; ++i) {
     if (found[i] == kNone) continue;
     const detail::EntryList& members = roomSlots[found[i]].members;

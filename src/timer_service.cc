@@ -118,23 +118,9 @@ struct TimerService::Impl {
     const std::int64_t d = delay.count();
     if (d <= 0) {
       // Due at once; never before the wheel's own time.
-      return std::min<std::uint64_t>(now, baseNs(t) / 1000000u);
+      return std::min<std::uint64_t>(now, view.baseNs(t) / 1000000u);
     }
-    return tickAfter(t, d);
-  }
-  // Nanoseconds from the epoch to t; a clock that went backwards is clamped
-  // to the latest time advanced to.
-  std::uint64_t baseNs(SteadyTime t) const noexcept {
-    std::int64_t base = 0;
-    if (t > view.epoch)
-      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - view.epoch).count();
-    if (base < view.lastAdvanceNs) base = view.lastAdvanceNs;
-    return static_cast<std::uint64_t>(base);
-  }
-  // The tick of t + d for d > 0: ceil((base + d) / 1 ms) without overflowing.
-  std::uint64_t tickAfter(SteadyTime t, std::int64_t d) const noexcept {
-    const std::uint64_t sum = baseNs(t) + static_cast<std::uint64_t>(d);
-    return (sum + 999999u) / 1000000u;
+    return view.tickAfter(t, d);
   }
   SteadyTime tickTime(std::uint64_t tick) const noexcept {
     // Saturate: a deadline past the clock's range (nanoseconds::max()) must

@@ -148,6 +148,9 @@ inline constexpr bool kKeepsNames = [] {
          std::is_same_v<std::decay_t<Ref>, const char*>;
 }();
 
+/// How many names trackRooms() takes at a time (prefetchRooms' most).
+inline constexpr std::size_t kTrackRoomsChunk = 16;
+
 /// The trackRooms() calls of SessionRegistry, Keeper and SyncKeeper (the
 /// same four in each): per chunk of up to 16 names (views on the stack),
 /// Self::prefetchRooms(names, n) starts their lookups, then
@@ -192,7 +195,7 @@ class TrackRooms {
       results->reserve(static_cast<std::size_t>(std::distance(begin(rooms), end(rooms))));
     }
     Self& self = static_cast<Self&>(*this);
-    constexpr std::size_t kChunk = 16;
+    constexpr std::size_t kChunk = kTrackRoomsChunk;
     std::string_view chunk[kChunk];
     std::size_t n = 0, joined = 0;
     auto drain = [&] {

@@ -111,6 +111,19 @@ struct TimerView {
   std::uint32_t highWater = 0;               // nodes ever handed out
   std::int64_t lastAdvanceNs = 0;            // the latest time advanced to
   SteadyTime epoch{};                        // tick 0
+
+  /// Nanoseconds from the epoch to t; a clock that went backwards is
+  /// clamped to the latest time advanced to.
+  std::uint64_t baseNs(SteadyTime t) const noexcept {
+    std::int64_t base = 0;
+    if (t > epoch) base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - epoch).count();
+    if (base < lastAdvanceNs) base = lastAdvanceNs;
+    return static_cast<std::uint64_t>(base);
+  }
+  /// The tick of t + d for d > 0: ceil((base + d) / 1 ms) without overflowing.
+  std::uint64_t tickAfter(SteadyTime t, std::int64_t d) const noexcept {
+    return (baseNs(t) + static_cast<std::uint64_t>(d) + 999999u) / 1000000u;
+  }
 };
 
 /// `d` in nanoseconds, saturated at nanoseconds::max() (and min()): a plain
@@ -325,14 +338,7 @@ inline bool TimerService::restart(TimerHandle timer,
   if (v.cell != nullptr && delay.count() > 0 && timer.valid() && timer.index < v.highWater) {
     // The tick of now + delay, rounded up; a clock behind the wheel's time
     // counts from the wheel's time (as arm() does).
-    const SteadyTime t = *v.cell;
-    std::int64_t base = 0;
-    if (t > v.epoch)
-      base = std::chrono::duration_cast<std::chrono::nanoseconds>(t - v.epoch).count();
-    if (base < v.lastAdvanceNs) base = v.lastAdvanceNs;
-    const std::uint64_t d =
-        (static_cast<std::uint64_t>(base) + static_cast<std::uint64_t>(delay.count()) + 999999u) /
-        1000000u;
+    const std::uint64_t d = v.tickAfter(*v.cell, delay.count());
     detail::TimerNode& n =
         v.pages[timer.index >> detail::TimerView::kPageBits]
                [timer.index & ((1u << detail::TimerView::kPageBits) - 1)];
