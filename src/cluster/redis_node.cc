@@ -15,6 +15,8 @@
 #include <unordered_set>
 #include <utility>
 
+#include <unistd.h>
+
 #include "fmt/format.h"
 #include "redis_conn.h"
 #include "redis_scripts.h"
@@ -29,11 +31,33 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+std::uint64_t mix64(std::uint64_t z) noexcept {  // splitmix64's finalizer
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// A node's id: 64 bits from std::random_device, mixed with both clocks, the
+// process id and a counter. std::random_device may throw where there is no
+// entropy source, and re-registering (a lease lost) calls this inside a
+// handler, where a throw would reach the host's io_context::run(): then the
+// id comes from the rest alone (two processes would need the same pid,
+// clock readings and count to collide).
 std::string freshId() {
-  std::random_device rd;
-  std::mt19937_64 g((static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
-                    static_cast<std::uint64_t>(Clock::now().time_since_epoch().count()));
-  return fmt::format("{:016x}", g());
+  static std::atomic<std::uint64_t> counter{0};
+  std::uint64_t seed =
+      mix64(static_cast<std::uint64_t>(Clock::now().time_since_epoch().count())) ^
+      mix64(static_cast<std::uint64_t>(
+                std::chrono::system_clock::now().time_since_epoch().count()) +
+            1) ^
+      mix64((static_cast<std::uint64_t>(::getpid()) << 32) ^
+            counter.fetch_add(1, std::memory_order_relaxed));
+  try {
+    std::random_device rd;
+    seed ^= (static_cast<std::uint64_t>(rd()) << 32) | rd();
+  } catch (...) {  // no entropy source: the clocks, pid and counter above
+  }
+  return fmt::format("{:016x}", mix64(seed));
 }
 
 void putField(std::string& out, std::string_view v) {
