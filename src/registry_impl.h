@@ -129,6 +129,10 @@ struct SessionRegistry::Impl {
   RoomSlab roomSlots;
   UserSlab userSlots;
   SessionIndex sessionIndex;
+  // findSession()'s first guess: the session connected last, while it is in
+  // the index (kNone once it leaves). Written only by connect() and the
+  // erases, so const lookups running at once only read it.
+  std::uint32_t newest = detail::kNone;
   RoomIndex roomIndex;
   UserIndex userIndex;
   std::size_t memberships = 0;

@@ -48,6 +48,14 @@ SessionRegistry::Impl::Impl(RegistryCallbacks c, Limits l)
 SessionRegistry::Impl::~Impl() = default;
 
 std::uint32_t SessionRegistry::Impl::findSession(std::string_view id) const {
+  // The newest session first: a connect is followed by calls naming it (its
+  // authentication, its rooms), and its slot was just written. The last
+  // byte is compared before the rest, so another id of the same length
+  // costs about nothing here.
+  if (newest != kNone) {
+    const std::string_view n = sessionSlots[newest].name.view();
+    if (n.size() == id.size() && !id.empty() && n.back() == id.back() && n == id) return newest;
+  }
   auto it = sessionIndex.find(id);
   return it == sessionIndex.end() ? kNone : *it;
 }
@@ -145,6 +153,7 @@ void SessionRegistry::Impl::pushEvent(EventKind kind, std::string_view a,
 
 void SessionRegistry::Impl::undoConnect(std::uint32_t s) noexcept {
   sessionIndex.erase(s);
+  if (newest == s) newest = kNone;
   sessionSlots[s].name.reset(&bytes);
   freeSessionSlot(s);
 }
@@ -215,6 +224,7 @@ Result SessionRegistry::Impl::connect(std::string_view session,
     SessionSlot& slot = sessionSlots[s];
     slot.name.assign(session, &bytes);
     sessionIndex.insert(s);
+    newest = s;  // (every erase from the index clears it)
   } catch (const std::bad_alloc&) {
     if (s != kNone) {
       sessionSlots[s].name.reset(&bytes);
@@ -559,6 +569,7 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
   unlinkUser(s);
   SessionSlot& slot = sessionSlots[s];
   sessionIndex.erase(s);
+  if (newest == s) newest = kNone;
   slot.name.reset(&bytes);
   slot.rooms.release(&bytes);
   // Empty unless a standalone TypingTimerManager's onDisconnect was skipped;

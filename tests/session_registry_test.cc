@@ -942,6 +942,55 @@ TEST_CASE("a big room's member list holds at most a quarter more slots than memb
   CHECK(reg.getMemoryStats().bytes == before);
 }
 
+// findSession() tries the newest session before the index (a connect is
+// followed by calls naming it). The shortcut must never answer for a
+// session that left, nor for another id that shares its length and last
+// byte, nor outlive the slot being reused.
+TEST_CASE("the newest-session shortcut: exact for ids alike, after a leave, after slot reuse",
+          "[registry]") {
+  SessionRegistry reg;
+  REQUIRE(reg.connect("x1y") == Result::kOk);
+  REQUIRE(reg.connect("x2y") == Result::kOk);  // the newest; same length, same last byte
+  REQUIRE(reg.trackRoom("x1y", "r1") == Result::kOk);
+  REQUIRE(reg.trackRoom("x2y", "r2") == Result::kOk);
+  CHECK(reg.roomsOf("x1y") == std::vector<std::string>{"r1"});
+  CHECK(reg.roomsOf("x2y") == std::vector<std::string>{"r2"});
+  CHECK_FALSE(reg.isConnected("x3y"));
+  CHECK_FALSE(reg.isConnected("x2"));
+
+  // The newest leaves: its id is not connected, whatever was cached.
+  REQUIRE(reg.disconnect("x2y") == Result::kOk);
+  CHECK_FALSE(reg.isConnected("x2y"));
+  CHECK(reg.trackRoom("x2y", "r2") == Result::kNotConnected);
+  CHECK(reg.disconnect("x2y") == Result::kNotConnected);
+  CHECK(reg.isConnected("x1y"));
+
+  // Its slot is reused by the next connect: the old id still finds nothing,
+  // the new one finds its own session.
+  SessionHandle z;
+  REQUIRE(reg.connect("zzz", {}, &z) == Result::kOk);
+  CHECK_FALSE(reg.isConnected("x2y"));
+  REQUIRE(reg.trackRoom("zzz", "r3") == Result::kOk);
+  CHECK(reg.roomsOf("zzz") == std::vector<std::string>{"r3"});
+  CHECK(reg.roomSize("r2") == 0);
+
+  // The same id connected again is a new session (a new handle).
+  REQUIRE(reg.connect("x2y") == Result::kOk);
+  CHECK(reg.roomsOf("x2y").empty());
+  CHECK(reg.connect("x2y") == Result::kAlreadyConnected);
+  CHECK(reg.connect("x1y") == Result::kAlreadyConnected);
+
+  // Everyone leaves, the slab's pages go, and a new session starts over.
+  REQUIRE(reg.disconnect("x1y") == Result::kOk);
+  REQUIRE(reg.disconnect("x2y") == Result::kOk);
+  REQUIRE(reg.disconnect(z) == Result::kOk);
+  CHECK(reg.getMemoryStats().bytes == 0);
+  CHECK_FALSE(reg.isConnected("zzz"));
+  REQUIRE(reg.connect("zzz") == Result::kOk);
+  CHECK(reg.isConnected("zzz"));
+  CHECK(reg.roomsOf("zzz").empty());
+}
+
 // A list keeps two entries inline: a 2-member room, or a session in two
 // rooms, costs no list bytes. The third entry moves the list to the heap
 // (3 slots, then 7); it goes back inline only when it empties.
