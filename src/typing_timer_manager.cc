@@ -196,31 +196,35 @@ std::size_t TypingTimerManager::Impl::emitToThread(std::uint32_t s, const Typing
   // Out of memory, some members may miss this event (counted as dropped);
   // the state change it reports has been made and stays made.
   try {
-    std::string room = opt.threadRoomPrefix;
-    room.append(key.thread.data(), key.thread.size());
+    // The thread room's members, in order, but not the typer: every
+    // session of the same user is skipped (an anonymous typer is only its
+    // own session). Collected before anything else is built, so a thread
+    // with no one else here to tell costs one room lookup and nothing more.
+    const std::uint32_t r = threadRoomSlot(key.thread);
+    if (r == detail::kNone) return 0;
+    const detail::EntryList& members = reg.roomSlots[r].members;
+    detail::FanOut told;
+    for (std::uint32_t i = 0; i < members.size(); ++i) {
+      const std::uint32_t t = members[i].slot;
+      if (t == s) continue;
+      const SessionSlot& ts = reg.sessionSlots[t];
+      if (!key.anon && ts.user != detail::kNone &&
+          reg.userSlots[ts.user].name.view() == key.user)
+        continue;
+      told.add(ts.name.view());
+    }
+    const std::size_t n = told.size();
+    if (n == 0) return 0;
+    // One queued event for every member (the payload once, the names in
+    // one buffer).
     std::string payload = "{\"threadId\":";
     appendJsonString(payload, key.thread);
     payload += ",\"userId\":";
     appendJsonString(payload, key.user);
     payload += "}";
-    BroadcastTargets targets;
-    targets.rooms.push_back(room);
-    if (s != detail::kNone) targets.sender = reg.sessionSlots[s].name.view();
-    // Not to the typer: skip every session of the same user (an anonymous
-    // typer is only its own session, the sender). One queued event for
-    // every member (the payload once, the names in one buffer).
-    auto f = std::make_shared<detail::FanOut>();
+    auto f = std::make_shared<detail::FanOut>(std::move(told));
     f->event = event;
     f->payload = std::move(payload);
-    const bool anon = key.anon;
-    reg.forEachTargetSlot(targets, [&](std::uint32_t t) {
-      const SessionSlot& ts = reg.sessionSlots[t];
-      if (!anon && ts.user != detail::kNone && reg.userSlots[ts.user].name.view() == key.user)
-        return;
-      f->add(ts.name.view());
-    });
-    const std::size_t n = f->size();
-    if (n == 0) return 0;
     const bool queued = reg.events.tryPush([&](detail::Event& ev) {
       ev.kind = static_cast<std::uint8_t>(EventKind::kCustom);
       ev.fn = [this, f = std::move(f)]() {
