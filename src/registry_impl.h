@@ -74,7 +74,15 @@ struct SessionRegistry::Impl {
   std::uint32_t findSession(std::string_view id) const;
   std::uint32_t findRoom(std::string_view id) const;
   std::uint32_t findUser(std::string_view id) const;
-  std::uint32_t fromHandle(SessionHandle h) const;
+  /// The handle's slot, or kNone if it is stale. Inline: every call by
+  /// handle starts here.
+  std::uint32_t fromHandle(SessionHandle h) const {
+    if (!h.valid() || h.index >= sessionSlots.highWater()) return detail::kNone;
+    const SessionSlot& s = sessionSlots[h.index];
+    // A free slot keeps its last generation (so the next one is higher).
+    if (s.state == SessionState::kFree || s.generation != h.generation) return detail::kNone;
+    return h.index;
+  }
   bool isMember(std::uint32_t s, std::uint32_t r) const;
 
   Result connect(std::string_view session, std::string_view user,
@@ -115,7 +123,10 @@ struct SessionRegistry::Impl {
   /// Marks a session slot free (its name and lists already released).
   void freeSessionSlot(std::uint32_t s) noexcept;
   void deliver(detail::Event& ev) noexcept;
-  void flush() noexcept;
+  /// Delivers the queued events (inline: most calls queue none).
+  void flush() noexcept {
+    if (!events.empty()) events.drain([this](detail::Event& ev) { deliver(ev); });
+  }
   /// Counts and logs the exception being handled; call inside catch. The
   /// count is taken under `mu` (SyncKeeper's lock) when there is one: a
   /// queued closure calls this after that lock was released.

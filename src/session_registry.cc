@@ -68,14 +68,6 @@ std::uint32_t SessionRegistry::Impl::findUser(std::string_view id) const {
   return it == userIndex.end() ? kNone : *it;
 }
 
-std::uint32_t SessionRegistry::Impl::fromHandle(SessionHandle h) const {
-  if (!h.valid() || h.index >= sessionSlots.highWater()) return kNone;
-  const SessionSlot& s = sessionSlots[h.index];
-  // A free slot keeps its last generation (so the next one is higher).
-  if (s.state == SessionState::kFree || s.generation != h.generation) return kNone;
-  return h.index;
-}
-
 void SessionRegistry::Impl::reportError(std::string_view where) noexcept {
   {
     detail::MaybeLock g(mu);
@@ -136,10 +128,6 @@ void SessionRegistry::Impl::deliver(Event& ev) noexcept {
                     ? std::string_view("host")
                     : std::string_view("observer"));
   }
-}
-
-void SessionRegistry::Impl::flush() noexcept {
-  events.drain([this](Event& ev) { deliver(ev); });
 }
 
 void SessionRegistry::Impl::pushEvent(EventKind kind, std::string_view a,
