@@ -945,7 +945,10 @@ TEST_CASE("a big room's member list holds at most a quarter more slots than memb
 // findSession() tries the newest session before the index (a connect is
 // followed by calls naming it). The shortcut must never answer for a
 // session that left, nor for another id that shares its length and last
-// byte, nor outlive the slot being reused.
+// byte, nor outlive the slot being reused. A freed slot's name reads
+// empty, so a shortcut left set after its session left shows only once
+// the slab's pages are gone: the last lookup below then reads a released
+// page (a crash, or an ASan report in .ci/run's sanitizer stage).
 TEST_CASE("the newest-session shortcut: exact for ids alike, after a leave, after slot reuse",
           "[registry]") {
   SessionRegistry reg;
