@@ -120,6 +120,12 @@ struct SessionRegistry::Impl {
   /// have what must go with it: a deadline, a user link). Silent: nothing
   /// had been told.
   void undoConnect(std::uint32_t s) noexcept;
+  /// Takes session `s` out of the index (its name still set), and out of
+  /// findSession()'s first guess: the one way a session leaves the index.
+  void eraseSession(std::uint32_t s) noexcept {
+    sessionIndex.erase(s);
+    if (newest == s) newest = detail::kNone;
+  }
   /// Marks a session slot free (its name and lists already released).
   void freeSessionSlot(std::uint32_t s) noexcept;
   void deliver(detail::Event& ev) noexcept;
@@ -141,8 +147,8 @@ struct SessionRegistry::Impl {
   UserSlab userSlots;
   SessionIndex sessionIndex;
   // findSession()'s first guess: the session connected last, while it is in
-  // the index (kNone once it leaves). Written only by connect() and the
-  // erases, so const lookups running at once only read it.
+  // the index (kNone once it leaves). Written only by connect() and
+  // eraseSession(), so const lookups running at once only read it.
   std::uint32_t newest = detail::kNone;
   RoomIndex roomIndex;
   UserIndex userIndex;

@@ -140,8 +140,7 @@ void SessionRegistry::Impl::pushEvent(EventKind kind, std::string_view a,
 }
 
 void SessionRegistry::Impl::undoConnect(std::uint32_t s) noexcept {
-  sessionIndex.erase(s);
-  if (newest == s) newest = kNone;
+  eraseSession(s);
   sessionSlots[s].name.reset(&bytes);
   freeSessionSlot(s);
 }
@@ -212,7 +211,7 @@ Result SessionRegistry::Impl::connect(std::string_view session,
     SessionSlot& slot = sessionSlots[s];
     slot.name.assign(session, &bytes);
     sessionIndex.insert(s);
-    newest = s;  // (every erase from the index clears it)
+    newest = s;  // (eraseSession() clears it)
   } catch (const std::bad_alloc&) {
     if (s != kNone) {
       sessionSlots[s].name.reset(&bytes);
@@ -556,8 +555,7 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
   clearRooms(s);
   unlinkUser(s);
   SessionSlot& slot = sessionSlots[s];
-  sessionIndex.erase(s);
-  if (newest == s) newest = kNone;
+  eraseSession(s);
   slot.name.reset(&bytes);
   slot.rooms.release(&bytes);
   // Empty unless a standalone TypingTimerManager's onDisconnect was skipped;
