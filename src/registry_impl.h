@@ -27,10 +27,12 @@ enum class EventKind : std::uint8_t {
   kCustom,  // Event::fn
 };
 
-struct SessionSlot {  // 64 bytes
+// 48 bytes. A session's typing indicators are not here: the
+// TypingTimerManager keeps them beside the slot (typing_impl.h), so a
+// registry used without typing does not carry them.
+struct SessionSlot {
   detail::Name name;
   detail::EntryList rooms;  // {room slot, position in room's members}
-  detail::EntryList typing;  // {typing indicator, 1 if started anonymous}: TypingTimerManager's
   std::uint32_t user = detail::kNone;
   std::uint32_t generation = 0;  // the last one issued (kept while free)
   std::uint32_t mark = 0;        // broadcast de-duplication stamp
@@ -41,7 +43,7 @@ struct SessionSlot {  // 64 bytes
   SessionSlot() noexcept : userPos(0), state(SessionState::kFree) {}
 };
 inline constexpr std::size_t kMaxUserSessions = (std::size_t{1} << 24) - 1;
-static_assert(sizeof(SessionSlot) == 64, "a session slot is one cache line");
+static_assert(sizeof(SessionSlot) == 48, "a session slot is 48 bytes");
 struct RoomSlot {
   detail::Name name;
   detail::EntryList members;  // {session slot, position in session's rooms}

@@ -148,7 +148,7 @@ void SessionRegistry::Impl::undoConnect(std::uint32_t s) noexcept {
 void SessionRegistry::Impl::freeSessionSlot(std::uint32_t s) noexcept {
   SessionSlot& slot = sessionSlots[s];
   slot.state = SessionState::kFree;  // the generation stays: stale stays stale
-  // A slot at the last generation is never reused (retired: 64 bytes after
+  // A slot at the last generation is never reused (retired: 48 bytes after
   // 2^32 - 1 sessions in it). Past half the range one slot is retired as a
   // pin, so the pages (and every slot's generation) are kept from then on
   // and the floor below never nears the maximum.
@@ -558,9 +558,6 @@ void SessionRegistry::Impl::finishDisconnect(std::uint32_t s) {
   eraseSession(s);
   slot.name.reset(&bytes);
   slot.rooms.release(&bytes);
-  // Empty unless a standalone TypingTimerManager's onDisconnect was skipped;
-  // that list's bytes belong to the manager, which then never sees it again.
-  slot.typing.release(nullptr);
   freeSessionSlot(s);
   if (userIndex.empty() && userIndex.capacity() > 0) {
     UserIndex fresh(0, UserHash{&userSlots}, UserEq{&userSlots},

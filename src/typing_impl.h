@@ -42,6 +42,19 @@ struct Indicator {
 static_assert(sizeof(Indicator) == 64, "an indicator is 64 bytes");
 using IndicatorSlab = detail::Slab<Indicator, &Indicator::user>;
 
+/// A session's typing indicators, {indicator, 1 if started while the
+/// session was anonymous}, kept beside the registry's session slot (by slot
+/// number, in pages of kTypingListPage made when a session of the page first
+/// types). `generation` is the session's, of that slot: a list whose
+/// generation is not the slot's current one is an earlier session's, which
+/// the slot's session does not see.
+struct TypingList {
+  detail::EntryList list;
+  std::uint32_t generation = 0;
+};
+inline constexpr std::uint32_t kTypingListPageBits = 10;
+inline constexpr std::uint32_t kTypingListPage = 1u << kTypingListPageBits;
+
 /// The (user, thread) index: 4-byte slot numbers, names looked up in the slab.
 struct IndicatorHash {
   using is_transparent = void;
@@ -109,6 +122,21 @@ struct TypingTimerManager::Impl {
   std::size_t forgetShown(std::string_view user) noexcept;
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
   void undoStart(std::uint32_t idx) noexcept;
+  /// Session slot s's typing list, or nullptr when its session has none
+  /// (it never typed, or its page went while nobody typed). Inline: the
+  /// keystroke path starts here.
+  detail::EntryList* listOf(std::uint32_t s) noexcept {
+    const std::uint32_t p = s >> kTypingListPageBits;
+    if (p >= lists.size() || !lists[p]) return nullptr;
+    TypingList& t = lists[p][s & (kTypingListPage - 1)];
+    return t.generation == reg.sessionSlots[s].generation ? &t.list : nullptr;
+  }
+  /// Session slot s's typing list, made if need be: its page, and an
+  /// earlier session's list in the slot released. nullptr: out of memory.
+  detail::EntryList* makeList(std::uint32_t s) noexcept;
+  /// Once no session types (sessionsTyping is 0), every list page goes, so
+  /// that bytes return to where they started.
+  void releaseListsIfIdle() noexcept;
   void scheduleDrain(std::uint64_t upTo) noexcept;
   /// Arms the retry timer unless it is armed (out of memory: does nothing).
   void ensureRetry(Millis delay) noexcept;
@@ -127,6 +155,7 @@ struct TypingTimerManager::Impl {
   IndicatorSlab entries;
   IndicatorIndex index;
   std::size_t sessionsTyping = 0;  // sessions with a non-empty typing list
+  std::vector<std::unique_ptr<TypingList[]>> lists;  // by session slot; null: not made
   TimerHandlerId expireHandler = 0;
   TimerHandlerId retryHandler = 0;
   // Persistence.

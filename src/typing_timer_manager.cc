@@ -107,14 +107,7 @@ TypingTimerManager::Impl::~Impl() {
   for (std::uint32_t i = 0; i < entries.highWater(); ++i) {
     Indicator& e = entries[i];
     if (!e.live) continue;
-    timers.cancel(e.timer);
-    // Leave the registry's sessions without a dangling typing list.
-    for (std::uint32_t k = 0; k < e.sessions.size(); ++k) {
-      const std::uint32_t sl = e.sessions[k].slot;
-      if (sl < reg.sessionSlots.highWater() &&
-          reg.sessionSlots[sl].generation == e.sessions[k].pos)
-        reg.sessionSlots[sl].typing.release(nullptr);
-    }
+    timers.cancel(e.timer);  // the sessions' typing lists go with `lists`
   }
   timers.cancel(retryTimer);
   // A shared TimerService gets its two handler slots back.
@@ -516,17 +509,58 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
 // session is still the one (generation `gen`) that typed in it.
 void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint32_t sl,
                                              std::uint32_t gen) {
-  if (sl >= reg.sessionSlots.highWater()) return;
-  SessionSlot& ss = reg.sessionSlots[sl];
-  if (ss.generation != gen) return;
-  detail::EntryList& list = ss.typing;
-  for (std::uint32_t i = 0; i < list.size(); ++i) {
-    if (list[i].slot != idx) continue;
-    list[i] = list.back();
-    list.pop(&bytes);
-    if (list.empty()) --sessionsTyping;
+  if (sl >= reg.sessionSlots.highWater() || reg.sessionSlots[sl].generation != gen) return;
+  detail::EntryList* list = listOf(sl);
+  if (list == nullptr) return;
+  for (std::uint32_t i = 0; i < list->size(); ++i) {
+    if ((*list)[i].slot != idx) continue;
+    (*list)[i] = list->back();
+    list->pop(&bytes);
+    if (list->empty()) {
+      --sessionsTyping;
+      releaseListsIfIdle();
+    }
     return;
   }
+}
+
+detail::EntryList* TypingTimerManager::Impl::makeList(std::uint32_t s) noexcept {
+  const std::uint32_t p = s >> kTypingListPageBits;
+  try {
+    if (p >= lists.size()) {
+      const std::size_t before = lists.capacity();
+      lists.resize(p + 1);  // unchanged if it throws
+      bytes += (lists.capacity() - before) * sizeof(void*);
+    }
+    if (!lists[p]) {
+      lists[p].reset(new TypingList[kTypingListPage]);
+      bytes += kTypingListPage * sizeof(TypingList);
+    }
+  } catch (...) {
+    return nullptr;
+  }
+  TypingList& t = lists[p][s & (kTypingListPage - 1)];
+  const std::uint32_t gen = reg.sessionSlots[s].generation;
+  if (t.generation != gen) {
+    // An earlier session of this slot, whose onDisconnect was skipped
+    // (standalone use): its list goes now. Its indicators still name that
+    // session by generation, and unlinkSession() passes it by.
+    if (!t.list.empty()) {
+      t.list.release(&bytes);
+      --sessionsTyping;
+    }
+    t.generation = gen;
+  }
+  return &t.list;
+}
+
+void TypingTimerManager::Impl::releaseListsIfIdle() noexcept {
+  if (sessionsTyping != 0 || lists.capacity() == 0) return;
+  // Every list is empty: each non-empty one is counted in sessionsTyping.
+  for (const auto& page : lists)
+    if (page) bytes -= kTypingListPage * sizeof(TypingList);
+  bytes -= lists.capacity() * sizeof(void*);
+  std::vector<std::unique_ptr<TypingList[]>>().swap(lists);
 }
 
 void TypingTimerManager::Impl::end(std::uint32_t idx, std::uint32_t typer) {
@@ -590,8 +624,10 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
   // entry's `pos` is 1 if the indicator was started while the session was
   // anonymous: it is the session's own only while the session still is
   // (standalone use can bind a user later; a bound user never changes).
-  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
-    const detail::Entry mine = ss.typing[i];
+  const detail::EntryList* own = listOf(s);
+  const std::uint32_t ownCount = own != nullptr ? own->size() : 0;
+  for (std::uint32_t i = 0; i < ownCount; ++i) {
+    const detail::Entry mine = (*own)[i];
     if (mine.pos != 0 && ss.user != detail::kNone) continue;
     Indicator& e = entries[mine.slot];
     if (e.thread.view() == thread) {
@@ -599,7 +635,7 @@ Result TypingTimerManager::Impl::startSlot(std::uint32_t s, std::string_view thr
       return Result::kAlreadyDone;
     }
   }
-  const bool full = ss.typing.size() >= opt.maxTypingPerSession;
+  const bool full = ownCount >= opt.maxTypingPerSession;
   if (opt.requireMembership) {
     bool member = false;
     try {
@@ -660,11 +696,15 @@ void TypingTimerManager::Impl::undoStart(std::uint32_t idx) noexcept {
 }
 
 bool TypingTimerManager::Impl::addSession(std::uint32_t idx, std::uint32_t s) {
-  SessionSlot& ss = reg.sessionSlots[s];
+  const SessionSlot& ss = reg.sessionSlots[s];
   Indicator& e = entries[idx];
-  if (!ss.typing.reserveOneMore(&bytes) || !e.sessions.reserveOneMore(&bytes)) return false;
-  if (ss.typing.empty()) ++sessionsTyping;
-  ss.typing.push(detail::Entry{idx, ss.user == detail::kNone ? 1u : 0u});
+  detail::EntryList* list = makeList(s);
+  if (list == nullptr || !list->reserveOneMore(&bytes) || !e.sessions.reserveOneMore(&bytes)) {
+    releaseListsIfIdle();  // a page just made for nobody goes again
+    return false;
+  }
+  if (list->empty()) ++sessionsTyping;
+  list->push(detail::Entry{idx, ss.user == detail::kNone ? 1u : 0u});
   e.sessions.push(detail::Entry{s, ss.generation});
   return true;
 }
@@ -679,8 +719,9 @@ Result TypingTimerManager::Impl::stopSlot(std::uint32_t s, std::string_view thre
   if (thread.empty() || thread.size() > reg.limits.maxIdLength) return Result::kInvalidId;
   // The session's own indicators first (covers one started before bindUser).
   const SessionSlot& ss = reg.sessionSlots[s];
-  for (std::uint32_t i = 0; i < ss.typing.size(); ++i) {
-    const std::uint32_t idx = ss.typing[i].slot;
+  const detail::EntryList* own = listOf(s);
+  for (std::uint32_t i = 0; own != nullptr && i < own->size(); ++i) {
+    const std::uint32_t idx = (*own)[i].slot;
     if (entries[idx].thread.view() == thread) {
       end(idx, s);
       return Result::kOk;
@@ -696,15 +737,16 @@ Result TypingTimerManager::Impl::stopSlot(std::uint32_t s, std::string_view thre
 }
 
 std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
-  SessionSlot& ss = reg.sessionSlots[s];
-  if (ss.typing.empty()) return 0;
-  const std::uint32_t gen = ss.generation;
+  detail::EntryList* list = listOf(s);
+  if (list == nullptr || list->empty()) return 0;
+  const std::uint32_t gen = reg.sessionSlots[s].generation;
   // No allocation here (it runs inside disconnect). In the order the
   // session started them; end() never touches this session's own list
   // (its entry has left the indicator first), which is released after.
+  // The list pages stay meanwhile: this session still counts as typing.
   std::size_t n = 0;
-  for (std::uint32_t i = 0; i < reg.sessionSlots[s].typing.size(); ++i) {
-    const std::uint32_t idx = reg.sessionSlots[s].typing[i].slot;
+  for (std::uint32_t i = 0; i < list->size(); ++i) {
+    const std::uint32_t idx = (*list)[i].slot;
     ++n;
     Indicator& e = entries[idx];
     for (std::uint32_t k = 0; k < e.sessions.size(); ++k) {
@@ -716,8 +758,9 @@ std::size_t TypingTimerManager::Impl::clearSession(std::uint32_t s) {
     }
     if (e.sessions.empty()) end(idx, s);
   }
-  reg.sessionSlots[s].typing.release(&bytes);
+  list->release(&bytes);
   --sessionsTyping;
+  releaseListsIfIdle();
   return n;
 }
 

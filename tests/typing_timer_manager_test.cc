@@ -600,14 +600,21 @@ TEST_CASE("standalone: clearAll ends every indicator", "[typing]") {
   CHECK(rig.typing.clearAll() == 0);
 }
 
-TEST_CASE("standalone: typing started anonymously still stops after bindUser",
-          "[typing]") {
+// A bare manager on its own registry and timers, no membership required.
+struct BareTyping {
+  static roomkeeper::TypingOptions options() {
+    roomkeeper::TypingOptions o;
+    o.requireMembership = false;
+    return o;
+  }
   roomkeeper::ManualClock clock;
   roomkeeper::SessionRegistry reg;
-  roomkeeper::TimerService timers(&clock);
-  roomkeeper::TypingOptions o;
-  o.requireMembership = false;
-  roomkeeper::TypingTimerManager typing(reg, timers, {}, o);
+  roomkeeper::TimerService timers{&clock};
+  roomkeeper::TypingTimerManager typing{reg, timers, {}, options()};
+};
+
+TEST_CASE_METHOD(BareTyping, "standalone: typing started anonymously still stops after bindUser",
+                 "[typing]") {
   REQUIRE(reg.connect("s1") == roomkeeper::Result::kOk);
   REQUIRE(typing.startTyping("s1", "T") == roomkeeper::Result::kOk);
   REQUIRE(reg.bindUser("s1", "u1") == roomkeeper::Result::kOk);
@@ -624,4 +631,45 @@ TEST_CASE("standalone: typing started anonymously still stops after bindUser",
   CHECK(reg.disconnect("s1") == roomkeeper::Result::kOk);
   CHECK(typing.stats().indicators == 0);
   CHECK(typing.stats().sessionsTyping == 0);
+}
+
+// The manager keeps each session's typing list beside the registry's slot,
+// by slot and session generation. A host that skips onDisconnect (a misuse)
+// leaves a list behind in that slot; the slot's next session must not see
+// it, and it must not be counted twice nor keep its bytes once it is gone.
+TEST_CASE_METHOD(BareTyping,
+                 "standalone: a skipped onDisconnect leaves nothing to the slot's next session",
+                 "[typing]") {
+  const std::size_t emptyBytes = typing.stats().bytes;
+
+  roomkeeper::SessionHandle h1, h2;
+  REQUIRE(reg.connect("s1", {}, &h1) == Result::kOk);
+  REQUIRE(typing.startTyping("s1", "T") == Result::kOk);
+  REQUIRE(typing.startTyping("s1", "U") == Result::kOk);
+  CHECK(typing.stats().sessionsTyping == 1);
+  CHECK(typing.stats().bytes > emptyBytes);
+  REQUIRE(reg.disconnect("s1") == Result::kOk);  // typing.onDisconnect skipped
+
+  REQUIRE(reg.connect("s2", {}, &h2) == Result::kOk);
+  REQUIRE(h2.index == h1.index);  // the same slot, a later session
+  // s2 has no indicator of its own: s1's list is not s2's.
+  CHECK(typing.stopTyping("s2", "T") == Result::kAlreadyDone);
+  CHECK(typing.clearTypingTimers("s2") == 0);
+  CHECK(typing.stats().indicators == 2);  // s1's run on until they expire
+  // s2 types: its own list replaces s1's, and one session is typing.
+  CHECK(typing.startTyping("s2", "T") == Result::kOk);
+  CHECK(typing.stats().indicators == 3);
+  CHECK(typing.stats().sessionsTyping == 1);
+  CHECK(typing.stopTyping("s2", "U") == Result::kAlreadyDone);  // s1's, not s2's
+
+  // Every indicator expires; s1's find their session gone and touch nothing.
+  clock.advanceBy(std::chrono::seconds(5));
+  timers.advance(clock.now());
+  const TypingStats st = typing.stats();
+  CHECK(st.indicators == 0);
+  CHECK(st.sessionsTyping == 0);
+  CHECK(st.bytes == emptyBytes);  // the list pages went with the last typer
+  typing.onDisconnect("s2");
+  CHECK(reg.disconnect("s2") == Result::kOk);
+  CHECK(typing.stats().bytes == emptyBytes);
 }
