@@ -79,6 +79,7 @@ Keeper::Impl::Impl(KeeperCallbacks c, KeeperOptions o)
   if (opt.statsLogInterval.count() > 0)
     statsTimer = timers.arm(opt.statsLogInterval, statsHandler, 0);
   typing.impl_->bus = opt.bus;
+  typing.impl_->holdLists = true;
 }
 
 Keeper::Impl::~Impl() = default;
@@ -165,6 +166,7 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
     if (limiter.any()) limiter.abandon(p);
     return r;
   }
+  (void)typing.impl_->makeList(h.index);  // out of memory: made at the first keystroke
   if (opt.authTimeout.count() > 0) {
     // A session without its deadline would never time out: if the timer
     // (a new timer page) or its table entry cannot be had, the connect is
@@ -176,6 +178,7 @@ Result Keeper::Impl::connect(std::string_view session, std::string_view address,
     } catch (...) {
       timers.cancel(t);
       reg.undoConnect(h.index);
+      if (reg.sessionIndex.empty()) typing.impl_->releaseLists();
       if (limiter.any()) limiter.abandon(p);
       return Result::kOutOfMemory;
     }
@@ -200,6 +203,7 @@ Result Keeper::Impl::connectAuthenticated(std::string_view session, std::string_
     if (limiter.any()) limiter.abandon(p);
     return r;
   }
+  (void)typing.impl_->makeList(h.index);  // out of memory: made at the first keystroke
   if (limiter.any()) limiter.commitConnect(h.index, p);
   if (out) *out = h;
   ++authenticatedSessions;
@@ -320,6 +324,7 @@ void Keeper::Impl::runDisconnect(std::uint32_t s) {
   // The last session gone and no timer left: the timer pages go too, so
   // that bytes return to where they started (no-op inside advance()).
   if (reg.sessionIndex.empty() && timers.size() == 0) timers.shrinkToFit();
+  if (reg.sessionIndex.empty()) typing.impl_->releaseLists();
 }
 
 void Keeper::Impl::releaseConnTimersIfEmpty() {
@@ -706,6 +711,7 @@ ShutdownReport Keeper::shutdown() {
   impl_->typing.impl_->discardPersistence();  // reported; every count is 0
   rep.timersCancelled += impl_->timers.cancelAll();
   impl_->timers.shrinkToFit();
+  impl_->typing.impl_->releaseLists();
   return rep;
 }
 bool Keeper::isShutDown() const noexcept { return impl_->shut; }

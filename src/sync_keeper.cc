@@ -353,6 +353,7 @@ ShutdownReport SyncKeeper::shutdown() {
   impl_->run([&] {
     k.timers.cancelAll();
     k.timers.shrinkToFit();  // bytes back to where they started
+    k.typing.impl_->releaseLists();
   });
   return rep;
 }

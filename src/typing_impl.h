@@ -135,8 +135,12 @@ struct TypingTimerManager::Impl {
   /// earlier session's list in the slot released. nullptr: out of memory.
   detail::EntryList* makeList(std::uint32_t s) noexcept;
   /// Once no session types (sessionsTyping is 0), every list page goes, so
-  /// that bytes return to where they started.
-  void releaseListsIfIdle() noexcept;
+  /// that bytes return to where they started; unless holdLists.
+  void releaseListsIfIdle() noexcept {
+    if (!holdLists) releaseLists();
+  }
+  /// Every list page goes, if no session types (every list is empty).
+  void releaseLists() noexcept;
   void scheduleDrain(std::uint64_t upTo) noexcept;
   /// Arms the retry timer unless it is armed (out of memory: does nothing).
   void ensureRetry(Millis delay) noexcept;
@@ -156,6 +160,10 @@ struct TypingTimerManager::Impl {
   IndicatorIndex index;
   std::size_t sessionsTyping = 0;  // sessions with a non-empty typing list
   std::vector<std::unique_ptr<TypingList[]>> lists;  // by session slot; null: not made
+  // Under a Keeper: each session's list is made at connect (so a first
+  // keystroke writes no fresh page) and the pages go with the last session
+  // (Keeper::finishDisconnect), not each time nobody types.
+  bool holdLists = false;
   TimerHandlerId expireHandler = 0;
   TimerHandlerId retryHandler = 0;
   // Persistence.

@@ -554,7 +554,7 @@ detail::EntryList* TypingTimerManager::Impl::makeList(std::uint32_t s) noexcept 
   return &t.list;
 }
 
-void TypingTimerManager::Impl::releaseListsIfIdle() noexcept {
+void TypingTimerManager::Impl::releaseLists() noexcept {
   if (sessionsTyping != 0 || lists.capacity() == 0) return;
   // Every list is empty: each non-empty one is counted in sessionsTyping.
   for (const auto& page : lists)
