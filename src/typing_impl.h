@@ -44,8 +44,8 @@ using IndicatorSlab = detail::Slab<Indicator, &Indicator::user>;
 
 /// A session's typing indicators, {indicator, 1 if started while the
 /// session was anonymous}, kept beside the registry's session slot (by slot
-/// number, in pages of kTypingListPage made when a session of the page first
-/// types). `generation` is the session's, of that slot: a list whose
+/// number, in pages of kTypingListPage; when pages are made and go: see
+/// holdLists). `generation` is the session's, of that slot: a list whose
 /// generation is not the slot's current one is an earlier session's, which
 /// the slot's session does not see.
 struct TypingList {
@@ -123,7 +123,8 @@ struct TypingTimerManager::Impl {
   void persist(PersistOp op, std::string_view user, std::string_view thread) noexcept;
   void undoStart(std::uint32_t idx) noexcept;
   /// Session slot s's typing list, or nullptr when its session has none
-  /// (it never typed, or its page went while nobody typed). Inline: the
+  /// (it never typed, or its page went while nobody typed). `s` must be a
+  /// live session's slot (it reads the registry's slot). Inline: the
   /// keystroke path starts here.
   detail::EntryList* listOf(std::uint32_t s) noexcept {
     const std::uint32_t p = s >> kTypingListPageBits;
@@ -160,9 +161,11 @@ struct TypingTimerManager::Impl {
   IndicatorIndex index;
   std::size_t sessionsTyping = 0;  // sessions with a non-empty typing list
   std::vector<std::unique_ptr<TypingList[]>> lists;  // by session slot; null: not made
-  // Under a Keeper: each session's list is made at connect (so a first
-  // keystroke writes no fresh page) and the pages go with the last session
-  // (Keeper::finishDisconnect), not each time nobody types.
+  // Standalone (false): a session's list is made at its first keystroke
+  // and the pages go each time nobody types. Under a Keeper (true): the
+  // list is made at connect (so a first keystroke writes no fresh page) and
+  // the pages go with the last session (Keeper::Impl::runDisconnect), at
+  // shutdown, or after a connect taken back when no session is left.
   bool holdLists = false;
   TimerHandlerId expireHandler = 0;
   TimerHandlerId retryHandler = 0;

@@ -505,13 +505,18 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
   }
 }
 
-// Removes indicator `idx` from session slot `sl`'s typing list, if that
-// session is still the one (generation `gen`) that typed in it.
+// Removes indicator `idx` from the typing list of session `gen` of slot
+// `sl`, if that list is still there. The list's own generation decides,
+// not the registry's slot: a list left by a session whose onDisconnect was
+// skipped is emptied here as its indicators end, whether or not the slot
+// has a session now.
 void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint32_t sl,
                                              std::uint32_t gen) {
-  if (sl >= reg.sessionSlots.highWater() || reg.sessionSlots[sl].generation != gen) return;
-  detail::EntryList* list = listOf(sl);
-  if (list == nullptr) return;
+  const std::uint32_t p = sl >> kTypingListPageBits;
+  if (p >= lists.size() || !lists[p]) return;
+  TypingList& t = lists[p][sl & (kTypingListPage - 1)];
+  if (t.generation != gen) return;
+  detail::EntryList* list = &t.list;
   for (std::uint32_t i = 0; i < list->size(); ++i) {
     if ((*list)[i].slot != idx) continue;
     (*list)[i] = list->back();

@@ -673,3 +673,32 @@ TEST_CASE_METHOD(BareTyping,
   CHECK(reg.disconnect("s2") == Result::kOk);
   CHECK(typing.stats().bytes == emptyBytes);
 }
+
+// The same misuse when no later session types: the left list empties as
+// its indicators end, whether the slot is free (its pages gone with the
+// last session) or held by a session that never types.
+TEST_CASE_METHOD(BareTyping,
+                 "standalone: a list left by a skipped onDisconnect empties as its indicators end",
+                 "[typing]") {
+  const std::size_t emptyBytes = typing.stats().bytes;
+  SECTION("the slot stays free") {
+    REQUIRE(reg.connect("s1") == Result::kOk);
+    REQUIRE(typing.startTyping("s1", "T") == Result::kOk);
+    REQUIRE(reg.disconnect("s1") == Result::kOk);  // typing.onDisconnect skipped
+  }
+  SECTION("the slot's next session never types") {
+    roomkeeper::SessionHandle h1, h2;
+    REQUIRE(reg.connect("s1", {}, &h1) == Result::kOk);
+    REQUIRE(typing.startTyping("s1", "T") == Result::kOk);
+    REQUIRE(reg.disconnect("s1") == Result::kOk);  // typing.onDisconnect skipped
+    REQUIRE(reg.connect("s2", {}, &h2) == Result::kOk);
+    REQUIRE(h2.index == h1.index);
+  }
+  CHECK(typing.stats().sessionsTyping == 1);
+  clock.advanceBy(std::chrono::seconds(5));
+  timers.advance(clock.now());
+  const TypingStats st = typing.stats();
+  CHECK(st.indicators == 0);
+  CHECK(st.sessionsTyping == 0);
+  CHECK(st.bytes == emptyBytes);
+}
