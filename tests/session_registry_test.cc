@@ -782,6 +782,19 @@ TEST_CASE("maxRoomsPerSession", "[registry]") {
 // trackRooms must be one trackRoom per room, only faster: the same
 // results, the same events in the same order, the same state, on two twin
 // registries, whatever the list holds and whatever canJoin does meanwhile.
+// Two registries that were made the same calls: every count equal, and the
+// bytes too, except in builds without NDEBUG (the sanitizer builds), where
+// Abseil's tables insert at the front or the back of a probe group at
+// random, so the same inserts and erases can leave two tables with
+// different tombstones and grow them at different times.
+void checkSameStats(const RegistryStats& a, const RegistryStats& b) {
+  RegistryStats x = a, y = b;
+#ifndef NDEBUG
+  x.bytes = y.bytes = 0;
+#endif
+  CHECK(x == y);
+}
+
 TEST_CASE("trackRooms gives the results and events of one trackRoom per room",
           "[registry]") {
   const bool byHandle = GENERATE(false, true);
@@ -837,7 +850,7 @@ TEST_CASE("trackRooms gives the results and events of one trackRoom per room",
                    Result::kDenied, byHandle ? Result::kStaleHandle : Result::kNotConnected})
     CHECK(std::count(got.begin(), got.end(), r) > 0);
   CHECK(many.take() == one.take());
-  CHECK(regMany.getMemoryStats() == regOne.getMemoryStats());
+  checkSameStats(regMany.getMemoryStats(), regOne.getMemoryStats());
   CHECK(sorted(regMany.roomsOf("other1")) == sorted(regOne.roomsOf("other1")));
   for (const std::string& r : rooms) CHECK(regMany.roomSize(r) == regOne.roomSize(r));
 
@@ -859,7 +872,7 @@ TEST_CASE("trackRooms gives the results and events of one trackRoom per room",
   CHECK(got == expected);
   CHECK(std::count(got.begin(), got.end(), Result::kTooManyRooms) == 6);
   CHECK(many.take() == one.take());
-  CHECK(regMany.getMemoryStats() == regOne.getMemoryStats());
+  checkSameStats(regMany.getMemoryStats(), regOne.getMemoryStats());
   CHECK(regMany.roomsOf("t") == regOne.roomsOf("t"));
 }
 
