@@ -124,5 +124,13 @@ chromium.kill("SIGTERM");
 const killer = setTimeout(() => chromium.kill("SIGKILL"), 5000);
 await exited;
 clearTimeout(killer);
-rmSync(profile, { recursive: true, force: true, maxRetries: 5 });
+// Chromium's helper processes can still be writing into the profile after
+// the browser has exited (a removal then fails with ENOTEMPTY): that is
+// no failure of the page; the caller's temporary directory, which holds
+// the profile, goes at its exit.
+try {
+  rmSync(profile, { recursive: true, force: true, maxRetries: 5, retryDelay: 200 });
+} catch (e) {
+  console.error(`dashboard_browser: profile left for the caller to remove (${e.code})`);
+}
 process.exit(0);
