@@ -197,10 +197,17 @@ struct TimerService::Impl {
   // restart() when its inline case (in the header) does not apply.
   bool restartSlow(TimerHandle timer, std::chrono::nanoseconds delay) noexcept {
     Impl& im = *this;
+    const std::uint64_t d = im.deadlineTick(delay);
+    if (view.cell != nullptr && delay.count() > 0) {
+      // The inline case's entry: the next restart at this time with this
+      // delay takes d from here (deadlineTick read the same *cell).
+      view.cacheTime = *view.cell;
+      view.cacheDelay = delay.count();
+      view.cacheTick = d;
+    }
     const std::uint32_t i = im.resolve(timer);
     if (i == kNil) return false;
     Node& n = im.node(i);
-    const std::uint64_t d = im.deadlineTick(delay);
     if (n.state == NodeState::kWheel && d >= n.deadline()) {
       n.setDeadline(d);
       return true;
@@ -527,7 +534,10 @@ std::size_t TimerService::advance(SteadyTime now, std::size_t maxFire) {
   if (now > im.view.epoch) {
     const std::int64_t ns =
         std::chrono::duration_cast<std::chrono::nanoseconds>(now - im.view.epoch).count();
-    if (ns > im.view.lastAdvanceNs) im.view.lastAdvanceNs = ns;
+    if (ns > im.view.lastAdvanceNs) {
+      im.view.lastAdvanceNs = ns;
+      im.view.cacheTick = 0;  // restart()'s entry counted from the old value
+    }
   }
   if (target > im.now) im.moveTo(target);  // earlier times are clamped
   return im.fire(maxFire);

@@ -891,32 +891,62 @@ TEST_CASE("time going backwards is clamped: nothing early, nothing lost", "[time
   }
 }
 
+// A TimerService on a ManualClock read through its cell (restart()'s
+// inline case) or through now() (a clock without a cell), with one timer
+// due at +20 ms whose firings are recorded.
+struct OneTimerRig {
+  explicit OneTimerRig(bool withCell)
+      : timers(withCell ? static_cast<const roomkeeper::Clock*>(&clock) : &called) {}
+  ManualClock clock{kStart};
+  CalledClock called{clock};
+  TimerService timers;
+  std::vector<SteadyTime> fired;
+  const TimerHandlerId h =
+      timers.addHandler([this](TimerHandle, std::uint32_t) { fired.push_back(clock.now()); });
+  const TimerHandle t = timers.arm(20ms, h, 0);  // due at +20 ms
+  // Sets the clock to `from`, steps it 1 ms at a time to +60 ms, advancing
+  // at each step, and returns when the timer fired (exactly once).
+  SteadyTime onlyFiring(SteadyTime from) {
+    clock.set(from);
+    while (clock.now() < kStart + 60ms) {
+      clock.advanceBy(1ms);
+      timers.advance();
+    }
+    REQUIRE(fired.size() == 1);
+    return fired[0];
+  }
+};
+
 TEST_CASE("a restart while the clock is behind the wheel counts from the wheel's time",
           "[timer]") {
   // restart() has a fast path for a clock with a cell (ManualClock); the
   // same clamp must hold on it as on the called path.
   const bool withCell = GENERATE(true, false);
   INFO((withCell ? "ManualClock, read through its cell" : "a clock read through now()"));
-  ManualClock clock(kStart);
-  CalledClock called(clock);
-  TimerService timers(withCell ? static_cast<const roomkeeper::Clock*>(&clock) : &called);
-  std::vector<SteadyTime> fired;
-  const TimerHandlerId h =
-      timers.addHandler([&](TimerHandle, std::uint32_t) { fired.push_back(clock.now()); });
-  const TimerHandle t = timers.arm(20ms, h, 0);  // due at +20 ms
-  clock.set(kStart + 15ms);
-  CHECK(timers.advance() == 0);  // the wheel is at +15 ms
-  clock.set(kStart + 5ms);       // the clock goes back 10 ms
+  OneTimerRig rig(withCell);
+  rig.clock.set(kStart + 15ms);
+  CHECK(rig.timers.advance() == 0);  // the wheel is at +15 ms
+  rig.clock.set(kStart + 5ms);       // the clock goes back 10 ms
   // Later than +20 ms either way, so the lazy case: +15 + 20 = +35 ms, not
   // +5 + 20 = +25 ms.
-  REQUIRE(timers.restart(t, 20ms));
-  clock.set(kStart + 15ms);
-  while (clock.now() < kStart + 60ms) {
-    clock.advanceBy(1ms);
-    timers.advance();
-  }
-  REQUIRE(fired.size() == 1);
-  CHECK(fired[0] == kStart + 35ms);
+  REQUIRE(rig.timers.restart(rig.t, 20ms));
+  CHECK(rig.onlyFiring(kStart + 15ms) == kStart + 35ms);
+}
+
+TEST_CASE("restart's remembered deadline is dropped when the wheel's time moves",
+          "[timer]") {
+  // The inline restart reuses the tick of the last (time, delay) it was
+  // asked for. The tick also depends on the wheel's time (a clock behind it
+  // counts from it): an advance past the clock must drop the entry.
+  const bool withCell = GENERATE(true, false);
+  INFO((withCell ? "ManualClock, read through its cell" : "a clock read through now()"));
+  OneTimerRig rig(withCell);
+  REQUIRE(rig.timers.restart(rig.t, 20ms));       // +20 ms, remembered for (+0, 20 ms)
+  REQUIRE(rig.timers.restart(rig.t, 20ms));       // the same, from the entry
+  CHECK(rig.timers.advance(kStart + 10ms) == 0);  // the wheel at +10; the clock stays at +0
+  // The same (time, delay) as the entry, but now +10 + 20 = +30 ms.
+  REQUIRE(rig.timers.restart(rig.t, 20ms));
+  CHECK(rig.onlyFiring(kStart + 10ms) == kStart + 30ms);
 }
 
 TEST_CASE("a 30 s stall: everything due fires in one advance, in deadline order",

@@ -111,6 +111,13 @@ struct TimerView {
   std::uint32_t highWater = 0;               // nodes ever handed out
   std::int64_t lastAdvanceNs = 0;            // the latest time advanced to
   SteadyTime epoch{};                        // tick 0
+  // The last (cell time, delay) a restart was asked for and the deadline
+  // tick they make: restartSlow() keeps it, advance() clears it (the tick
+  // also depends on lastAdvanceNs). A tick of 0 is no entry: every wheel
+  // timer's deadline is at least 1, so the lazy case fails on it.
+  SteadyTime cacheTime{};
+  std::int64_t cacheDelay = 0;
+  std::uint64_t cacheTick = 0;
 
   /// Nanoseconds from the epoch to t; a clock that went backwards is
   /// clamped to the latest time advanced to.
@@ -330,15 +337,18 @@ class TimerService {
 // those misses overlap from one call to the next depends on how few
 // instructions lie between them, so with a clock that has a cell it is
 // compiled here, at the call: one read of the time, one load of the node,
-// one store. Everything else (another clock, a delay <= 0, a stale handle,
-// a timer to relink, a due one) is restartSlow(), in the library.
+// one store. The deadline tick is the one the last restart computed for
+// the same time and delay (every keystroke of a loop's turn): two compares
+// instead of the arithmetic. Everything else (another clock, a new time or
+// delay, a stale handle, a timer to relink, a due one) is restartSlow(), in
+// the library. A handle of generation 0 (never valid) fails the state
+// check: a node of that generation was never armed.
 inline bool TimerService::restart(TimerHandle timer,
                                   std::chrono::nanoseconds delay) noexcept {
   const detail::TimerView& v = view_;
-  if (v.cell != nullptr && delay.count() > 0 && timer.valid() && timer.index < v.highWater) {
-    // The tick of now + delay, rounded up; a clock behind the wheel's time
-    // counts from the wheel's time (as arm() does).
-    const std::uint64_t d = v.tickAfter(*v.cell, delay.count());
+  if (v.cell != nullptr && *v.cell == v.cacheTime && delay.count() == v.cacheDelay &&
+      timer.index < v.highWater) {
+    const std::uint64_t d = v.cacheTick;
     detail::TimerNode& n =
         v.pages[timer.index >> detail::TimerView::kPageBits]
                [timer.index & ((1u << detail::TimerView::kPageBits) - 1)];
