@@ -919,8 +919,10 @@ struct OneTimerRig {
 
 TEST_CASE("a restart while the clock is behind the wheel counts from the wheel's time",
           "[timer]") {
-  // restart() has a fast path for a clock with a cell (ManualClock); the
-  // same clamp must hold on it as on the called path.
+  // restart() has an inline case for a clock with a cell (ManualClock); the
+  // same clamp must hold with it as on a clock read through now(). (Here the
+  // restart finds no remembered tick for its time and runs restartSlow();
+  // the next test covers a remembered tick.)
   const bool withCell = GENERATE(true, false);
   INFO((withCell ? "ManualClock, read through its cell" : "a clock read through now()"));
   OneTimerRig rig(withCell);
