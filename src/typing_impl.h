@@ -127,10 +127,15 @@ struct TypingTimerManager::Impl {
   /// live session's slot (it reads the registry's slot). Inline: the
   /// keystroke path starts here.
   detail::EntryList* listOf(std::uint32_t s) noexcept {
+    TypingList* t = listAt(s);
+    return t != nullptr && t->generation == reg.sessionSlots[s].generation ? &t->list : nullptr;
+  }
+  /// Slot s's entry in `lists`, whichever session it belongs to; nullptr
+  /// when its page is not made.
+  TypingList* listAt(std::uint32_t s) noexcept {
     const std::uint32_t p = s >> kTypingListPageBits;
     if (p >= lists.size() || !lists[p]) return nullptr;
-    TypingList& t = lists[p][s & (kTypingListPage - 1)];
-    return t.generation == reg.sessionSlots[s].generation ? &t.list : nullptr;
+    return &lists[p][s & (kTypingListPage - 1)];
   }
   /// Session slot s's typing list, made if need be: its page, and an
   /// earlier session's list in the slot released. nullptr: out of memory.

@@ -512,11 +512,9 @@ std::size_t TypingTimerManager::Impl::drain(bool force, std::uint64_t upTo) {
 // has a session now.
 void TypingTimerManager::Impl::unlinkSession(std::uint32_t idx, std::uint32_t sl,
                                              std::uint32_t gen) {
-  const std::uint32_t p = sl >> kTypingListPageBits;
-  if (p >= lists.size() || !lists[p]) return;
-  TypingList& t = lists[p][sl & (kTypingListPage - 1)];
-  if (t.generation != gen) return;
-  detail::EntryList* list = &t.list;
+  TypingList* t = listAt(sl);
+  if (t == nullptr || t->generation != gen) return;
+  detail::EntryList* list = &t->list;
   for (std::uint32_t i = 0; i < list->size(); ++i) {
     if ((*list)[i].slot != idx) continue;
     (*list)[i] = list->back();
@@ -544,7 +542,7 @@ detail::EntryList* TypingTimerManager::Impl::makeList(std::uint32_t s) noexcept 
   } catch (...) {
     return nullptr;
   }
-  TypingList& t = lists[p][s & (kTypingListPage - 1)];
+  TypingList& t = *listAt(s);  // its page is made
   const std::uint32_t gen = reg.sessionSlots[s].generation;
   if (t.generation != gen) {
     // An earlier session of this slot, whose onDisconnect was skipped
